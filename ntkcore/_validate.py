@@ -1,0 +1,75 @@
+"""Boundary validation shared by the public functions (STYLE rule 3: validate once, at the edge).
+
+Messages name the argument and say "expected ..., got ...". Inner loops and kernels validate
+nothing.
+"""
+
+from __future__ import annotations
+
+from .backend import is_gpu_array
+from .errors import NonFiniteError, NotSymmetricError, ParameterError, ShapeError
+
+
+def _xp(a):
+    if is_gpu_array(a):
+        import cupy
+        return cupy
+    import numpy
+    return numpy
+
+
+def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False):
+    """Return ``a`` as a floating array of ``ndim`` dims on its own device, finite-checked.
+
+    Integer/bool input becomes float64; float32 stays float32 unless ``dtype`` is given.
+    A 1-D input with ``allow_1d`` becomes a column (n,) -> (n, 1).
+    """
+    xp = _xp(a)
+    a = xp.asarray(a)
+    if allow_1d and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != ndim:
+        raise ShapeError(f"{name}: expected a {ndim}-D array, got shape {tuple(a.shape)}")
+    if dtype is not None:
+        a = a.astype(dtype, copy=False)
+    elif a.dtype.kind not in "f":
+        a = a.astype(xp.float64)
+    if a.size and not bool(xp.isfinite(a).all()):
+        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
+    return a
+
+
+def check_rows(a, b, name_a: str, name_b: str):
+    if a.shape[0] != b.shape[0]:
+        raise ShapeError(f"{name_a} and {name_b}: inconsistent numbers of samples: "
+                         f"[{a.shape[0]}, {b.shape[0]}]")
+
+
+def check_cols(a, b, name_a: str, name_b: str):
+    if a.shape[1] != b.shape[1]:
+        raise ShapeError(f"{name_a} and {name_b}: inconsistent feature dimensions: "
+                         f"[{a.shape[1]}, {b.shape[1]}]")
+
+
+def check_positive(value, name: str):
+    if not (value > 0):
+        raise ParameterError(f"{name}: expected a value > 0, got {value!r}")
+
+
+def check_square_symmetric(K, name: str = "K", *, rtol: float | None = None):
+    """Raise unless K is square and symmetric to ``rtol`` relative (Frobenius) asymmetry.
+
+    Returns the measured relative asymmetry ||K - K^T||_F / ||K||_F (the A.8 symmetry check).
+    Default rtol: 1e3 * eps(dtype), loose enough for kernels assembled in tiles.
+    """
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ShapeError(f"{name}: expected a square matrix, got shape {tuple(K.shape)}")
+    xp = _xp(K)
+    if rtol is None:
+        rtol = 1e3 * float(xp.finfo(K.dtype).eps)
+    norm = float(xp.linalg.norm(K))
+    asym = float(xp.linalg.norm(K - K.T)) / norm if norm > 0 else 0.0
+    if asym > rtol:
+        raise NotSymmetricError(f"{name}: expected a symmetric kernel matrix, got relative "
+                                f"asymmetry ||K - K^T||_F / ||K||_F = {asym:.3g} > {rtol:.1g}")
+    return asym

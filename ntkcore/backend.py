@@ -1,0 +1,141 @@
+"""The single place that decides CPU (NumPy/SciPy + Numba) versus GPU (CuPy).
+
+Everything else asks this module for the array module ``xp`` and the few dense linear-algebra
+calls it needs, so no other file imports CuPy or SciPy's LAPACK wrappers directly.
+
+Dispatch rule: NumPy arrays run on the CPU, CuPy arrays run on the GPU; a function that
+allocates takes ``device="auto" | "cpu" | "cuda"`` and "auto" means the GPU when CuPy imports
+*and* a device is present. Nothing is copied between host and device silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError, ParameterError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    """CuPy if it imports and sees at least one GPU, else None (cached per process)."""
+    if os.environ.get("NTKCORE_DISABLE_CUDA"):
+        return None
+    try:
+        import cupy  # noqa: PLC0415 - optional, heavy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        return cupy
+    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+        return None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and a CUDA device is visible."""
+    return _cupy() is not None
+
+
+def is_gpu_array(x: Any) -> bool:
+    cp = _cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map "auto" | "cpu" | "cuda" to the device that will actually run ("cpu" or "cuda")."""
+    if device not in DEVICES:
+        raise ParameterError(f"device: expected one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not gpu_available():
+        raise BackendError("device='cuda' requested but no CUDA GPU is usable here "
+                           "(install ntkcore[cuda12] or [cuda13] and check `ntkcore info`)")
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Array module plus the dense linear algebra the solvers use, for one device."""
+
+    name: str  # "cpu" or "cuda"
+
+    @property
+    def xp(self):
+        return _cupy() if self.name == "cuda" else np
+
+    def asarray(self, x, dtype=None):
+        """Move ``x`` onto this backend's device (explicit, never implicit)."""
+        if self.name == "cuda":
+            return _cupy().asarray(x, dtype=dtype)
+        if is_gpu_array(x):
+            x = x.get()
+        return np.asarray(x, dtype=dtype)
+
+    def cholesky(self, A, *, overwrite: bool = False):
+        """Lower Cholesky factor L of SPD ``A`` (L L^T = A). Raises LinAlgError when not SPD."""
+        if self.name == "cuda":
+            return _cupy().linalg.cholesky(A)
+        import scipy.linalg as sla
+        return sla.cholesky(A, lower=True, overwrite_a=overwrite, check_finite=False)
+
+    def solve_triangular(self, L, B, *, lower: bool = True, trans: int = 0,
+                         overwrite_b: bool = False):
+        """Solve op(L) X = B with op = identity (trans=0) or transpose (trans=1)."""
+        if self.name == "cuda":
+            from cupyx.scipy.linalg import solve_triangular
+            return solve_triangular(L, B, lower=lower, trans=trans, overwrite_b=overwrite_b)
+        import scipy.linalg as sla
+        return sla.solve_triangular(L, B, lower=lower, trans=trans, overwrite_b=overwrite_b,
+                                    check_finite=False)
+
+    def eigvalsh(self, A):
+        return self.xp.linalg.eigvalsh(A)
+
+    def to_host(self, x):
+        return x.get() if is_gpu_array(x) else np.asarray(x)
+
+    def free_memory_bytes(self) -> int:
+        """Bytes a new allocation can use on this device (host: available RAM)."""
+        if self.name == "cuda":
+            free, _total = _cupy().cuda.runtime.memGetInfo()
+            return int(free + _cupy().get_default_memory_pool().free_bytes())
+        return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    """Available host memory (MemAvailable from /proc/meminfo; sysconf fallback)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def backend_for(*arrays, device: str = "auto") -> Backend:
+    """The backend for these inputs: CUDA when any is a CuPy array, else by ``device``.
+
+    Mixing CuPy and NumPy inputs is an error rather than a silent copy.
+    """
+    on_gpu = [is_gpu_array(a) for a in arrays if a is not None]
+    if any(on_gpu):
+        if not all(on_gpu):
+            raise BackendError("inputs mix CuPy (GPU) and NumPy (host) arrays; move them to one "
+                               "device explicitly")
+        return Backend("cuda")
+    if device == "auto":
+        # Host inputs stay on the host unless the caller asks for the GPU explicitly.
+        return Backend("cpu")
+    return Backend(resolve_device(device))
+
+
+def get_backend(device: str = "auto") -> Backend:
+    """Backend for a function that allocates from scratch (no array inputs)."""
+    return Backend(resolve_device(device))

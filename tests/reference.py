@@ -1,0 +1,96 @@
+"""Small, obvious float64 reference implementations (STYLE rule 5: kept forever).
+
+Every fast path in ntkcore is tested against one of these. They favour clarity over speed:
+loops where a loop says what the math says, explicit inverses where the fast path avoids them.
+Helpers append further references at the end of this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rownorm(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def gram_power_naive(X, p):
+    """(X X^T)^p by repeated n x n products."""
+    G = X @ X.T
+    out = np.eye(X.shape[0])
+    for _ in range(p):
+        out = out @ G
+    return out
+
+
+def relu_ntk_naive(X, W, X2=None, a=None, train_a=False):
+    """eNTK of f(x) = m^-1/2 a^T relu(W x) by its definition, one neuron at a time [Thm B.5].
+
+    K(x, x') = (1/m) sum_r 1[w_r.x > 0] 1[w_r.x' > 0] <x, x'>  (+ (1/m) sum_r relu relu if a trains)
+    """
+    X2 = X if X2 is None else X2
+    m = W.shape[0]
+    K = np.zeros((X.shape[0], X2.shape[0]))
+    dots = X @ X2.T
+    for r in range(m):
+        s1 = (X @ W[r] > 0).astype(float)
+        s2 = (X2 @ W[r] > 0).astype(float)
+        K += np.outer(s1, s2) * dots
+        if train_a:
+            K += np.outer(np.maximum(X @ W[r], 0), np.maximum(X2 @ W[r], 0))
+    return K / m
+
+
+def relu_ntk_infinite_naive(X, X2=None):
+    """<x,x'> (pi - theta) / (2 pi), theta the angle between x and x', entry by entry."""
+    X2 = X if X2 is None else X2
+    K = np.empty((X.shape[0], X2.shape[0]))
+    for i, x in enumerate(X):
+        for j, y in enumerate(X2):
+            c = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+            theta = np.arccos(np.clip(c, -1.0, 1.0))
+            K[i, j] = (x @ y) * (np.pi - theta) / (2 * np.pi)
+    return K
+
+
+def krr_fit_predict(K, Y, K_test, lam):
+    """Kernel ridge regression with an explicit solve: predictions K_test (K + lam I)^-1 Y."""
+    alpha = np.linalg.solve(K + lam * np.eye(K.shape[0]), Y)
+    return K_test @ alpha
+
+
+def loo_influence_bruteforce(K, Y, K_test, Y_test, lam):
+    """Influence by refitting without each training point [Def 3.3]:
+
+    I(i, t) = 1/2 (||f^{-i}(x_t) - y_t||^2 - ||f(x_t) - y_t||^2), returned as (T, n).
+    """
+    n = K.shape[0]
+    full = krr_fit_predict(K, Y, K_test, lam)
+    base = 0.5 * np.sum((full - Y_test) ** 2, axis=1)
+    scores = np.empty((K_test.shape[0], n))
+    for i in range(n):
+        keep = np.arange(n) != i
+        pred = krr_fit_predict(K[np.ix_(keep, keep)], Y[keep], K_test[:, keep], lam)
+        scores[:, i] = 0.5 * np.sum((pred - Y_test) ** 2, axis=1) - base
+    return scores
+
+
+def loo_residuals_bruteforce(K, Y, lam):
+    """y_i - f^{-i}(x_i) for every training point, by refitting."""
+    n = K.shape[0]
+    out = np.empty_like(Y, dtype=float)
+    for i in range(n):
+        keep = np.arange(n) != i
+        pred = krr_fit_predict(K[np.ix_(keep, keep)], Y[keep], K[i:i + 1, keep], lam)
+        out[i] = Y[i] - pred[0]
+    return out
+
+
+def spearman_naive(a, b):
+    """Spearman rho via the rank-difference formula (no ties) [A.4.2]."""
+    ra = np.argsort(np.argsort(a))
+    rb = np.argsort(np.argsort(b))
+    n = len(a)
+    d = ra - rb
+    return 1 - 6 * np.sum(d.astype(float) ** 2) / (n * (n * n - 1))
