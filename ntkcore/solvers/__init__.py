@@ -1,0 +1,39 @@
+"""Kernel ridge solvers behind one interface (see base.KRRFit): exact, Nystrom, CG."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .auto import SOLVERS, choose_solver
+
+
+def fit_function(name: str):
+    """The fit function for a concrete solver name."""
+    if name == "exact":
+        from .exact import exact_fit
+        return _dense_adapter(exact_fit)
+    if name == "nystrom":
+        from .nystrom import nystrom_fit
+        return nystrom_fit
+    if name == "cg":
+        from .cg import cg_fit
+        return cg_fit
+    raise ValueError(name)
+
+
+def _dense_adapter(exact_fit):
+    """The exact solver needs the dense matrix: operators are materialised (after auto's check)."""
+    def fit(K, Y, lam, **kw):
+        if not hasattr(K, "ndim"):
+            K = K.dense()
+            kw["overwrite_k"] = True  # the materialised copy is ours to destroy
+        return exact_fit(K, Y, lam, **kw)
+    return fit
+
+
+def get_solver(requested: str):
+    """(choose, fit_function) for ``requested`` in SOLVERS; validation happens in choose."""
+    return partial(choose_solver, requested=requested), fit_function
+
+
+__all__ = ["SOLVERS", "choose_solver", "fit_function", "get_solver"]

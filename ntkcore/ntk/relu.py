@@ -1,0 +1,137 @@
+"""Closed-form empirical NTK of the two-layer ReLU network [eq. 2, Thm 4.2, Thm B.5].
+
+f(x) = m^-1/2 sum_r a_r relu(w_r . x), W (m, d) trainable, a fixed +-1 signs. Its eNTK is
+
+    K(x, x') = (1/m) sum_r 1[w_r.x > 0] 1[w_r.x' > 0] <x, x'>  =  ((S S'^T) / m) * (X X'^T)
+
+(elementwise product), S = 1[X W^T > 0]. One scalar kernel serves all C outputs [Thm B.12].
+If a is trained too, add (1/m) relu(X W^T) relu(X' W^T)^T.
+
+Assembly is blocked over row tiles: activation patterns are kept bit-packed (m/8 bytes a row),
+each tile unpacks its rows, multiplies the pattern counts (exact in float32: 0/1 entries, sums
+<= m < 2^24) into the float64 inner-product tile in place. For X2 = None only the upper
+triangle of tiles is computed and mirrored. Peak memory: the output plus O(tile * (d + m)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._validate import as_float_matrix, check_cols, check_rows
+from ..backend import backend_for
+from ..errors import ParameterError, ShapeError
+from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
+
+
+def activation_bits(X, W, xp=np):
+    """Bit-packed activation patterns 1[X W^T > 0]: (n, ceil(m/8)) uint8, big-endian bits."""
+    return xp.packbits(X @ W.T > 0, axis=1)
+
+
+def _unpack(bits, m, xp, dtype):
+    return xp.unpackbits(bits, axis=1, count=m).astype(dtype)
+
+
+def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None = None,
+             out=None):
+    """Empirical NTK of f(x) = m^-1/2 a^T relu(W x), blocked over row tiles.
+
+    Parameters
+    ----------
+    X : (n, d) array
+        Inputs to the two-layer head (raw rows for 2L-ReLU, attention features for MLP-Attn).
+    W : (m, d) array
+        First-layer weights (trained weights give the empirical NTK of the trained net).
+    X2 : (n2, d) array, optional
+        Second set of rows; default X (then K is symmetric and only half the tiles are computed).
+    a : (m,) or (m, C) array, optional
+        Output weights. Needed only for ``train_a``; the W-part does not depend on a because
+        a_r^2 = 1 for +-1 signs [Thm B.12]. For general a the W-part is weighted by a_r^2 of
+        output 0 (pass a (m,) vector to choose).
+    train_a : bool, default False
+        Add the output-layer term (1/m) relu(X W^T) relu(X2 W^T)^T.
+    tile : int, optional
+        Rows per tile (default from 25% of free memory).
+    out : (n, n2) float64 array, optional
+        Written in place and returned.
+
+    Returns
+    -------
+    K : (n, n2) float64 array on the inputs' device.
+    """
+    X = as_float_matrix(X, "X", dtype=np.float64)
+    W = as_float_matrix(W, "W", dtype=np.float64)
+    check_cols(X, W, "X", "W")
+    sym = X2 is None
+    X2 = X if sym else as_float_matrix(X2, "X2", dtype=np.float64)
+    if not sym:
+        check_cols(X, X2, "X", "X2")
+    be = backend_for(X, W, None if sym else X2)
+    xp = be.xp
+    n, d = X.shape
+    n2 = X2.shape[0]
+    m = W.shape[0]
+    weights = _neuron_weights(a, m, xp)
+    if out is None:
+        check_output_fits((n, n2), 8, be, what="relu_ntk output")
+        out = xp.empty((n, n2), dtype=np.float64)
+    elif out.shape != (n, n2):
+        raise ShapeError(f"out: expected shape {(n, n2)}, got {tuple(out.shape)}")
+    if tile is None:
+        budget = int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
+        # per tile: float32 pattern-count tile + (train_a) float64 tile; per row: d + m floats
+        tile = tile_rows(4 + (8 if train_a else 0), 8 * d + 12 * m, budget=budget,
+                         n=max(n, n2))
+    bits = activation_bits(X, W, xp)
+    bits2 = bits if sym else activation_bits(X2, W, xp)
+    for (i0, i1) in tiles(n, tile):
+        Si = _unpack(bits[i0:i1], m, xp, np.float32)
+        if weights is not None:
+            Si *= weights[None, :]
+        Hi = xp.maximum(X[i0:i1] @ W.T, 0) if train_a else None
+        for (j0, j1) in tiles(n2, tile):
+            if sym and j1 <= i0:
+                continue  # lower-triangle tile: mirrored below
+            block = out[i0:i1, j0:j1]
+            _relu_ntk_tile(block, X[i0:i1], X2[j0:j1], Si, bits2[j0:j1], m, xp)
+            if train_a:
+                Hj = Hi if (sym and i0 == j0) else xp.maximum(X2[j0:j1] @ W.T, 0)
+                block += (Hi @ Hj.T) / m
+            if sym and j0 > i0:
+                out[j0:j1, i0:i1] = block.T
+    if sym:
+        _symmetrize_diagonal_tiles(out, tile)
+    return out
+
+
+def _relu_ntk_tile(block, Xi, Xj, Si, bits_j, m, xp):
+    """block <- ((Si Sj^T) / m) * (Xi Xj^T), in place (Si float32 already unpacked)."""
+    xp.matmul(Xi, Xj.T, out=block)
+    counts = Si @ _unpack(bits_j, m, xp, np.float32).T  # exact integers in float32
+    block *= counts
+    block *= 1.0 / m
+
+
+def _symmetrize_diagonal_tiles(out, tile):
+    """Diagonal tiles are computed in full; average with their transpose for exact symmetry."""
+    n = out.shape[0]
+    for (i0, i1) in tiles(n, tile):
+        blk = out[i0:i1, i0:i1]
+        blk += blk.T.copy()
+        blk *= 0.5
+
+
+def _neuron_weights(a, m, xp):
+    """Per-neuron weights a_r^2 for the W-part; None when all are 1 (the +-1 case)."""
+    if a is None:
+        return None
+    a = xp.asarray(a, dtype=np.float64)
+    if a.shape[0] != m:
+        raise ShapeError(f"a: expected {m} rows (one per hidden unit), got shape {tuple(a.shape)}")
+    a0 = a if a.ndim == 1 else a[:, 0]
+    w = a0 * a0
+    if bool(xp.all(w == 1.0)):
+        return None
+    if not bool(xp.all(w >= 0)):
+        raise ParameterError("a: expected real output weights")
+    return w.astype(np.float32)

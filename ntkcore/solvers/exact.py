@@ -1,0 +1,163 @@
+"""Exact kernel ridge regression by float64 Cholesky [B.12, Thm B.9; checks of A.8].
+
+A = K + lam I = L L^T.  alpha = A^-1 Y by two triangular solves.  diag(A^-1) from the
+triangular inverse: A^-1 = L^-T L^-1, so (A^-1)_ii is the squared norm of column i of L^-1
+(no general inverse of A is ever formed).  K_test A^-1 = (K_test L^-T) L^-1 by two triangular
+multiplies.  Flops: n^3/3 (potrf) + n^3/3 (trtri) + 2 T n^2 (two trmm) + O(n^2 C).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import Backend, backend_for
+from ..errors import NotPSDError
+from .base import KRRFit, Timer
+
+
+def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True,
+              timer: Timer | None = None) -> KRRFit:
+    """Factor A = K + lam I once and expose alpha, diag(A^-1) and right solves.
+
+    Parameters
+    ----------
+    K : (n, n) float64 symmetric PSD kernel matrix (validated by the caller).
+    Y : (n, C) float64 targets (one-hot, or a +-1 column for binary).
+    lam : float > 0, ridge.
+    overwrite_k : bool, default False
+        Reuse K's memory for the factor (K is destroyed); halves peak memory for large n.
+    check : bool, default True
+        Run the A.8 numerical checks (cheap estimators; see ``_diagnostics``).
+
+    Returns
+    -------
+    KRRFit with ``solver="exact"``.
+    """
+    be = backend_for(K)
+    xp = be.xp
+    timer = timer or Timer(_sync_for(be))
+    n = K.shape[0]
+    anorm = _one_norm(be, K, lam) if check else None  # before K may be overwritten
+    with timer("cholesky"):
+        A = K if overwrite_k else K.copy()
+        diag_idx = xp.arange(n)
+        A[diag_idx, diag_idx] += lam
+        L = _cholesky(be, A, lam)
+    diagnostics = {}
+    if check:
+        with timer("checks"):
+            diagnostics.update(_condition_estimate(be, anorm, L, lam))
+    with timer("alpha"):
+        Z = be.solve_triangular(L, Y, lower=True)
+        alpha = be.solve_triangular(L, Z, lower=True, trans=1)
+    with timer("triangular_inverse"):
+        Linv = _tri_inv(be, L)  # overwrites L on the CPU
+        del L
+        diag_inv = xp.einsum("ij,ij->j", Linv, Linv)
+
+    def right_solve(K_test):
+        """(T, n) K_test A^-1 = (K_test L^-T) L^-1."""
+        with timer("right_solve"):
+            return _right_apply(be, K_test, Linv)
+
+    if check and not overwrite_k:
+        with timer("checks"):
+            diagnostics.update(_inverse_residual(be, K, lam, Linv))
+    elif check:
+        diagnostics["inverse_residual_probe"] = None
+        diagnostics["inverse_residual_estimator"] = "not measured: K was factored in place"
+    return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
+                  diagnostics=diagnostics, timings=timer.seconds)
+
+
+def _sync_for(be: Backend):
+    if be.name == "cuda":
+        return lambda: be.xp.cuda.Stream.null.synchronize()
+    return None
+
+
+def _cholesky(be: Backend, A, lam):
+    try:
+        L = be.cholesky(A, overwrite=True)
+    except np.linalg.LinAlgError as exc:
+        raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): {exc}; K has an "
+                          f"eigenvalue below -lam. Check the kernel (is it a valid NTK?) or "
+                          f"raise lam") from None
+    if be.name == "cuda" and not bool(be.xp.isfinite(L[-1, -1])):
+        # cuSOLVER reports failure through NaN in the factor rather than raising.
+        raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}); raise lam")
+    return L
+
+
+def _tri_inv(be: Backend, L):
+    """L^-1 for lower-triangular L (LAPACK trtri on the CPU, in place)."""
+    if be.name == "cpu":
+        from scipy.linalg import lapack
+        Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
+        if info != 0:
+            raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
+        return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
+    xp = be.xp
+    return be.solve_triangular(L, xp.eye(L.shape[0], dtype=L.dtype), lower=True)
+
+
+def _right_apply(be: Backend, K_test, Linv):
+    """K_test L^-T L^-1 using triangular multiplies (BLAS trmm on the CPU)."""
+    if be.name == "cpu":
+        from scipy.linalg import blas
+        # trmm computes alpha * op(A) * B or B * op(A) with side=1 (right).
+        Z = blas.dtrmm(1.0, Linv, np.asarray(K_test, order="F"), side=1, lower=1, trans_a=1)
+        return np.ascontiguousarray(blas.dtrmm(1.0, Linv, Z, side=1, lower=1, trans_a=0,
+                                               overwrite_b=1))
+    return (K_test @ Linv.T) @ Linv
+
+
+def _one_norm(be: Backend, K, lam) -> float:
+    """||K + lam I||_1 (max absolute column sum), O(n^2)."""
+    return float(be.xp.max(be.xp.sum(be.xp.abs(K), axis=0))) + lam
+
+
+def _condition_estimate(be: Backend, anorm, L, lam):
+    """A.8 conditioning and PSD checks from the Cholesky factor, O(n^2).
+
+    CPU: LAPACK pocon's 1-norm estimate of kappa_1(A) (an upper bound on kappa_2 up to the
+    estimator's accuracy) and lambda_min(A) >= 1 / ||A^-1||_1, giving a lower bound on
+    lambda_min(K). GPU: 30 block power iterations on A and on A^-1.
+    """
+    xp = be.xp
+    if be.name == "cpu":
+        from scipy.linalg import lapack
+        rcond, info = lapack.dpocon(L, anorm, uplo="L")
+        inv_norm1 = 1.0 / (rcond * anorm) if rcond > 0 else float("inf")
+        lam_min_lower = 1.0 / inv_norm1 - lam
+        return {"cond_A_estimate": 1.0 / rcond if rcond > 0 else float("inf"),
+                "cond_estimator": "LAPACK dpocon 1-norm estimate",
+                "lambda_min_K_lower_bound": lam_min_lower,
+                "lambda_min_K_rel_lower_bound": lam_min_lower / anorm,
+                "cholesky_succeeded": True}
+    n = L.shape[0]
+    rng = xp.random.default_rng(0) if hasattr(xp.random, "default_rng") else xp.random
+    V = rng.standard_normal((n, 4))
+    top = _power(lambda v: L @ (L.T @ v), V, xp)
+    bottom = 1.0 / _power(lambda v: be.solve_triangular(L, be.solve_triangular(L, v, lower=True),
+                                                         lower=True, trans=1), V, xp)
+    return {"cond_A_estimate": top / bottom, "cond_estimator": "30 block power iterations",
+            "lambda_min_K_estimate": bottom - lam, "cholesky_succeeded": True}
+
+
+def _power(apply, V, xp, iters: int = 30):
+    for _ in range(iters):
+        V, _ = xp.linalg.qr(apply(V))
+    W = apply(V)
+    return float(xp.max(xp.linalg.norm(W, axis=0)))
+
+
+def _inverse_residual(be: Backend, K, lam, Linv, probes: int = 4):
+    """A.8 inversion accuracy ||A^-1 A V - V||_F / ||V||_F on random probes V (n x 4)."""
+    xp = be.xp
+    n = K.shape[0]
+    V = xp.asarray(np.random.default_rng(1).standard_normal((n, probes)))
+    AV = K @ V + lam * V
+    back = Linv.T @ (Linv @ AV)
+    res = float(xp.linalg.norm(back - V) / xp.linalg.norm(V))
+    return {"inverse_residual_probe": res, "inverse_residual_estimator": f"{probes} random probes"}
