@@ -29,8 +29,7 @@ def _gpu():
     return gpu_available()
 
 
-requires_gpu = pytest.mark.skipif("not __import__('ntkcore.backend').backend.gpu_available()",
-                                  reason="needs a CUDA GPU with CuPy")
+requires_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with CuPy")
 
 
 @pytest.fixture
