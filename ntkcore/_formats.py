@@ -1,0 +1,293 @@
+"""On-disk dataset formats and where to find them (private; :mod:`ntkcore.data` is the public face).
+
+Two formats, parsed here without torchvision:
+
+* IDX (MNIST, Fashion-MNIST): big-endian header ``0x00 0x00 <dtype> <ndim>`` (so the magic number
+  read as a big-endian int32 is 2051 for 3-D uint8 images and 2049 for 1-D uint8 labels), then
+  ``ndim`` big-endian uint32 sizes, then the raw bytes. Files may be gzipped (``.gz``).
+* CIFAR-10 "python version": pickled dicts ``{b"data": uint8 (N, 3072), b"labels": [int] * N}`` in
+  ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``; each row is channel-major
+  (1024 red, 1024 green, 1024 blue, each 32 x 32 row-major) -- the layout torchvision's
+  ``ToTensor`` gives after flattening ``(C, H, W)``. Pickles are read with a restricted
+  unpickler that only rebuilds NumPy arrays, so a hostile file cannot run code.
+
+Search order for a dataset's folder (first complete match wins):
+
+1. the explicit ``root`` argument: ``root`` itself (flat), torchvision's layout
+   (``root/MNIST/raw``, ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``) and
+   ``root/<name>`` (``root/mnist``, ``root/fashion-mnist``, ``root/cifar10``);
+2. the same sub-folders (not the flat folder, which cannot tell MNIST from Fashion-MNIST) under
+   ``$NTKCORE_DATA`` and then ``~/.cache/ntkcore/data``;
+3. for Fashion-MNIST, the Debian package's folder :data:`DEBIAN_FASHION_DIR`
+   (``apt-get install dataset-fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptDataError, DataNotFoundError
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the real IDX files.
+DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims
+IDX_LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dim
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_FILES = CIFAR_TRAIN_FILES + ("test_batch",)
+
+# Sub-folders (relative to a base folder) tried for each on-disk dataset, torchvision's first.
+_SUBDIRS = {
+    "mnist": ("MNIST/raw", "mnist"),
+    "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
+    "cifar10": ("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
+}
+_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+# --------------------------------------------------------------------------- search
+
+def default_bases() -> list[Path]:
+    """Base folders searched after an explicit root: $NTKCORE_DATA, ~/.cache/ntkcore/data."""
+    bases = []
+    env = os.environ.get("NTKCORE_DATA")
+    if env:
+        bases.append(Path(env).expanduser())
+    bases.append(Path.home() / ".cache" / "ntkcore" / "data")
+    return bases
+
+
+def candidate_dirs(name: str, root=None) -> list[Path]:
+    """Folders that may hold ``name``'s files, in search order (see the module docstring)."""
+    dirs: list[Path] = []
+    if root is not None:
+        root = Path(root).expanduser()
+        dirs.append(root)
+        dirs.extend(root / s for s in _SUBDIRS[name])
+    for base in default_bases():
+        dirs.extend(base / s for s in _SUBDIRS[name])
+    if name == "fashion-mnist":
+        dirs.append(Path(DEBIAN_FASHION_DIR))
+    unique: list[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` if it exists, else ``folder/stem.gz``, else None (raw first: faster)."""
+    for p in (folder / stem, folder / (stem + ".gz")):
+        if p.is_file():
+            return p
+    return None
+
+
+def _missing_in(name: str, folder: Path) -> list[str]:
+    """Required file names of ``name`` absent from ``folder``."""
+    if name == "cifar10":
+        return [f for f in CIFAR_FILES if not (folder / f).is_file()]
+    return [f + "[.gz]" for f in IDX_FILES if _idx_file(folder, f) is None]
+
+
+def find_dir(name: str, root=None) -> Path | None:
+    """First candidate folder holding every file of ``name`` (existence only, nothing parsed)."""
+    for d in candidate_dirs(name, root):
+        if d.is_dir() and not _missing_in(name, d):
+            return d
+    return None
+
+
+def not_found_error(name: str, root=None, *, extra: str = "") -> DataNotFoundError:
+    """One-line :class:`DataNotFoundError` naming every folder tried, what is expected, the fix."""
+    tried = []
+    for d in candidate_dirs(name, root):
+        if d.is_dir():
+            miss = _missing_in(name, d)
+            tried.append(f"{d} (missing {', '.join(miss)})")
+        else:
+            tried.append(f"{d} (no such folder)")
+    if name == "cifar10":
+        expected = ("cifar-10-batches-py/ with " + ", ".join(CIFAR_FILES)
+                    + " (the CIFAR-10 'python version')")
+    else:
+        expected = ", ".join(f + "[.gz]" for f in IDX_FILES)
+        expected += f" (flat, or in torchvision's {_SUBDIRS[name][0]}/)"
+    fix = (f"pass --data-root DIR (root=DIR in Python) or set NTKCORE_DATA=DIR with {expected}, "
+           f"or use --download (download=True) where a network is available")
+    if name == "fashion-mnist":
+        fix += ", or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
+    msg = f"{name}: dataset files not found; tried {'; '.join(tried)}. Fix: {fix}."
+    if extra:
+        msg += " " + extra
+    return DataNotFoundError(msg)
+
+
+def download(name: str, root=None) -> Path:
+    """Fetch ``name`` with torchvision into ``root`` (or the first default base); return the folder.
+
+    Any failure (no network, no torchvision, bad checksum) becomes :class:`DataNotFoundError`.
+    """
+    dest = Path(root).expanduser() if root is not None else default_bases()[0]
+    try:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TORCHVISION_CLASS[name])
+        for train in (True, False):
+            cls(root=str(dest), train=train, download=True)
+    except Exception as exc:  # noqa: BLE001 -- every failure is reported the same way
+        raise not_found_error(
+            name, root, extra=f"Download into {dest} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    found = find_dir(name, dest)
+    if found is None:
+        raise not_found_error(name, dest, extra=f"Download into {dest} left no readable files.")
+    return found
+
+
+# --------------------------------------------------------------------------- IDX
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise CorruptDataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def read_idx(path, *, magic: int) -> np.ndarray:
+    """Parse one uint8 IDX file (gzipped or not) into an array of its stored shape.
+
+    Parameters
+    ----------
+    path : str or Path
+    magic : int
+        Expected magic number: :data:`IDX_IMAGES_MAGIC` (2051) or :data:`IDX_LABELS_MAGIC` (2049).
+
+    Raises
+    ------
+    CorruptDataError
+        Wrong magic number, header or payload shorter (or longer) than the header says, or a
+        file that cannot be read or decompressed; the message names the file.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise CorruptDataError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise CorruptDataError(
+            f"{path}: bad IDX magic number: expected {magic}, got {got}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise CorruptDataError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    size = int(np.prod(shape, dtype=np.int64))
+    payload = len(raw) - header
+    if payload != size:
+        what = "truncated" if payload < size else "oversized"
+        raise CorruptDataError(
+            f"{path}: {what} IDX data: header says shape {shape} ({size} bytes), "
+            f"file holds {payload} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, H*W) uint8 and labels (N,) int64 of ``split`` ("train"/"t10k") in ``folder``."""
+    img_p = _idx_file(folder, f"{split}-images-idx3-ubyte")
+    lab_p = _idx_file(folder, f"{split}-labels-idx1-ubyte")
+    images = read_idx(img_p, magic=IDX_IMAGES_MAGIC)
+    labels = read_idx(lab_p, magic=IDX_LABELS_MAGIC).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise CorruptDataError(
+            f"{img_p}, {lab_p}: inconsistent numbers of samples: "
+            f"[{images.shape[0]}, {labels.shape[0]}]")
+    if labels.size and labels.max() > 9:
+        raise CorruptDataError(f"{lab_p}: expected labels 0..9, got {int(labels.max())}")
+    return images.reshape(images.shape[0], -1), labels, [str(img_p), str(lab_p)]
+
+
+# --------------------------------------------------------------------------- CIFAR-10 pickles
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds builtins and NumPy arrays only (CIFAR batches need nothing else)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: data (N, 3072) uint8 channel-major, labels (N,) int64.
+
+    Raises
+    ------
+    CorruptDataError
+        Not a pickle, not the expected dict, wrong data shape/dtype, or labels outside 0..9.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArrayUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure means a corrupt file
+        raise CorruptDataError(
+            f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise CorruptDataError(f"{path}: expected a dict with b'data' and b'labels'")
+    data = np.asarray(batch[b"data"])
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise CorruptDataError(f"{path}: labels are not integers") from exc
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise CorruptDataError(
+            f"{path}: expected data of shape (N, 3072) uint8, got {data.shape} {data.dtype}")
+    if data.shape[0] != labels.shape[0]:
+        raise CorruptDataError(
+            f"{path}: inconsistent numbers of samples: [{data.shape[0]}, {labels.shape[0]}]")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise CorruptDataError(f"{path}: expected labels 0..9, got {labels.min()}..{labels.max()}")
+    return data, labels
+
+
+def read_cifar10(folder: Path) -> dict:
+    """All of CIFAR-10 in ``folder``: train (50 000 x 3072 for the real set) and test arrays."""
+    parts = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
+    x_test, y_test = read_cifar_batch(folder / "test_batch")
+    return {
+        "x_train": np.concatenate([p[0] for p in parts]),
+        "y_train": np.concatenate([p[1] for p in parts]),
+        "x_test": x_test, "y_test": y_test,
+    }
+
+
+def read_idx_dataset(folder: Path) -> dict:
+    """MNIST-style train/t10k IDX pairs in ``folder`` as flat uint8 arrays plus int64 labels."""
+    x_train, y_train, _ = read_idx_split(folder, "train")
+    x_test, y_test, _ = read_idx_split(folder, "t10k")
+    if x_train.shape[1] != x_test.shape[1]:
+        raise CorruptDataError(
+            f"{folder}: train and t10k images differ in size: "
+            f"[{x_train.shape[1]}, {x_test.shape[1]}]")
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
