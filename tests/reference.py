@@ -94,3 +94,33 @@ def spearman_naive(a, b):
     n = len(a)
     d = ra - rb
     return 1 - 6 * np.sum(d.astype(float) ** 2) / (n * (n * n - 1))
+
+
+def autograd_entk(model, X, X2=None, output=0):
+    """eNTK of a torch model by autograd, one example at a time [A.4.1]:
+
+    K[i, j] = < d f_output(x_i) / d theta , d f_output(x2_j) / d theta >,
+    theta = every parameter of ``model`` with requires_grad (W; also a when it trains).
+    Call it on a float64 copy of the model (e.g. ``copy.deepcopy(model).double()``).
+    X, X2 are model inputs (n, d); returns a float64 (n, n2) NumPy array.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = params[0].dtype
+
+    def gradients(rows):
+        out = []
+        for x in torch.as_tensor(np.asarray(rows), dtype=dtype):
+            f = model(x[None, :])[0, output]
+            grads = torch.autograd.grad(f, params)
+            out.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64).numpy())
+        return out
+
+    G1 = gradients(X)
+    G2 = G1 if X2 is None else gradients(X2)
+    K = np.zeros((len(G1), len(G2)))
+    for i in range(len(G1)):
+        for j in range(len(G2)):
+            K[i, j] = G1[i] @ G2[j]
+    return K
