@@ -100,11 +100,24 @@ class Backend:
         return x.get() if is_gpu_array(x) else np.asarray(x)
 
     def free_memory_bytes(self) -> int:
-        """Bytes a new allocation can use on this device (host: available RAM)."""
+        """Bytes a new allocation can use on this device (host: available RAM).
+
+        Capped by the environment variable NTKCORE_MEMORY_LIMIT (bytes) when set, so users on
+        shared machines (and tests) can impose a budget below what the device reports.
+        """
         if self.name == "cuda":
             free, _total = _cupy().cuda.runtime.memGetInfo()
-            return int(free + _cupy().get_default_memory_pool().free_bytes())
-        return host_available_bytes()
+            free = int(free + _cupy().get_default_memory_pool().free_bytes())
+        else:
+            free = host_available_bytes()
+        limit = os.environ.get("NTKCORE_MEMORY_LIMIT")
+        if limit:
+            try:
+                free = min(free, int(float(limit)))
+            except ValueError:
+                raise ParameterError(f"NTKCORE_MEMORY_LIMIT: expected a number of bytes, "
+                                     f"got {limit!r}") from None
+        return free
 
 
 def host_available_bytes() -> int:

@@ -178,12 +178,20 @@ def _a8_verdicts(d: dict) -> dict:
     out = {}
     if "symmetry_rel" in d:
         out["symmetric"] = bool(d["symmetry_rel"] < 1e3 * np.finfo(np.float64).eps)
+    if "lambda_min_K" in d:  # exact spectrum: decisive
+        out["psd"] = bool(d["lambda_min_K"] > -A8_TAU)
+        out["well_conditioned"] = bool(d["cond_A"] < A8_COND_MAX)
+        return _with_inverse(out, d)
     if "cond_A_estimate" in d:
         out["well_conditioned"] = bool(d["cond_A_estimate"] < A8_COND_MAX)
     if "lambda_min_K_rel_lower_bound" in d:
         # Cholesky of K + lam I succeeded; a lower bound above -tau proves PSD to tolerance,
         # a lower one is reported as inconclusive rather than failed.
         out["psd"] = True if d["lambda_min_K_rel_lower_bound"] > -A8_TAU else "inconclusive"
+    return _with_inverse(out, d)
+
+
+def _with_inverse(out: dict, d: dict) -> dict:
     if d.get("inverse_residual_probe") is not None:
         out["inverse_accurate"] = bool(d["inverse_residual_probe"] < 1e-6)
     return out

@@ -25,8 +25,18 @@ def _dense_adapter(exact_fit):
     """The exact solver needs the dense matrix: operators are materialised (after auto's check)."""
     def fit(K, Y, lam, **kw):
         if not hasattr(K, "ndim"):
-            K = K.dense()
-            kw["overwrite_k"] = True  # the materialised copy is ours to destroy
+            timer = kw.get("timer")
+            if timer is not None:
+                with timer("kernel_assembly"):
+                    K = K.dense()
+            else:
+                K = K.dense()
+            # Mirrored tiles make K symmetric by construction; measure it anyway (A.8).
+            from .._validate import check_square_symmetric
+            asym = check_square_symmetric(K, "K")
+            fit = exact_fit(K, Y, lam, **kw)
+            fit.diagnostics["symmetry_rel"] = asym
+            return fit
         return exact_fit(K, Y, lam, **kw)
     return fit
 

@@ -1,0 +1,64 @@
+"""Shared CLI plumbing: one-line errors with non-zero exit, timing tables. Parses and prints only."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+# Exit codes: 2 bad input / impossible request (NtkcoreError), 1 unexpected failure,
+# 130 interrupted.
+EXIT_USER = 2
+EXIT_INTERNAL = 1
+
+
+def handle_errors(fn):
+    """Turn ntkcore errors into ``error: <one line>`` on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ntkcore.errors import NtkcoreError
+        try:
+            return fn(*args, **kwargs)
+        except NtkcoreError as exc:
+            _fail(f"error: {_one_line(exc)}", EXIT_USER)
+        except MemoryError as exc:
+            _fail(f"error: out of memory ({_one_line(exc) or 'allocation failed'}); use a smaller "
+                  f"--n-train or --solver nystrom/cg", EXIT_USER)
+        except KeyboardInterrupt:
+            _fail("interrupted (finished files in the output folder are complete)", 130)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback
+            if os.environ.get("NTKCORE_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                  f"(set NTKCORE_DEBUG=1 for the traceback)", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _fail(message: str, code: int):
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def timing_table(rows) -> str:
+    """Rows of (stage, seconds) as an aligned text table with a total."""
+    rows = [(k, float(v)) for k, v in rows]
+    width = max([len(k) for k, _ in rows] + [5])
+    lines = [f"{'stage'.ljust(width)}  seconds", f"{'-' * width}  -------"]
+    lines += [f"{k.ljust(width)}  {v:7.2f}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def parse_int_or_none(value):
+    return None if value in (None, "", "all") else int(value)

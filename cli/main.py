@@ -1,0 +1,120 @@
+"""The ``ntkcore`` command line (Click). Parses options, calls library functions, prints."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import handle_errors, timing_table
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ntkcore")
+def main():
+    """ntkcore: exact NTK leave-one-out influence and influence malleability."""
+
+
+@main.command()
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits (embedded), mnist, fashion-mnist, cifar10 or synthetic.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder with the dataset files (flat or torchvision layout).")
+@click.option("--download", is_flag=True, help="Fetch missing files with torchvision (needs a network).")
+@click.option("--classes", default="10", show_default=True,
+              help='"10" all, "5" the first five, or a list such as "3,8" (binary).')
+@click.option("--n-train", type=int, default=None, help="Seeded training subset size (default all).")
+@click.option("--n-test", type=int, default=None, help="Seeded test subset size (default all).")
+@click.option("--arch", default="relu", show_default=True, type=click.Choice(["relu", "attn"]),
+              help="relu = 2L-ReLU, attn = MLP-Attn (linearized attention).")
+@click.option("--width", type=int, default=1024, show_default=True, help="Hidden units m.")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default from --preset).")
+@click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]),
+              help="quick: 30 epochs; paper: the paper's 500 epochs.")
+@click.option("--lam", type=float, default=1e-3, show_default=True, help="Ridge lambda.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--solver", default="auto", show_default=True,
+              type=click.Choice(["auto", "exact", "nystrom", "cg"]))
+@click.option("--rank", type=int, default=None, help="Nystrom rank / CG preconditioner rank.")
+@click.option("--landmarks", default=None, type=click.Choice(["uniform", "rpcholesky"]),
+              help="Nystrom landmark selection.")
+@click.option("--tol", type=float, default=None, help="CG relative tolerance.")
+@click.option("--show", type=int, default=5, show_default=True,
+              help="Test points shown in summary.json and the figure.")
+@click.option("--model", "model_spec", default=None,
+              help="Your own model: 'module:factory' or 'file.py:factory' (generic eNTK route).")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="state_dict (.pt) for --model.")
+@click.option("--out", "out_dir", default=None,
+              help="Output folder (default runs/influence-<dataset>-<arch>).")
+@click.option("--overwrite", is_flag=True, help="Replace results already in the output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@handle_errors
+def influence(dataset, data_root, download, classes, n_train, n_test, arch, width, epochs,
+              preset, lam, device, seed, solver, rank, landmarks, tol, show, model_spec,
+              weights, out_dir, overwrite, quiet):
+    """Train the network, build its empirical NTK, and score every training point's
+    leave-one-out influence on every test prediction."""
+    from ntkcore.experiments.influence_run import run_influence
+    from ntkcore.experiments.pipeline import InfluenceConfig
+
+    solver_options = {k: v for k, v in (("rank", rank), ("landmarks", landmarks), ("tol", tol))
+                      if v is not None}
+    cfg = InfluenceConfig(dataset=dataset.lower(), data_root=data_root, download=download,
+                          classes=classes, n_train=n_train, n_test=n_test, arch=arch,
+                          width=width, epochs=epochs, preset=preset, lam=lam, device=device,
+                          seed=seed, solver=solver, solver_options=solver_options, show=show)
+    out_dir = out_dir or f"runs/influence-{cfg.dataset}-{arch}"
+    if model_spec is not None:
+        from ntkcore.experiments.user_model import run_user_model_influence
+        summary = run_user_model_influence(cfg, model_spec, weights, out_dir,
+                                           overwrite=overwrite, progress=not quiet, log=click.echo)
+    else:
+        if weights is not None:
+            raise click.UsageError("--weights needs --model")
+        summary = run_influence(cfg, out_dir, overwrite=overwrite, progress=not quiet,
+                                log=click.echo)
+    _print_summary(summary, out_dir)
+
+
+def _print_summary(summary, out_dir):
+    acc = summary.get("accuracy", {})
+    click.echo(f"solver: {summary.get('solver')} ({summary.get('solver_reason')})")
+    checks = summary.get("diagnostics", {}).get("checks", {})
+    if checks:
+        click.echo("A.8 checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+    if acc:
+        click.echo("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()
+                                                  if v is not None))
+    t = summary["timings"]
+    rows = [(k, v) for k, v in t.items() if k != "influence_stages"]
+    rows += [(f"  {k}", v) for k, v in t.get("influence_stages", {}).items()]
+    click.echo(timing_table(rows))
+    click.echo(f"wrote {', '.join(summary['files'])} to {out_dir}")
+
+
+@main.command()
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@handle_errors
+def info(data_root):
+    """Versions, usable backends (CPU threads, Numba, CuPy/GPU) and where data sets are found."""
+    from ntkcore.info import collect_info, format_info
+    click.echo(format_info(collect_info(data_root=data_root)))
+
+
+def _register_optional_commands():
+    """Experiment commands live in their own module (cli/experiments_cmds.py)."""
+    from . import experiments_cmds
+    for name in ("malleability", "distance", "spectrum"):
+        cmd = getattr(experiments_cmds, name, None)
+        if cmd is not None:
+            main.add_command(cmd)
+
+
+try:
+    _register_optional_commands()
+except ImportError:  # pragma: no cover - only while the module is being written
+    pass
+
+
+if __name__ == "__main__":
+    main()

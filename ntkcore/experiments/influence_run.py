@@ -1,0 +1,177 @@
+"""``ntkcore influence``: train the network, build its eNTK, score every training point.
+
+Stages (each timed): data, training, LOO influence (kernel assembly, factorisation, scoring),
+writing. Outputs, each written atomically into the output folder:
+
+- ``model.pt``       trained weights (written right after training, so a later failure keeps them)
+- ``influence.npz``  scores (T, n), train/test indices into the original files, labels,
+                     kernel predictions, network outputs, LOO residuals, top-k indices
+- ``summary.json``   config, versions, timings, diagnostics, accuracies, top-5 helpful/harmful
+                     training points for each shown test point
+- ``influence_examples.png``  most helpful / harmful training images for a few test points
+                     (the paper's Figure 3)
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_backend
+from .output import atomic_savefig, atomic_write_json, atomic_write_npz, prepare_output_dir
+from .pipeline import (InfluenceConfig, accuracy_from_outputs, config_dict, kernel_influence,
+                       load_data, train_network)
+
+# Scores above this many entries are stored as float32 (halves the file; stated in summary).
+FLOAT64_SCORE_LIMIT = 2 ** 27
+
+
+def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
+                  progress: bool = True, log=print) -> dict:
+    """Run the whole influence job and write its outputs; returns the summary dict."""
+    cfg.validate()
+    out = prepare_output_dir(out_dir, overwrite=overwrite)
+    epochs = cfg.resolved_epochs()
+    be = get_backend(cfg.device)  # validates the device before any work
+    timings = {}
+
+    t0 = time.perf_counter()
+    ds = load_data(cfg)
+    timings["data"] = time.perf_counter() - t0
+    log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
+        f"d={ds.dim} ({ds.source or 'generated'})")
+
+    t0 = time.perf_counter()
+    model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
+                                     seed=cfg.seed, progress=progress)
+    timings["training"] = time.perf_counter() - t0
+    _save_model(model, out / "model.pt")
+
+    import torch
+    with torch.no_grad():
+        from ..nn import predict
+        net_out_test = predict(model, ds.X_test)
+    net_acc = accuracy_from_outputs(ds, net_out_test, ds.y_test)
+
+    t0 = time.perf_counter()
+    res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
+                              top_k=cfg.top_k, **cfg.solver_options)
+    timings["influence"] = time.perf_counter() - t0
+    scores = be.to_host(res.scores)
+    preds = be.to_host(res.predictions)
+    kernel_acc = accuracy_from_outputs(ds, preds, ds.y_test)
+
+    t0 = time.perf_counter()
+    shown = _shown_test_points(ds, cfg.show)
+    top = _top_table(ds, scores, shown, cfg.top_k)
+    store32 = scores.size > FLOAT64_SCORE_LIMIT
+    atomic_write_npz(out / "influence.npz",
+                     scores=scores.astype(np.float32 if store32 else np.float64),
+                     train_indices=ds.train_indices, test_indices=ds.test_indices,
+                     y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=preds,
+                     network_outputs=net_out_test, loo_residuals=be.to_host(res.loo_residuals),
+                     top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
+    fig_path = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
+    timings["writing"] = time.perf_counter() - t0
+
+    summary = {
+        "command": "influence",
+        "config": config_dict(cfg),
+        "versions": versions(),
+        "device": be.name,
+        "data": {"name": ds.name, "source": ds.source, "classes": list(ds.classes),
+                 "class_names": list(ds.class_names), "n_train": ds.n_train,
+                 "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary},
+        "training": {"epochs": train_res.epochs, "final_objective":
+                     train_res.history[-1] if train_res.history else None,
+                     "train_accuracy": train_res.train_accuracy},
+        "accuracy": {"network_test": net_acc, "kernel_predictor_test": kernel_acc},
+        "solver": res.solver,
+        "solver_reason": res.diagnostics.get("solver_reason"),
+        "diagnostics": res.diagnostics,
+        "timings": {**timings, "influence_stages": res.timings},
+        "scores_dtype": "float32" if store32 else "float64",
+        "top_influences": top,
+        "files": ["model.pt", "influence.npz", "summary.json", Path(fig_path).name],
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("ntkcore", "numpy", "scipy", "numba", "torch", "cupy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _save_model(model, path):
+    import io
+
+    import torch
+
+    from .output import atomic_write_bytes
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _shown_test_points(ds, k: int):
+    """The first ``k`` test points (the subset is already a seeded random draw)."""
+    return list(range(min(k, ds.n_test)))
+
+
+def _top_table(ds, scores, shown, k):
+    rows = []
+    for t in shown:
+        order = np.argsort(-scores[t])
+        helpful = order[:k]
+        harmful = order[::-1][:k]
+        entry = lambda i: {"train_position": int(i), "train_index": int(ds.train_indices[i]),
+                           "label": ds.class_names[int(ds.y_train[i])],
+                           "score": float(scores[t, i])}
+        rows.append({"test_position": t, "test_index": int(ds.test_indices[t]),
+                     "label": ds.class_names[int(ds.y_test[t])],
+                     "helpful": [entry(i) for i in helpful],
+                     "harmful": [entry(i) for i in harmful]})
+    return rows
+
+
+def _figure(ds, scores, shown, k, path):
+    """Figure 3: each shown test image, its k most helpful and k most harmful training images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, len(shown))
+    fig, axes = plt.subplots(rows, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * rows),
+                             squeeze=False)
+    test_imgs = ds.as_images(ds.pixels_test[shown]) if shown else []
+    gray = len(ds.image_shape) != 3
+    for r, t in enumerate(shown):
+        order = np.argsort(-scores[t])
+        picks = [("test", None, test_imgs[r], ds.class_names[int(ds.y_test[t])])]
+        for i in order[:k]:
+            picks.append(("+", i, None, f"{scores[t, i]:+.1e}"))
+        for i in order[::-1][:k]:
+            picks.append(("-", i, None, f"{scores[t, i]:+.1e}"))
+        for c, (kind, i, img, title) in enumerate(picks):
+            ax = axes[r, c]
+            if img is None:
+                img = ds.as_images(ds.pixels_train[[i]])[0]
+                title = f"{kind} {ds.class_names[int(ds.y_train[i])]}\n{title}"
+            ax.imshow(np.clip(img, 0, 1), cmap="gray" if gray else None)
+            ax.set_title(title, fontsize=6)
+            ax.axis("off")
+    fig.suptitle("Most helpful (+) and harmful (-) training points per test point", fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return path
