@@ -35,6 +35,10 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["errors", "__version__"]
 
+# The function ``gram`` shares its name with the module ntkcore/gram.py; importing the functions
+# eagerly (NumPy only, cheap) binds ``ntkcore.gram`` to the function, not the module.
+from .gram import SpectrumResult, attention_features, gram, gram_power, spectrum  # noqa: E402
+
 
 def __getattr__(name):
     if name == "errors":

@@ -48,8 +48,9 @@ def relu_ntk_infinite_naive(X, X2=None):
     K = np.empty((X.shape[0], X2.shape[0]))
     for i, x in enumerate(X):
         for j, y in enumerate(X2):
-            c = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
-            theta = np.arccos(np.clip(c, -1.0, 1.0))
+            u, v = x / np.linalg.norm(x), y / np.linalg.norm(y)
+            # the angle between unit vectors, accurate also near 0 (arccos is not)
+            theta = 2 * np.arctan2(np.linalg.norm(u - v), np.linalg.norm(u + v))
             K[i, j] = (x @ y) * (np.pi - theta) / (2 * np.pi)
     return K
 

@@ -43,6 +43,11 @@ def relu_ntk_infinite(X, X2=None):
     cos = xp.divide(dots, denom, out=xp.zeros_like(dots), where=denom > 0)
     xp.clip(cos, -1.0, 1.0, out=cos)
     theta = xp.arccos(cos)
+    if sym:
+        # arccos near 1 turns rounding of cos into ~sqrt(eps) error in theta; on the diagonal
+        # the angle is exactly 0.
+        idx = xp.arange(theta.shape[0])
+        theta[idx, idx] = 0.0
     K = dots * (np.pi - theta) / (2 * np.pi)
     if sym:
         K = (K + K.T) * 0.5
