@@ -1,0 +1,118 @@
+"""`ntkcore influence` / `ntkcore info` end to end, on digits and on tiny files in real formats."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ntkcore.cli.main import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data_fixtures import write_cifar10, write_mnist  # noqa: E402
+
+TINY = ["--width", "64", "--epochs", "2", "--quiet"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0
+    err = result.stderr.strip() if hasattr(result, "stderr") else result.output.strip()
+    assert "Traceback" not in result.output
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("arch", ["relu", "attn"])
+def test_influence_on_digits_writes_everything(tmp_path, arch):
+    out = tmp_path / "run"
+    r = invoke("influence", "--n-train", 150, "--n-test", 12, "--arch", arch, "--out", out, *TINY)
+    assert r.exit_code == 0, r.output
+    for name in ("model.pt", "influence.npz", "summary.json", "influence_examples.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["arch"] == arch
+    assert summary["solver"] == "exact"
+    assert all(v is True for v in summary["diagnostics"]["checks"].values())
+    assert len(summary["top_influences"]) == 5
+    top = summary["top_influences"][0]
+    assert len(top["helpful"]) == 5 and top["helpful"][0]["score"] >= top["harmful"][0]["score"]
+    data = np.load(out / "influence.npz")
+    assert data["scores"].shape == (12, 150) and np.isfinite(data["scores"]).all()
+    assert data["top_helpful"][0, 0] == np.argmax(data["scores"][0])
+    assert "stage" in r.output and "training" in r.output
+
+
+def test_rerun_needs_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, *TINY).exit_code == 0
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, *TINY)
+    one_line_error(r, "--overwrite")
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, "--overwrite", *TINY)
+    assert r.exit_code == 0
+
+
+@pytest.mark.parametrize("gz,layout", [(True, "flat"), (False, "torchvision")])
+def test_influence_on_tiny_mnist_files(tmp_path, gz, layout):
+    root = write_mnist(tmp_path / "data", 40, 10, gz=gz, layout=layout)
+    r = invoke("influence", "--dataset", "mnist", "--data-root", root, "--classes", "3,8",
+               "--out", tmp_path / "o", *TINY)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["data"]["binary"] and summary["data"]["dim"] == 784
+
+
+def test_influence_on_tiny_cifar10_files(tmp_path):
+    root = write_cifar10(tmp_path / "data", 40, 10)
+    r = invoke("influence", "--dataset", "cifar10", "--data-root", root, "--out",
+               tmp_path / "o", *TINY)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["data"]["dim"] == 3072
+
+
+def test_missing_cifar10_names_the_path_and_the_fix(tmp_path):
+    r = invoke("influence", "--dataset", "cifar10", "--width", "1024", "--data-root",
+               tmp_path / "nowhere", "--out", tmp_path / "o")
+    one_line_error(r, "nowhere", "--download")
+
+
+def test_corrupt_file_is_reported(tmp_path):
+    root = write_mnist(tmp_path / "data", 20, 5, gz=False)
+    img = next(Path(root).rglob("train-images-idx3-ubyte"))
+    img.write_bytes(img.read_bytes()[:100])  # truncated
+    r = invoke("influence", "--dataset", "mnist", "--data-root", root, "--out", tmp_path / "o",
+               *TINY)
+    one_line_error(r, "train-images")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--lam", "0"], "lam"),
+    (["--lam", "-1"], "lam"),
+    (["--classes", "0"], "class"),
+    (["--width", "0"], "width"),
+    (["--n-train", "999999"], "n_train"),
+])
+def test_bad_input_one_line_nonzero_exit(tmp_path, args, needle):
+    r = invoke("influence", "--out", tmp_path / "o", *TINY, *args)  # args last: they win
+    one_line_error(r, needle)
+
+
+def test_too_large_for_memory_prints_estimate_and_fitting_n(tmp_path):
+    r = invoke("influence", "--n-train", 300, "--n-test", 5, "--solver", "exact",
+               "--out", tmp_path / "o", *TINY, env={"NTKCORE_MEMORY_LIMIT": str(100 * 100 * 8)})
+    one_line_error(r, "GiB", "would fit")
+
+
+def test_info_lists_backends_and_datasets():
+    r = invoke("info")
+    assert r.exit_code == 0
+    for needle in ("numpy", "numba", "cuda", "digits", "fashion-mnist", "cifar10"):
+        assert needle in r.output
