@@ -266,11 +266,16 @@ def test_attacks_stay_in_the_ball_and_box(trained):
 
 def test_pgd_beats_clean_and_fgsm_mim_beats_clean(trained):
     model, P, y = trained
-    fn = model_loss_fn(model, preprocess, y)
-    clean = float(fn(P).sum())
-    l_fgsm = float(fn(fgsm(fn, P, 0.3)).sum())
-    l_pgd = float(fn(pgd(fn, P, 0.3, 0.01, 40)).sum())
-    l_mim = float(fn(mim(fn, P, 0.3, 0.01, 40, momentum=0.9)).sum())
+    attack_fn = model_loss_fn(model, preprocess, y)
+
+    def fn(x):
+        with torch.no_grad():
+            return attack_fn(x).sum().item()
+
+    clean = fn(P)
+    l_fgsm = fn(fgsm(attack_fn, P, 0.3))
+    l_pgd = fn(pgd(attack_fn, P, 0.3, 0.01, 40))
+    l_mim = fn(mim(attack_fn, P, 0.3, 0.01, 40, momentum=0.9))
     assert l_fgsm > clean and l_mim > clean
     assert l_pgd > clean and l_pgd >= l_fgsm, (clean, l_fgsm, l_pgd)
 

@@ -100,8 +100,11 @@ class _TwoLayerHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, d) inputs -> (batch, C) outputs m^-1/2 relu(phi(x) W^T) a [eq. 2]."""
-        h = torch.relu(self.features(x) @ self.W.T)
-        return (h @ self.a) / math.sqrt(self.width)
+        return self.head(self.features(x))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The two-layer head on features z = phi(x): (batch, d) -> (batch, C)."""
+        return (torch.relu(z @ self.W.T) @ self.a) / math.sqrt(self.width)
 
     # --- float64 NumPy views for the closed-form kernel -------------------------------------
     def W_numpy(self) -> np.ndarray:
