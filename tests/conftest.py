@@ -35,3 +35,15 @@ requires_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with CuPy
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def _single_thread_torch():
+    """Tiny test matrices: one torch thread is faster than two on a loaded 2-core machine."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+_single_thread_torch()

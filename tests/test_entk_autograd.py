@@ -92,9 +92,6 @@ def test_trained_output_layer_entk_formula(arch):
                  what=f"{arch} train_a formula cross")
 
 
-@pytest.mark.xfail(strict=True, reason="ntkcore.ntk.relu rounds the a_r^2 neuron weights and the "
-                   "patterns they multiply to float32 when a is not +-1 (error ~2e-7); remove "
-                   "this mark once relu_ntk weights in float64")
 @pytest.mark.parametrize("arch", ["relu", "attn"])
 def test_relu_ntk_with_trained_output_layer(arch):
     model, X, Xq = _trained(arch, 1, train_a=True)

@@ -84,8 +84,11 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
                          n=max(n, n2))
     bits = activation_bits(X, W, xp)
     bits2 = bits if sym else activation_bits(X2, W, xp)
+    # Patterns are 0/1, so their counts are exact in float32; general (trained) output weights
+    # a_r^2 are not, and then the pattern product runs in float64.
+    pat_dtype = np.float32 if weights is None else np.float64
     for (i0, i1) in tiles(n, tile):
-        Si = _unpack(bits[i0:i1], m, xp, np.float32)
+        Si = _unpack(bits[i0:i1], m, xp, pat_dtype)
         if weights is not None:
             Si *= weights[None, :]
         Hi = xp.maximum(X[i0:i1] @ W.T, 0) if train_a else None
@@ -107,7 +110,7 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
 def _relu_ntk_tile(block, Xi, Xj, Si, bits_j, m, xp):
     """block <- ((Si Sj^T) / m) * (Xi Xj^T), in place (Si float32 already unpacked)."""
     xp.matmul(Xi, Xj.T, out=block)
-    counts = Si @ _unpack(bits_j, m, xp, np.float32).T  # exact integers in float32
+    counts = Si @ _unpack(bits_j, m, xp, Si.dtype).T  # float32: exact integer counts
     block *= counts
     block *= 1.0 / m
 
@@ -134,4 +137,4 @@ def _neuron_weights(a, m, xp):
         return None
     if not bool(xp.all(w >= 0)):
         raise ParameterError("a: expected real output weights")
-    return w.astype(np.float32)
+    return w
