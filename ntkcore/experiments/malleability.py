@@ -1,0 +1,538 @@
+"""``ntkcore malleability``: influence flip rate, Spearman rho, top-K stability and intrinsic
+sensitivity of 2L-ReLU and MLP-Attn under FGSM / PGD / MIM [Def 3.4, Sec 5.3-5.4, Tables 2-4,
+Figure 2, Def C.10, Figure 4].
+
+Protocol, per architecture (and per training mode: standard, and PGD-AT with ``adv_train``):
+
+1. Train the network (pipeline.train_network) and compute the exact LOO influence scores
+   I_orig (T, n) of every training point on ``test_points`` seeded test points, on the
+   closed-form eNTK of the trained weights (pipeline.kernel_influence).
+2. Attack every training point once per attack, against the trained network's own training
+   loss at its own label: L_inf in pixel space [0, 1] with clamping, gradients through the
+   dataset normalisation (FGSM eps; PGD eps, step, iters; MIM = PGD with momentum).
+   For MLP-Attn the attention operator M = X^T X is a fixed buffer during the attack.
+3. Interventions, for each test point t with H_t = top-tau set of I_orig[t] [Def 3.4]:
+
+   - Transformed: training rows in H_t replaced by their adversarial versions (per attack).
+   - Adversarial: every training row replaced by its adversarial version (per attack).
+   - Curated: rows in H_t removed (attack-independent).
+
+   The perturbed scores are computed (exact solver; the A.8 checks run on the original
+   kernel only, to keep the many re-solves cheap) on the perturbed training set with the trained weights
+   kept (default) or after retraining from the same seed (``retrain``). For MLP-Attn the
+   attention operator is then recomputed over the perturbed training set,
+   M' = X'^T X' (``model.set_attention``), and both training and test features are
+   rownorm(x M'): this recomputation is the Gram coupling of Proposition 4.5 -- perturbing the
+   points of H_t moves every feature, not only theirs. 2L-ReLU has no such coupling.
+
+Index correspondence: slot i of the perturbed training set holds the adversarial version of
+point i (Transformed/Adversarial), so I_adv[i] is the score of x_i^adv and is compared with
+I_orig[i]; the flip rate is over H_t (eq. 4), Spearman rho over all n slots, top-K stability
+over the K most helpful slots. Curated: the removed points have no score, so every metric
+compares the n - |H_t| remaining points, I_orig restricted to them against their new scores,
+and the flip rate uses H'_t = the top-tau set of that restriction (the next most helpful
+points).
+
+Each metric is averaged over the test points with a 95 % t-interval (mean_ci95).
+Intrinsic sensitivity S = L_K ||Y||_F / lam^2 [Def C.10], L_K from
+:func:`ntkcore.malleability.kernel_lipschitz` on the trained eNTK rows k(x) = K_m(x, X_train)
+(attention operator fixed), at seeded training points.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import ParameterError
+from .. import malleability as mm
+
+ARCHS = ("relu", "attn")
+ATTACKS = ("fgsm", "pgd", "mim")
+INTERVENTIONS = ("curated", "transformed", "adversarial")
+ATTACK_LABEL = {"fgsm": "FGSM", "pgd": "PGD", "mim": "MIM"}
+INTERVENTION_LABEL = {"curated": "Curated", "transformed": "Transformed",
+                      "adversarial": "Adversarial"}
+ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
+
+#: quick: a few minutes on 2 CPU cores on digits; paper: Sec 5.1 / A.3 (full training set).
+PRESETS = {
+    "quick": {"width": 256, "epochs": 30, "n_train": 500},
+    "paper": {"width": 1024, "epochs": 500, "n_train": None},
+}
+#: above this many training points the dense K for Figure 4 (n x n float64) is skipped.
+COMPLEXITY_MAX_N = 20000
+
+
+@dataclass
+class MalleabilityConfig:
+    """Options of ``ntkcore malleability`` (same names and defaults; None = from ``preset``)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    classes: str = "10"
+    n_train: int | None = None
+    n_test: int | None = None
+    test_points: int = 20
+    archs: tuple = ARCHS
+    attacks: tuple = ATTACKS
+    interventions: tuple = INTERVENTIONS
+    eps: float = 0.3
+    step: float = 0.01
+    iters: int = 40
+    momentum: float = 0.9
+    width: int | None = None
+    epochs: int | None = None
+    preset: str = "quick"
+    lam: float = 1e-3
+    tau: float = 0.1
+    topk: int = 10
+    retrain: bool = False
+    adv_train: bool = False
+    lipschitz_points: int = 8
+    lipschitz_directions: int = 8
+    seed: int = 42
+    device: str = "auto"
+
+    def resolved(self) -> dict:
+        """Effective settings (preset filled in), validated; raises ParameterError."""
+        if self.preset not in PRESETS:
+            raise ParameterError(f"preset: expected one of {tuple(PRESETS)}, got {self.preset!r}")
+        d = asdict(self)
+        for key, val in PRESETS[self.preset].items():
+            if d[key] is None:
+                d[key] = val
+        for key, allowed in (("archs", ARCHS), ("attacks", ATTACKS),
+                             ("interventions", INTERVENTIONS)):
+            vals = tuple(d[key])
+            bad = [v for v in vals if v not in allowed]
+            if bad or not vals or len(set(vals)) != len(vals):
+                raise ParameterError(f"{key}: expected distinct values from {allowed}, "
+                                     f"got {list(vals)}")
+            d[key] = vals
+        for key in ("width", "test_points", "topk", "iters", "lipschitz_points"):
+            _int_at_least(d[key], key, 1)
+        _int_at_least(d["epochs"], "epochs", 0)
+        _int_at_least(d["lipschitz_directions"], "lipschitz_directions", 0)
+        for key in ("eps", "momentum"):
+            if not (d[key] >= 0):
+                raise ParameterError(f"{key}: expected a value >= 0, got {d[key]!r}")
+        for key in ("step", "lam"):
+            if not (d[key] > 0):
+                raise ParameterError(f"{key}: expected a value > 0, got {d[key]!r}")
+        if not (0 < d["tau"] < 1):
+            raise ParameterError(f"tau: expected a value in (0, 1), got {d['tau']!r}")
+        return d
+
+
+def _int_at_least(v, name, lo):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ParameterError(f"{name}: expected an integer >= {lo}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def attack_pixels(model, dataset, attack: str, *, eps: float = 0.3, step: float = 0.01,
+                  iters: int = 40, momentum: float = 0.9, batch_size: int = 2048,
+                  progress: bool = False):
+    """Adversarial versions of every training image against ``model``'s training loss.
+
+    Parameters
+    ----------
+    model : trained TwoLayerNet / MLPAttn (attention operator fixed during the attack).
+    dataset : ntkcore.data.Dataset (its ``pixels_train``, labels and ``preprocess``).
+    attack : "fgsm" | "pgd" | "mim"
+    eps, step, iters, momentum : the attack settings (Sec 5.1 defaults).
+
+    Returns
+    -------
+    (n, d) float64 pixels in [0, 1] with ||x_adv - x||_inf <= eps, and a dict with the mean
+    per-sample loss before and after the attack.
+    """
+    import torch
+
+    from ..nn import fgsm, mim, model_loss_fn, pgd
+    from tqdm.auto import tqdm
+
+    if attack not in ATTACKS:
+        raise ParameterError(f"attack: expected one of {ATTACKS}, got {attack!r}")
+    y = dataset.Y_train if dataset.binary else dataset.y_train
+    P = dataset.pixels_train
+    out = np.empty_like(P, dtype=np.float64)
+    before = after = 0.0
+    for i0 in tqdm(range(0, P.shape[0], batch_size), disable=not progress,
+                   desc=f"attack {attack}", unit="batch", leave=False):
+        x = torch.from_numpy(np.ascontiguousarray(P[i0:i0 + batch_size], dtype=np.float64))
+        fn = model_loss_fn(model, dataset.preprocess, y[i0:i0 + batch_size])
+        if attack == "fgsm":
+            xa = fgsm(fn, x, eps)
+        elif attack == "pgd":
+            xa = pgd(fn, x, eps, step, iters)
+        else:
+            xa = mim(fn, x, eps, step, iters, momentum)
+        with torch.no_grad():
+            before += float(fn(x).sum())
+            after += float(fn(xa).sum())
+        out[i0:i0 + batch_size] = xa.numpy()
+    n = max(P.shape[0], 1)
+    return out, {"loss_before": before / n, "loss_after": after / n,
+                 "max_abs_delta": float(np.max(np.abs(out - P))) if P.size else 0.0}
+
+
+def replace_training(dataset, *, pixels=None, keep=None):
+    """A copy of ``dataset`` with new training pixels and/or only the rows ``keep``."""
+    px = dataset.pixels_train if pixels is None else pixels
+    y, idx = dataset.y_train, dataset.train_indices
+    if keep is not None:
+        px, y, idx = px[keep], y[keep], idx[keep]
+    return dataclasses.replace(dataset, pixels_train=px, y_train=y, train_indices=idx)
+
+
+class _Scorer:
+    """Influence of the training points on the chosen test points, for a (perturbed) set."""
+
+    def __init__(self, model, dataset, settings, test_sel, adv_eps, progress):
+        self.model = model
+        self.X_orig = dataset.X_train
+        self.s = settings
+        self.sel = test_sel
+        self.adv_eps = adv_eps
+        self.progress = progress
+        self.trainings = 0
+
+    def __call__(self, ds, rows=None):
+        """(len(rows), n') scores of ds's training points on test points ``sel[rows]``."""
+        from .pipeline import kernel_influence, train_network
+
+        sel = self.sel if rows is None else self.sel[rows]
+        X_test, Y_test = ds.X_test[sel], ds.Y_test[sel]
+        s = self.s
+        if s["retrain"]:
+            model, _ = train_network(ds, self.model.arch, s["width"], epochs=s["epochs"],
+                                     lam=s["lam"], seed=s["seed"], adv_eps=self.adv_eps,
+                                     progress=False)
+            self.trainings += 1
+            res, _ = kernel_influence(model, ds, lam=s["lam"], device=s["device"],
+                                      X_test=X_test, Y_test=Y_test, check=False)
+            return _host(res.scores)
+        model = self.model
+        attn = model.arch == "attn"
+        if attn:  # Gram coupling (Prop 4.5): attention recomputed over the perturbed set
+            model.set_attention(ds.X_train)
+        try:
+            res, _ = kernel_influence(model, ds, lam=s["lam"], device=s["device"],
+                                      X_test=X_test, Y_test=Y_test, check=False)
+        finally:
+            if attn:  # back to the attention over the original training set
+                model.set_attention(self.X_orig)
+        return _host(res.scores)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def kernel_lipschitz_of(model, X_train, *, n_points=8, n_random=8, h=1e-2, seed=0):
+    """L_K of the trained eNTK rows k(x) = K_m(x, X_train), attention operator fixed.
+
+    Uses :func:`ntkcore.malleability.kernel_lipschitz` with the model's closed-form eNTK and
+    the local Jacobian dk/dx = diag(s(x)) Phi J_phi(x) (activation pattern s frozen;
+    J_phi by autograd through the feature map; identity for 2L-ReLU), at ``n_points`` seeded
+    training points.
+    """
+    import torch
+    from torch.autograd.functional import jacobian as autograd_jacobian
+
+    from ..nn import closed_form_entk
+
+    rng = np.random.default_rng(seed)
+    pts = X_train[np.sort(rng.choice(X_train.shape[0], min(n_points, X_train.shape[0]),
+                                     replace=False))]
+    F = model.features_numpy(X_train)
+    W = model.W_numpy()
+    SF = (F @ W.T > 0).astype(np.float64)
+    m64 = copy.deepcopy(model).double()
+
+    def rows(Q):
+        return closed_form_entk(model, Q, X_train)
+
+    def jac(x):
+        phi = model.features_numpy(x[None, :])
+        s = SF @ (phi @ W.T > 0).astype(np.float64)[0] / W.shape[0]  # (n,)
+        J_phi = autograd_jacobian(lambda z: m64.features(z[None, :])[0],
+                                  torch.from_numpy(x.copy())).numpy()
+        return (s[:, None] * F) @ J_phi
+
+    return mm.kernel_lipschitz(rows, pts, jacobian=jac, n_random=n_random, h=h, seed=seed)
+
+
+# --------------------------------------------------------------------------- one model
+
+def _metrics(I0, I1, tau, k):
+    k = min(k, I0.size)
+    return {"flip_rate": mm.flip_rate(I0, I1, tau), "spearman": mm.spearman(I0, I1),
+            "topk": mm.topk_stability(I0, I1, k)}
+
+
+def _summarise(per_point: list) -> dict:
+    out = {}
+    for key in ("flip_rate", "spearman", "topk"):
+        vals = [p[key] for p in per_point]
+        out[key] = {**mm.mean_ci95(vals), "values": vals}
+    return out
+
+
+def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print) -> dict:
+    """All interventions x attacks for one trained model; returns its results dict."""
+    from tqdm.auto import tqdm
+
+    from ..nn import closed_form_entk, predict
+    from .pipeline import accuracy_from_outputs, kernel_influence
+
+    timings = {}
+    t0 = time.perf_counter()
+    res0, _ = kernel_influence(model, ds, lam=s["lam"], device=s["device"],
+                               X_test=ds.X_test[sel], Y_test=ds.Y_test[sel])
+    I0 = _host(res0.scores)
+    timings["influence"] = time.perf_counter() - t0
+    T, n = I0.shape
+    H = [mm.high_influence_set(I0[t], s["tau"]) for t in range(T)]
+    scorer = _Scorer(model, ds, s, sel, adv_eps, progress)
+    result = {"test_accuracy_network": accuracy_from_outputs(ds, predict(model, ds.X_test),
+                                                             ds.y_test),
+              "test_accuracy_kernel_shown": accuracy_from_outputs(
+                  ds, _host(res0.predictions), ds.y_test[sel]),
+              "high_influence_set_size": [int(h.size) for h in H],
+              "positive_share_of_H": float(np.mean([np.mean(I0[t, H[t]] > 0)
+                                                    for t in range(T)])),
+              "interventions": {}, "attacks": {}}
+
+    if "curated" in s["interventions"]:
+        t0 = time.perf_counter()
+        pts = []
+        for t in tqdm(range(T), disable=not progress, desc=f"{model.arch} curated",
+                      leave=False):
+            keep = np.setdiff1d(np.arange(n), H[t])
+            I1 = scorer(replace_training(ds, keep=keep), rows=[t])[0]
+            pts.append(_metrics(I0[t, keep], I1, s["tau"], s["topk"]))
+        result["interventions"]["curated"] = {"none": _summarise(pts)}
+        timings["curated"] = time.perf_counter() - t0
+
+    for attack in s["attacks"]:
+        t0 = time.perf_counter()
+        adv, stats = attack_pixels(model, ds, attack, eps=s["eps"], step=s["step"],
+                                   iters=s["iters"], momentum=s["momentum"], progress=progress)
+        result["attacks"][attack] = stats
+        timings[f"attack_{attack}"] = time.perf_counter() - t0
+        if "transformed" in s["interventions"]:
+            t0 = time.perf_counter()
+            pts = []
+            for t in tqdm(range(T), disable=not progress,
+                          desc=f"{model.arch} transformed {attack}", leave=False):
+                px = ds.pixels_train.copy()
+                px[H[t]] = adv[H[t]]
+                I1 = scorer(replace_training(ds, pixels=px), rows=[t])[0]
+                pts.append(_metrics(I0[t], I1, s["tau"], s["topk"]))
+            result["interventions"].setdefault("transformed", {})[attack] = _summarise(pts)
+            timings[f"transformed_{attack}"] = time.perf_counter() - t0
+        if "adversarial" in s["interventions"]:
+            t0 = time.perf_counter()
+            I1 = scorer(replace_training(ds, pixels=adv))
+            pts = [_metrics(I0[t], I1[t], s["tau"], s["topk"]) for t in range(T)]
+            result["interventions"].setdefault("adversarial", {})[attack] = _summarise(pts)
+            timings[f"adversarial_{attack}"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    lip = kernel_lipschitz_of(model, ds.X_train, n_points=s["lipschitz_points"],
+                              n_random=s["lipschitz_directions"], seed=s["seed"])
+    result["intrinsic"] = {
+        "L_K": lip.value, "L_K_per_point": lip.per_point, "jacobian_norm": lip.jacobian_norm,
+        "y_norm": float(np.linalg.norm(ds.Y_train)), "lam": s["lam"],
+        "S": mm.intrinsic_sensitivity(lip.value, ds.Y_train, s["lam"]),
+        "estimator": lip.estimator}
+    timings["lipschitz"] = time.perf_counter() - t0
+
+    if n <= COMPLEXITY_MAX_N:
+        K = closed_form_entk(model, ds.X_train)
+        dec = mm.complexity_by_decile(K, _host(res0.alpha), I0)
+        result["complexity"] = {"mean_complexity": dec.mean_complexity,
+                                "mean_influence": dec.mean_influence,
+                                "total_complexity": dec.total_complexity,
+                                "definition": "c_i = alpha_i . (K alpha)_i (share of ||f||_H^2);"
+                                              " groups by mean influence over the test points"}
+        result["_deciles"] = dec
+    result["retrainings"] = scorer.trainings
+    result["timings"] = timings
+    result["_scores"] = I0
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool = False,
+                     progress: bool = True, log=print) -> dict:
+    """Run the malleability experiment; write table.md, results.json, figures to ``out_dir``.
+
+    Returns the results dict (also written as results.json when ``out_dir`` is given).
+    """
+    from ..data import load_dataset
+    from .output import atomic_write_json, atomic_write_npz, atomic_write_text, \
+        prepare_output_dir
+    from .pipeline import train_network
+
+    s = cfg.resolved()
+    out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
+    t_all = time.perf_counter()
+    ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
+                      n_train=s["n_train"], n_test=s["n_test"], seed=s["seed"],
+                      download=s["download"])
+    if s["test_points"] > ds.n_test:
+        raise ParameterError(f"test_points: expected at most {ds.n_test} (the test set size), "
+                             f"got {s['test_points']}")
+    sel = np.sort(np.random.default_rng(s["seed"]).choice(ds.n_test, s["test_points"],
+                                                          replace=False))
+    log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
+        f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}; {len(sel)} test points")
+    modes = [("standard", None)] + ([("adv-trained", s["eps"])] if s["adv_train"] else [])
+    runs, scores = [], {}
+    for mode, adv_eps in modes:
+        for arch in s["archs"]:
+            log(f"[{mode}] {ARCH_LABEL[arch]}: training width {s['width']}, {s['epochs']} epochs")
+            t0 = time.perf_counter()
+            model, tr = train_network(ds, arch, s["width"], epochs=s["epochs"], lam=s["lam"],
+                                      seed=s["seed"], adv_eps=adv_eps, progress=progress)
+            t_train = time.perf_counter() - t0
+            r = evaluate_model(model, ds, s, sel, adv_eps=adv_eps, progress=progress, log=log)
+            r["timings"]["training"] = t_train
+            r.update(arch=arch, training=mode, train_accuracy=tr.train_accuracy,
+                     final_objective=tr.history[-1] if tr.history else None)
+            scores[f"{arch}_{mode}"] = r.pop("_scores")
+            runs.append(r)
+    results = {"command": "malleability", "config": s,
+               "data": {"name": ds.name, "classes": list(ds.classes),
+                        "class_names": list(ds.class_names), "n_train": ds.n_train,
+                        "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary,
+                        "source": ds.source},
+               "test_points": sel, "runs": runs,
+               "seconds": time.perf_counter() - t_all}
+    results["table"] = format_table(results)
+    if out is not None:
+        _write_outputs(out, results, scores)
+    for r in runs:
+        r.pop("_deciles", None)
+    return results
+
+
+def _fmt(summary, scale=1.0, digits=1):
+    m, h = summary["mean"], summary["half_width"]
+    if not np.isfinite(m):
+        return "n/a"
+    hs = f" ± {h * scale:.{digits}f}" if np.isfinite(h) else ""
+    return f"{m * scale:.{digits}f}{hs}"
+
+
+def format_table(results: dict) -> str:
+    """Markdown tables in the paper's layout (Tables 2/3, 4) plus the full metric grid."""
+    s = results["config"]
+    runs = results["runs"]
+    ds = results["data"]
+    T = len(results["test_points"])
+    lines = [f"# Influence malleability — {ds['name']}, classes {ds['classes']} "
+             f"({', '.join(ds['class_names'])}), n_train={ds['n_train']}, width {s['width']}, "
+             f"{s['epochs']} epochs, eps {s['eps']}, tau {s['tau']}, "
+             f"{'retrained' if s['retrain'] else 'weights kept'} after the intervention", "",
+             f"Mean ± 95 % t-interval half-width over {T} test points.", ""]
+    std = [r for r in runs if r["training"] == "standard"]
+    if "transformed" in s["interventions"]:
+        title = "Table 3 layout (binary)" if ds["binary"] else "Table 2 layout"
+        lines += [f"## {title}: flip rate (%) of the top {s['tau']:.0%} (Transformed)", "",
+                  "| Model | " + " | ".join(ATTACK_LABEL[a] for a in s["attacks"]) + " |",
+                  "|---|" + "---|" * len(s["attacks"])]
+        for r in std:
+            tr = r["interventions"]["transformed"]
+            lines.append(f"| {ARCH_LABEL[r['arch']]} | " + " | ".join(
+                _fmt(tr[a]["flip_rate"], 100) for a in s["attacks"]) + " |")
+        lines.append("")
+        adv = [r for r in runs if r["training"] == "adv-trained"]
+        if adv and "pgd" in s["attacks"]:
+            lines += ["## Table 4 layout: PGD flip rate (%), standard vs adversarially trained",
+                      "", "| Model | Standard | Adv-Trained |", "|---|---|---|"]
+            for r, ra in zip(std, adv):
+                lines.append(f"| {ARCH_LABEL[r['arch']]} | "
+                             f"{_fmt(r['interventions']['transformed']['pgd']['flip_rate'], 100)}"
+                             f" | {_fmt(ra['interventions']['transformed']['pgd']['flip_rate'], 100)} |")
+            lines.append("")
+    lines += ["## All interventions", "",
+              "| Model | Training | Intervention | Attack | Flip rate (%) | Spearman rho | "
+              f"Top-{s['topk']} stability |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for iv in s["interventions"]:
+            for atk, summ in r["interventions"].get(iv, {}).items():
+                lines.append(f"| {ARCH_LABEL[r['arch']]} | {r['training']} | "
+                             f"{INTERVENTION_LABEL[iv]} | {ATTACK_LABEL.get(atk, '—')} | "
+                             f"{_fmt(summ['flip_rate'], 100)} | {_fmt(summ['spearman'], 1, 3)} | "
+                             f"{_fmt(summ['topk'], 1, 2)} |")
+    lines += ["", "## Intrinsic sensitivity S = L_K ‖Y‖_F / lam^2 (Def C.10)", "",
+              "| Model | Training | L_K | ‖Y‖_F | S | test acc. (net) | train acc. |",
+              "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        i = r["intrinsic"]
+        lines.append(f"| {ARCH_LABEL[r['arch']]} | {r['training']} | {i['L_K']:.4g} | "
+                     f"{i['y_norm']:.4g} | {i['S']:.4g} | {r['test_accuracy_network']:.3f} | "
+                     f"{r['train_accuracy']:.3f} |")
+    if runs:
+        lines += ["", f"L_K estimator: {runs[0]['intrinsic']['estimator']}."]
+    lines += ["", "Curated removes H_t; its metrics compare the remaining points (flip rate over "
+              "the top tau of the remaining original scores)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out, results, scores):
+    from .output import atomic_write_json, atomic_write_npz, atomic_write_text
+    from .plots import bar_figure, plot_complexity_by_decile
+
+    s = results["config"]
+    std = [r for r in results["runs"] if r["training"] == "standard"]
+    files = ["table.md", "results.json", "scores.npz"]
+    archs = [r["arch"] for r in std]
+    if "transformed" in s["interventions"]:
+        vals = {r["arch"]: [100 * r["interventions"]["transformed"][a]["flip_rate"]["mean"]
+                            for a in s["attacks"]] for r in std}
+        errs = {r["arch"]: [100 * r["interventions"]["transformed"][a]["flip_rate"]["half_width"]
+                            for a in s["attacks"]] for r in std}
+        bar_figure(out / "fig2a_flip_rate.png", [ATTACK_LABEL[a] for a in s["attacks"]], archs,
+                   vals, errs, ylabel="flip rate of top 10 % (%)",
+                   title="Influence flip rate by perturbation type (Transformed)")
+        files.append("fig2a_flip_rate.png")
+    groups, keys = [], []
+    for iv in s["interventions"]:
+        for atk in (["none"] if iv == "curated" else s["attacks"]):
+            groups.append(INTERVENTION_LABEL[iv] + ("" if atk == "none"
+                                                    else f"\n{ATTACK_LABEL[atk]}"))
+            keys.append((iv, atk))
+    vals = {r["arch"]: [r["interventions"][iv][atk]["spearman"]["mean"] for iv, atk in keys]
+            for r in std}
+    errs = {r["arch"]: [r["interventions"][iv][atk]["spearman"]["half_width"]
+                        for iv, atk in keys] for r in std}
+    bar_figure(out / "fig2b_spearman.png", groups, archs, vals, errs,
+               ylabel="Spearman rho (original vs perturbed)",
+               title="Influence rank correlation by intervention")
+    files.append("fig2b_spearman.png")
+    for r in results["runs"]:
+        dec = r.get("_deciles")
+        if dec is not None:
+            name = f"fig4_complexity_{r['arch']}_{r['training']}.png"
+            plot_complexity_by_decile(dec, out / name, title=f"{ARCH_LABEL[r['arch']]} "
+                                      f"({r['training']}): complexity vs influence group")
+            files.append(name)
+    atomic_write_npz(out / "scores.npz", test_points=results["test_points"], **scores)
+    results["files"] = files
+    atomic_write_text(out / "table.md", results["table"])
+    atomic_write_json(out / "results.json",
+                      {**results, "runs": [{k: v for k, v in r.items() if k != "_deciles"}
+                                           for r in results["runs"]]})

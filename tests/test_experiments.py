@@ -1,0 +1,134 @@
+"""The experiment commands end to end on digits with tiny settings, and the attack path."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ntkcore.cli.experiments_cmds import distance, malleability, spectrum
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ntkcore.data import load_dataset
+    from ntkcore.experiments.pipeline import train_network
+
+    ds = load_dataset("digits", n_train=60, n_test=20, seed=0)
+    models = {a: train_network(ds, a, 16, epochs=3, seed=0, progress=False)[0]
+              for a in ("relu", "attn")}
+    return ds, models
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "mim"])
+@pytest.mark.parametrize("arch", ["relu", "attn"])
+def test_attacks_stay_in_the_box_and_raise_the_loss(tiny, arch, attack):
+    from ntkcore.experiments.malleability import attack_pixels
+
+    ds, models = tiny
+    eps = 0.1
+    adv, st = attack_pixels(models[arch], ds, attack, eps=eps, step=0.01, iters=10)
+    P = ds.pixels_train
+    # float64 pixels and projection: exact up to one rounding of x +- eps
+    assert np.max(np.abs(adv - P)) <= eps + 1e-12
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert st["max_abs_delta"] > 0
+    if attack != "fgsm":  # iterative ascent on the summed loss: must go up
+        assert st["loss_after"] > st["loss_before"]
+
+
+def test_attention_is_recomputed_then_restored(tiny):
+    """Gram coupling: MLP-Attn scores on a perturbed set use M' = X'^T X', then M comes back."""
+    from ntkcore.experiments.malleability import _Scorer, replace_training
+
+    ds, models = tiny
+    model = models["attn"]
+    F0 = model.features_numpy(ds.X_test)
+    s = {"retrain": False, "lam": 1e-3, "device": "cpu", "width": 16, "epochs": 1, "seed": 0}
+    scorer = _Scorer(model, ds, s, np.arange(2), None, False)
+    px = ds.pixels_train.copy()
+    px[0] = 1.0 - px[0]  # change one training point only
+    I1 = scorer(replace_training(ds, pixels=px))
+    I0 = scorer(ds)
+    np.testing.assert_array_equal(model.features_numpy(ds.X_test), F0)
+    # every slot's score moves (not only slot 0): the attention couples all points
+    assert np.all(np.abs(I1[:, 1:] - I0[:, 1:]) > 0)
+
+
+def test_ntk_predictor_matches_reference():
+    from ntkcore.experiments.distance import ntk_predictor
+    from reference import krr_fit_predict, relu_ntk_infinite_naive
+
+    rng = np.random.default_rng(0)
+    F, Ft, Y = rng.standard_normal((15, 4)), rng.standard_normal((5, 4)), rng.standard_normal((15, 2))
+    got = ntk_predictor(F, Y, Ft, 1e-2)
+    want = krr_fit_predict(relu_ntk_infinite_naive(F), Y, relu_ntk_infinite_naive(Ft, F), 1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_malleability_command_end_to_end(tmp_path):
+    out = tmp_path / "m"
+    r = _ok(CliRunner().invoke(malleability, [
+        "--n-train", "60", "--n-test", "30", "--test-points", "3", "--width", "16",
+        "--epochs", "2", "--iters", "3", "--topk", "5", "--seed", "1", "--quiet",
+        "--out", str(out)]))
+    assert "Table 2 layout" in r.output
+    for f in ("table.md", "results.json", "scores.npz", "fig2a_flip_rate.png",
+              "fig2b_spearman.png", "fig4_complexity_relu_standard.png",
+              "fig4_complexity_attn_standard.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert [run["arch"] for run in res["runs"]] == ["relu", "attn"]
+    for run in res["runs"]:
+        for iv in run["interventions"].values():
+            for summ in iv.values():
+                assert all(0.0 <= v <= 1.0 for v in summ["flip_rate"]["values"])
+                assert all(-1.0 <= v <= 1.0 for v in summ["spearman"]["values"])
+        assert run["intrinsic"]["S"] > 0
+    assert np.load(out / "scores.npz")["relu_standard"].shape == (3, 60)
+    # refuses to overwrite
+    r = CliRunner().invoke(malleability, ["--n-train", "60", "--out", str(out), "--quiet"])
+    assert r.exit_code == 2 and "overwrite" in r.output
+
+
+def test_malleability_bad_input_is_one_line():
+    r = CliRunner().invoke(malleability, ["--attacks", "fgsm,cw", "--quiet", "--out", "/nonexistent/x"])
+    assert r.exit_code == 2
+    assert r.output.strip().count("\n") == 0 and r.output.startswith("error: attacks")
+
+
+def test_distance_command_end_to_end(tmp_path):
+    out = tmp_path / "d"
+    r = _ok(CliRunner().invoke(distance, [
+        "--n-train", "60", "--n-test", "30", "--max-width", "8", "--epochs", "2", "--quiet",
+        "--out", str(out)]))
+    assert "m=4" in r.output and "m=8" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["widths"] == [4, 8]
+    for arch in ("relu", "attn"):
+        assert all(np.isfinite(w["distance"]) and w["distance"] > 0
+                   for w in res["archs"][arch]["widths"])
+    assert (out / "fig1_ntk_distance.png").stat().st_size > 0
+    r = CliRunner().invoke(distance, ["--max-width", "100", "--quiet", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and r.output.startswith("error: max_width")
+    assert r.output.strip().count("\n") == 0
+
+
+def test_spectrum_command_end_to_end(tmp_path):
+    out = tmp_path / "s"
+    _ok(CliRunner().invoke(spectrum, ["--classes", "3,8", "--n-train", "30", "--quiet",
+                                      "--out", str(out)]))
+    res = json.loads((out / "results.json").read_text())
+    rep = res["report"]
+    assert rep["full_rank"] and rep["n"] == 30 and rep["d"] == 64
+    assert rep["full_rank_check"]["relative_difference"] < 1e-4
+    assert (out / "spectrum.png").stat().st_size > 0 and (out / "table.md").exists()
+    r = CliRunner().invoke(spectrum, ["--dataset", "imagenet", "--quiet",
+                                      "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and r.output.startswith("error: dataset")
+    assert r.output.strip().count("\n") == 0

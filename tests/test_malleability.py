@@ -1,0 +1,131 @@
+"""Malleability metrics [Def 3.4, A.4.2, Def C.10] on hand-made inputs with known answers."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ntkcore import flip_rate, spearman, topk_stability
+from ntkcore.errors import EmptySelectionError, ParameterError, ShapeError
+from ntkcore.malleability import (complexity_by_decile, high_influence_set,
+                                  intrinsic_sensitivity, kernel_lipschitz, mean_ci95)
+from reference import spearman_naive
+
+
+def test_high_influence_set_is_strictly_above_the_quantile():
+    I = np.arange(1.0, 21.0)  # quantile(0.9) = 18.1 -> {19, 20}
+    assert high_influence_set(I, 0.1).tolist() == [18, 19]
+    assert high_influence_set(I, 0.25).tolist() == [15, 16, 17, 18, 19]  # q = 15.25
+
+
+def test_flip_rate_counts_sign_changes_inside_H_only():
+    I = np.arange(1.0, 21.0)
+    adv = I.copy()
+    adv[19] = -1.0  # one of the two H points flips
+    adv[:10] = -5.0  # flips outside H do not count
+    assert flip_rate(I, adv, tau=0.1) == 0.5
+    adv[18] = 0.0  # sign 0 differs from +1: counts as a flip
+    assert flip_rate(I, adv, tau=0.1) == 1.0
+    assert flip_rate(I, I, tau=0.1) == 0.0
+
+
+def test_flip_rate_rows_are_test_points():
+    a = np.vstack([np.arange(10.0), -np.arange(10.0)])
+    b = np.vstack([-np.arange(10.0), -np.arange(10.0)])
+    # row 0: H = {9} flips; row 1: H = {0} (value 0 > quantile -0.9), sign 0 -> 0: no flip
+    np.testing.assert_array_equal(flip_rate(a, b), [1.0, 0.0])
+
+
+def test_flip_rate_rejects_bad_input():
+    with pytest.raises(EmptySelectionError):
+        flip_rate(np.ones(5), np.ones(5))  # all tied: nothing above the quantile
+    with pytest.raises(ShapeError):
+        flip_rate(np.ones(5), np.ones(4))
+    with pytest.raises(ParameterError):
+        flip_rate(np.arange(5.0), np.arange(5.0), tau=1.0)
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(3, 40))
+        a = rng.integers(0, 4, n).astype(float)  # many ties
+        b = rng.integers(0, 4, n).astype(float)
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            continue
+        # average ranks + Pearson: same arithmetic as scipy up to rounding
+        assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_spearman_known_values_and_reference_formula():
+    x = np.arange(10.0)
+    assert spearman(x, x ** 3) == 1.0
+    assert spearman(x, -x) == -1.0
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(50), rng.standard_normal(50)  # no ties: A.4.2 formula holds
+    assert spearman(a, b) == pytest.approx(spearman_naive(a, b), abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), x[:5]))
+    np.testing.assert_allclose(spearman(np.vstack([x, x]), np.vstack([x, -x])), [1.0, -1.0])
+
+
+def test_topk_stability_known_answers():
+    a = np.array([5.0, 4, 3, 2, 1])
+    b = a[::-1].copy()
+    assert topk_stability(a, b, 2) == 0.0
+    assert topk_stability(a, b, 3) == pytest.approx(1 / 3)  # {0,1,2} & {4,3,2}
+    assert topk_stability(a, a, 5) == 1.0
+    with pytest.raises(ParameterError):
+        topk_stability(a, b, 6)
+
+
+def test_mean_ci95_is_the_t_interval():
+    v = np.array([1.0, 2.0, 3.0, 4.0])
+    r = mean_ci95(v)
+    half = stats.t.ppf(0.975, 3) * v.std(ddof=1) / 2.0
+    assert r["mean"] == 2.5 and r["half_width"] == pytest.approx(half, rel=1e-12)
+    r = mean_ci95([1.0, np.nan, 3.0])
+    assert r["n"] == 2 and r["n_nan"] == 1 and r["mean"] == 2.0
+
+
+def test_intrinsic_sensitivity_definition():
+    assert intrinsic_sensitivity(2.0, np.array([3.0, 4.0]), 0.1) == pytest.approx(1000.0)
+    with pytest.raises(ParameterError):
+        intrinsic_sensitivity(2.0, np.ones(3), 0.0)
+
+
+def test_kernel_lipschitz_exact_for_a_linear_kernel():
+    # k(x) = X x is linear, so the ratio along the top singular direction is sigma_max exactly
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((30, 6))
+    sigma = np.linalg.norm(X, 2)
+    est = kernel_lipschitz(lambda Q: Q @ X.T, X[:4], jacobian=lambda x: X, n_random=3)
+    assert est.value == pytest.approx(sigma, rel=1e-10)
+    np.testing.assert_allclose(est.jacobian_norm, sigma, rtol=1e-12)
+    rand_only = kernel_lipschitz(lambda Q: Q @ X.T, X[:4], n_random=5)
+    assert rand_only.value <= sigma * (1 + 1e-12)  # sampled directions: a lower bound
+
+
+def test_complexity_by_decile_decomposes_the_rkhs_norm():
+    rng = np.random.default_rng(3)
+    Z = rng.standard_normal((40, 5))
+    K = Z @ Z.T
+    alpha = rng.standard_normal((40, 2))
+    scores = rng.standard_normal((3, 40))
+    dec = complexity_by_decile(K, alpha, scores)
+    assert dec.total_complexity == pytest.approx(np.trace(alpha.T @ K @ alpha), rel=1e-12)
+    assert np.bincount(dec.group).tolist() == [4] * 10
+    assert np.all(np.diff(dec.mean_influence) > 0)  # group 1 most harmful ... 10 most helpful
+    assert dec.mean_complexity.sum() * 4 == pytest.approx(dec.total_complexity, rel=1e-12)
+
+
+def test_kappa_identity_on_a_full_rank_X():
+    from ntkcore.experiments.spectrum_exp import spectrum_report
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((20, 50))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    rep = spectrum_report(X)
+    assert rep["full_rank"]
+    # kappa ~ 10: kappa^3 ~ 1e3, eigen-solver error ~ kappa^3 * n * eps, far below 1e-9
+    assert rep["kappa_cubed_relative_difference"] < 1e-9
+    ev = np.linalg.eigvalsh(X @ X.T)
+    assert rep["kappa"] == pytest.approx(ev[-1] / ev[0], rel=1e-10)
