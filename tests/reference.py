@@ -125,3 +125,50 @@ def autograd_entk(model, X, X2=None, output=0):
         for j in range(len(G2)):
             K[i, j] = G1[i] @ G2[j]
     return K
+
+
+def autograd_entk_generic(model, X, X2=None, outputs="trace"):
+    """eNTK of any torch model by autograd, one example and one output at a time (float64).
+
+    K[i, j, c, d] = < d f_c(x_i) / d theta , d f_d(x2_j) / d theta >, theta = every parameter
+    with requires_grad, the model in eval mode on a float64 copy. X, X2: (n, ...) rows (NumPy
+    or torch; integer rows are kept as indices). Returns NumPy float64: (n, n2) for "trace"
+    (sum over c of K[:, :, c, c]), (n, n2, C, C) for "full", (n, n2) for an int output c.
+    """
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(rows):
+        rows = torch.as_tensor(np.asarray(rows))
+        if rows.is_floating_point():
+            rows = rows.to(torch.float64)
+        G = []  # G[i][c]: flattened gradient of output c at row i
+        for i in range(rows.shape[0]):
+            f = model(rows[i:i + 1]).reshape(-1)
+            per_output = []
+            for c in range(f.shape[0]):
+                grads = torch.autograd.grad(f[c], params, retain_graph=True, allow_unused=True)
+                flat = [torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.reshape(-1)
+                        for g, p in zip(grads, params)]
+                per_output.append(torch.cat(flat).numpy())
+            G.append(per_output)
+        return G
+
+    G1 = gradients(X)
+    G2 = G1 if X2 is None else gradients(X2)
+    C = len(G1[0])
+    K = np.zeros((len(G1), len(G2), C, C))
+    for i in range(len(G1)):
+        for j in range(len(G2)):
+            for c in range(C):
+                for d in range(C):
+                    K[i, j, c, d] = G1[i][c] @ G2[j][d]
+    if isinstance(outputs, str) and outputs == "full":
+        return K
+    if isinstance(outputs, str) and outputs == "trace":
+        return np.einsum("ijcc->ij", K)
+    return K[:, :, outputs, outputs]
