@@ -42,8 +42,11 @@ def main():
               help="Test points shown in summary.json and the figure.")
 @click.option("--model", "model_spec", default=None,
               help="Your own model: 'module:factory' or 'file.py:factory' (generic eNTK route).")
-@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="state_dict (.pt) for --model.")
+@click.option("--model-input", default="rows", show_default=True,
+              type=click.Choice(["rows", "images"]),
+              help="What --model receives: preprocessed (n, d) rows or (n, C, H, W) images.")
 @click.option("--out", "out_dir", default=None,
               help="Output folder (default runs/influence-<dataset>-<arch>).")
 @click.option("--overwrite", is_flag=True, help="Replace results already in the output folder.")
@@ -51,7 +54,7 @@ def main():
 @handle_errors
 def influence(dataset, data_root, download, classes, n_train, n_test, arch, width, epochs,
               preset, lam, device, seed, solver, rank, landmarks, tol, show, model_spec,
-              weights, out_dir, overwrite, quiet):
+              weights, model_input, out_dir, overwrite, quiet):
     """Train the network, build its empirical NTK, and score every training point's
     leave-one-out influence on every test prediction."""
     from ntkcore.experiments.influence_run import run_influence
@@ -67,7 +70,8 @@ def influence(dataset, data_root, download, classes, n_train, n_test, arch, widt
     if model_spec is not None:
         from ntkcore.experiments.user_model import run_user_model_influence
         summary = run_user_model_influence(cfg, model_spec, weights, out_dir,
-                                           overwrite=overwrite, progress=not quiet, log=click.echo)
+                                           overwrite=overwrite, progress=not quiet,
+                                           log=click.echo, model_input=model_input)
     else:
         if weights is not None:
             raise click.UsageError("--weights needs --model")

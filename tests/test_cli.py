@@ -116,3 +116,41 @@ def test_info_lists_backends_and_datasets():
     assert r.exit_code == 0
     for needle in ("numpy", "numba", "cuda", "digits", "fashion-mnist", "cifar10"):
         assert needle in r.output
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.LayerNorm(192), nn.Linear(192, 10))
+'''
+
+
+def test_influence_for_a_users_own_model(tmp_path):
+    import torch
+    path = tmp_path / "mymodel.py"
+    path.write_text(MODEL_FILE)
+    ns = {}
+    exec(MODEL_FILE, ns)
+    model = ns["make"]()
+    with torch.no_grad():
+        model[-1].bias.add_(0.5)  # weights that differ from the factory's
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "o"
+    r = invoke("influence", "--model", f"{path}:make", "--weights", tmp_path / "w.pt",
+               "--model-input", "images", "--n-train", 40, "--n-test", 6, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["input"] == "images" and summary["solver"] == "exact"
+    assert np.load(out / "influence.npz")["scores"].shape == (6, 40)
+
+
+def test_bad_model_spec_is_one_line(tmp_path):
+    r = invoke("influence", "--model", "no_such_module_xyz:make", "--out", tmp_path / "o")
+    one_line_error(r, "no_such_module_xyz")
+    r = invoke("influence", "--weights", tmp_path / "w.pt", "--out", tmp_path / "o2")
+    assert r.exit_code != 0
