@@ -38,9 +38,11 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     be = get_backend(cfg.device)  # validates the device before any work
     timings = {}
 
+    stages = _StageBar(["data", "training", "influence", "writing"], enabled=progress)
     t0 = time.perf_counter()
     ds = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
+    stages.done()
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
         f"d={ds.dim} ({ds.source or 'generated'})")
 
@@ -49,6 +51,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                                      seed=cfg.seed, progress=progress)
     timings["training"] = time.perf_counter() - t0
     _save_model(model, out / "model.pt")
+    stages.done()
 
     import torch
     with torch.no_grad():
@@ -60,6 +63,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
                               top_k=cfg.top_k, **cfg.solver_options)
     timings["influence"] = time.perf_counter() - t0
+    stages.done()
     scores = be.to_host(res.scores)
     preds = be.to_host(res.predictions)
     kernel_acc = accuracy_from_outputs(ds, preds, ds.y_test)
@@ -76,6 +80,8 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                      top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
     fig_path = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
     timings["writing"] = time.perf_counter() - t0
+    stages.done()
+    stages.close()
 
     summary = {
         "command": "influence",
@@ -99,6 +105,30 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class _StageBar:
+    """A progress bar over the pipeline's stages (training has its own per-epoch bar)."""
+
+    def __init__(self, names, *, enabled: bool):
+        self.names = list(names)
+        self.i = 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=len(self.names), desc=f"stage: {self.names[0]}", unit="stage",
+                            leave=False)
+
+    def done(self):
+        self.i += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.i < len(self.names):
+                self.bar.set_description(f"stage: {self.names[self.i]}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def versions() -> dict:
