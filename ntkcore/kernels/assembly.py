@@ -1,0 +1,242 @@
+"""Tile loops that drive kernels 1 and 3 on either backend (STYLE rule 10: kernels see one tile).
+
+Kernel 1 (fused eNTK, [Thm 4.2, B.5]): K = ((S S2^T) / m) * (X X2^T) (+ (1/m) H H2^T with
+H = relu(X W^T) when the output layer trains). Activation patterns S are never stored as
+floats: they are packed straight from blocks of X W^T into machine words (CPU: uint64, layout
+(words, n); GPU: uint32, layout (n, words)). For each tile pair the Gram block comes from one
+BLAS/cuBLAS GEMM and the kernel multiplies popcount(P_i & P2_j) / m into it:
+
+* CPU: one BLAS call (syrk for a symmetric K: the upper triangle, half the flops) writes the
+  Gram matrix straight into the output; one parallel Numba pass over 128 x 128 tile pairs
+  scales it in place and mirrors it (BLAS and Numba alternate once, not per tile).
+* GPU: per tile pair, the GEMM writes a contiguous scratch tile; the CUDA kernel reads it
+  once and writes the output block (and, for a symmetric K, the mirrored block).
+
+For a symmetric K only tile pairs with j0 >= i0 are visited; diagonal tiles compute j >= i
+and mirror, so K is exactly symmetric. Kernel 3 (infinite width, arc-cosine) uses the same
+loop with the norms instead of the patterns.
+
+Memory: the caller's output plus the packed patterns (n m / 8 bytes), one row block of X W^T
+and, per tile, the scratch tiles (GPU) or (train_a) blocks of H. Tile rows come from a budget (a share of free memory) and are
+capped where measured larger tiles stopped paying (CPU_TILE_MAX, GPU_TILE_MAX).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import Backend
+from ..ntk.tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
+
+# Row blocks for X W^T while packing (and neuron chunks of the output-layer term): large, so
+# BLAS and the Numba pass alternate only a few times (see _loop_cpu). GPU: 8192-row tiles keep
+# each GEMM large while the diagonal-tile waste (t / n of the Gram flops) stays small.
+CPU_TILE_MAX = 8192
+GPU_TILE_MAX = 8192
+CPU_PASS_TILE = 128  # tile edge of the Numba pass: a 128 x 128 float64 tile stays in L2
+_EMPTY = np.empty((0, 0))
+
+
+def words_for(m: int, backend: Backend) -> int:
+    """Machine words per packed pattern row: ceil(m / 64) on the CPU, ceil(m / 32) on the GPU."""
+    bits = 32 if backend.name == "cuda" else 64
+    return (m + bits - 1) // bits
+
+
+def choose_tile(backend: Backend, n: int, m: int, *, train_a: bool, tile: int | None = None,
+                budget: int | None = None) -> int:
+    """Rows per tile: ``tile`` if given, else from ``budget`` bytes (default: a share of free
+    memory) for the scratch tiles and per-row blocks, capped per backend."""
+    if tile is not None:
+        return max(1, min(int(tile), max(n, 1)))
+    if budget is None:
+        budget = int(backend.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
+    gpu = backend.name == "cuda"
+    pair = (8 if gpu else 0) + (8 if train_a else 0)           # G scratch, E scratch
+    row = 8 * m * (1 + (2 if train_a else 0))                  # X W^T block, H_i, H_j
+    cap = GPU_TILE_MAX if gpu else CPU_TILE_MAX
+    return tile_rows(max(pair, 1), row, budget=budget, n=max(n, 1), maximum=cap)
+
+
+def pack_activations(X, W, backend: Backend, *, tile: int):
+    """Packed patterns 1[X W^T > 0], computed from row blocks of X W^T (never all of it).
+
+    Returns CPU: (ceil(m/64), n) uint64; GPU: (n, ceil(m/32)) uint32. Padding bits are zero.
+    """
+    n = X.shape[0]
+    m = W.shape[0]
+    words = words_for(m, backend)
+    Wt = W.T
+    if backend.name == "cuda":
+        from . import cuda
+        xp = backend.xp
+        P = xp.empty((n, words), dtype=np.uint32)
+        for r0, r1 in tiles(n, tile):
+            cuda.pack_signs(X[r0:r1] @ Wt, P[r0:r1])
+        return P
+    from . import numba_kernels as nk
+    PT = np.empty((words, n), dtype=np.uint64)
+    for r0, r1 in tiles(n, tile):
+        nk.pack_signs(np.ascontiguousarray(X[r0:r1] @ Wt), PT, r0)
+    return PT
+
+
+def relu_ntk_fused(X, W, X2=None, *, train_a: bool = False, tile: int | None = None,
+                   out=None, backend: Backend | None = None):
+    """Kernel-1 assembly of the closed-form eNTK (see module docstring).
+
+    Parameters
+    ----------
+    X : (n, d) float64 (or float32) C-contiguous array, NumPy or CuPy.
+    W : (m, d) first-layer weights, same dtype and device.
+    X2 : (n2, d), optional. None: K(X, X), symmetric, half the tiles.
+    train_a : add (1/m) relu(X W^T) relu(X2 W^T)^T (output weights +-1 or trained jointly).
+    tile : rows per tile (default from free memory, capped per backend).
+    out : (n, n2) C-contiguous array written in place (allocated, after a fit check, if None).
+
+    Returns
+    -------
+    out : (n, n2) array on the inputs' device.
+    """
+    be = backend or _backend_of(X)
+    xp = be.xp
+    sym = X2 is None
+    n, m = X.shape[0], W.shape[0]
+    n2 = n if sym else X2.shape[0]
+    if out is None:
+        check_output_fits((n, n2), X.dtype.itemsize, be, what="relu_ntk output")
+        out = xp.empty((n, n2), dtype=X.dtype)
+    if n == 0 or n2 == 0:
+        return out
+    t = choose_tile(be, max(n, n2), m, train_a=train_a, tile=tile)
+    Xs = X if sym else X2
+    P = pack_activations(X, W, be, tile=t)
+    P2 = P if sym else pack_activations(Xs, W, be, tile=t)
+    inv_m = 1.0 / m
+    if be.name == "cuda":
+        _loop_gpu(X, Xs, W, P, P2, out, inv_m, sym, train_a, t, xp)
+    else:
+        _loop_cpu(X, Xs, W, P, P2, out, inv_m, sym, train_a, t)
+    return out
+
+
+def _pairs(n, n2, t, sym):
+    for i0, i1 in tiles(n, t):
+        for j0, j1 in tiles(n2, t):
+            if sym and j1 <= i0:
+                continue
+            yield i0, i1, j0, j1
+
+
+def _gram_into(out, X, Xs, sym):
+    """out <- X Xs^T with one BLAS call (sym: syrk, upper triangle j >= i only)."""
+    if sym and out.flags.c_contiguous:
+        from scipy.linalg.blas import get_blas_funcs
+        syrk = get_blas_funcs("syrk", (X,))
+        # Fortran view: out.T is F-contiguous, and its lower triangle is out's upper one.
+        res = syrk(1.0, X.T, trans=1, lower=1, c=out.T, beta=0.0, overwrite_c=1)
+        if np.shares_memory(res, out):
+            return
+        out[...] = res.T  # the wrapper copied (unexpected layout): keep the result anyway
+        return
+    np.matmul(X, Xs.T, out=out)
+
+
+def _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk):
+    """out += (1/m) relu(X W^T) relu(Xs W^T)^T, over chunks of neurons (sym: upper only)."""
+    from scipy.linalg.blas import get_blas_funcs
+    m = W.shape[0]
+    for r0, r1 in tiles(m, chunk):
+        H = np.maximum(X @ W[r0:r1].T, 0.0)
+        if sym:
+            syrk = get_blas_funcs("syrk", (H,))
+            res = syrk(inv_m, H.T, trans=1, lower=1, c=out.T, beta=1.0, overwrite_c=1)
+            if not np.shares_memory(res, out):
+                out[...] = res.T
+        else:
+            H2 = np.maximum(Xs @ W[r0:r1].T, 0.0)
+            out += inv_m * (H @ H2.T)
+
+
+def _loop_cpu(X, Xs, W, PT, PT2, out, inv_m, sym, train_a, t):
+    """CPU: one BLAS call for the Gram matrix, one parallel Numba pass over all tile pairs.
+
+    BLAS and Numba each use every core; alternating them tile by tile was measured to cost
+    more than the popcount work itself (their thread pools spin against each other), so the
+    phases run once each.
+    """
+    from . import numba_kernels as nk
+    n, n2 = out.shape
+    _gram_into(out, X, Xs, sym)
+    pairs = nk.tile_pairs(n, n2, CPU_PASS_TILE, sym)
+    nk.entk_scale(out, PT, PT2, inv_m, sym, sym and not train_a, pairs)
+    if train_a:
+        chunk = max(1, min(W.shape[0], t))
+        _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk)
+        if sym:
+            nk.mirror_upper(out, pairs)
+
+
+def _loop_gpu(X, Xs, W, P, P2, out, inv_m, sym, train_a, t, xp):
+    from . import cuda
+    Wt = W.T
+    G_flat = xp.empty(t * t, dtype=out.dtype)
+    E_flat = xp.empty(t * t, dtype=out.dtype) if train_a else None
+    Hi = None
+    last_i = -1
+    for i0, i1, j0, j1 in _pairs(X.shape[0], Xs.shape[0], t, sym):
+        a, b = i1 - i0, j1 - j0
+        G = G_flat[:a * b].reshape(a, b)
+        xp.matmul(X[i0:i1], Xs[j0:j1].T, out=G)
+        E = None
+        if train_a:
+            if i0 != last_i:
+                Hi = xp.maximum(X[i0:i1] @ Wt, 0.0)
+                last_i = i0
+            Hj = Hi if (sym and i0 == j0) else xp.maximum(Xs[j0:j1] @ Wt, 0.0)
+            E = E_flat[:a * b].reshape(a, b)
+            xp.matmul(Hi, Hj.T, out=E)
+        cuda.entk_tile(G, E, P[i0:i1], P2[j0:j1], out[i0:i1, j0:j1],
+                       out[j0:j1, i0:i1] if sym else None, inv_m,
+                       mirror=sym, diag=sym and i0 == j0)
+
+
+def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
+                            backend: Backend | None = None):
+    """Kernel-3 assembly: K_inf = <x,x'> (pi - theta) / (2 pi) [Thm 4.2], tiled like kernel 1.
+
+    X : (n, d), X2 : (n2, d) or None (symmetric, exactly), out : (n, n2) C-contiguous or None.
+    Rows of zero norm give zero rows.
+    """
+    be = backend or _backend_of(X)
+    xp = be.xp
+    sym = X2 is None
+    Xs = X if sym else X2
+    n, n2 = X.shape[0], Xs.shape[0]
+    if out is None:
+        check_output_fits((n, n2), X.dtype.itemsize, be, what="relu_ntk_infinite output")
+        out = xp.empty((n, n2), dtype=X.dtype)
+    if n == 0 or n2 == 0:
+        return out
+    t = choose_tile(be, max(n, n2), 0, train_a=False, tile=tile)
+    norms = xp.linalg.norm(X, axis=1)
+    norms2 = norms if sym else xp.linalg.norm(Xs, axis=1)
+    if be.name == "cuda":
+        from . import cuda
+        G_flat = xp.empty(t * t, dtype=out.dtype)
+        for i0, i1, j0, j1 in _pairs(n, n2, t, sym):
+            G = G_flat[:(i1 - i0) * (j1 - j0)].reshape(i1 - i0, j1 - j0)
+            xp.matmul(X[i0:i1], Xs[j0:j1].T, out=G)
+            cuda.arccos_tile(G, norms[i0:i1], norms2[j0:j1], out[i0:i1, j0:j1],
+                             out[j0:j1, i0:i1] if sym else None, mirror=sym,
+                             diag=sym and i0 == j0)
+    else:
+        from . import numba_kernels as nk
+        _gram_into(out, X, Xs, sym)
+        nk.arccos_scale(out, norms, norms2, sym, nk.tile_pairs(n, n2, CPU_PASS_TILE, sym))
+    return out
+
+
+def _backend_of(X) -> Backend:
+    from ..backend import is_gpu_array
+    return Backend("cuda" if is_gpu_array(X) else "cpu")

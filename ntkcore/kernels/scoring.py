@@ -1,0 +1,145 @@
+"""Kernel 2 drivers: fused LOO influence scores and per-row top-k on either backend.
+
+I(i, t) = U (U/2 ||alpha_i||^2 - r_t . alpha_i),  U = B / diag(A^-1),  B = K_test A^-1
+[Def 3.3 via Thm B.9]. One pass over B (T x n); the cross term r_t . alpha_i is formed on
+the fly (C multiply-adds per entry) instead of as a second T x n matrix. Top-k keeps the k
+largest ("most helpful") and k smallest ("most harmful") scores per test row while scanning,
+so no T x n buffer is needed unless the caller keeps the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import Backend
+from ..ntk.tiling import DEFAULT_TEMP_FRACTION, tile_rows, tiles
+
+_EMPTY = np.empty((0, 0))
+
+
+@dataclass
+class TopK:
+    """Per-row top-k of the influence scores (rows = test points).
+
+    helpful, harmful : (T, k) int64 indices of the largest / smallest scores, best first
+        (ties to the smaller index, the order of a stable argsort).
+    helpful_scores, harmful_scores : (T, k) the matching scores.
+    scores : (T, n) every score when requested, else None.
+    """
+
+    helpful: object
+    harmful: object
+    helpful_scores: object
+    harmful_scores: object
+    scores: object = None
+
+
+def _prepare(B, diag_inv, alpha, residuals, xp):
+    """Contiguous operands of the kernels: B rows, 1-D diag, alpha^T (C, n), R (T, C)."""
+    dt = B.dtype
+    if B.strides[1] != B.itemsize:
+        B = xp.ascontiguousarray(B)
+    dinv = xp.ascontiguousarray(diag_inv, dtype=dt).reshape(-1)
+    alpha = alpha.reshape(alpha.shape[0], -1)
+    half_sq = xp.ascontiguousarray(0.5 * (alpha * alpha).sum(axis=1), dtype=dt)
+    alphaT = xp.ascontiguousarray(alpha.T, dtype=dt)
+    R = xp.ascontiguousarray(residuals.reshape(residuals.shape[0], -1), dtype=dt)
+    return B, dinv, half_sq, alphaT, R
+
+
+def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
+                           backend: Backend | None = None):
+    """(T, n) influence scores in one pass over B.
+
+    Parameters
+    ----------
+    B : (T, n) K_test A^-1, float64 (or float32).
+    diag_inv : (n,) diag(A^-1).
+    alpha : (n, C) A^-1 Y.
+    residuals : (T, C) f(x_t) - y_t.
+    out : (T, n) C-contiguous array to write, optional; may be ``B`` itself (in place, saves
+        a T x n buffer).
+
+    Returns
+    -------
+    out : (T, n) scores, positive = helpful.
+    """
+    be = backend or _backend_of(B)
+    xp = be.xp
+    B, dinv, half_sq, alphaT, R = _prepare(B, diag_inv, alpha, residuals, xp)
+    if out is None:
+        out = xp.empty(B.shape, dtype=B.dtype)
+    if be.name == "cuda":
+        from . import cuda
+        cuda.influence_scores(B, dinv, half_sq, alphaT, R, out)
+    else:
+        from . import numba_kernels as nk
+        nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+    return out
+
+
+def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: bool = False,
+                         out=None, backend: Backend | None = None) -> TopK:
+    """Top-k most helpful and most harmful training points per test point, fused with scoring.
+
+    Parameters as :func:`influence_scores_fused`; ``k`` is clipped to n. With
+    ``keep_scores`` every score is also written (into ``out`` when given; it may be ``B``).
+    Without it no (T, n) buffer is allocated (on the GPU, k > 16 uses row chunks whose size
+    comes from free memory).
+
+    Returns
+    -------
+    TopK
+    """
+    be = backend or _backend_of(B)
+    xp = be.xp
+    B, dinv, half_sq, alphaT, R = _prepare(B, diag_inv, alpha, residuals, xp)
+    T, n = B.shape
+    k = int(min(k, n))
+    if keep_scores and out is None:
+        out = xp.empty(B.shape, dtype=B.dtype)
+    hi_idx = xp.empty((T, k), dtype=np.int64)
+    lo_idx = xp.empty((T, k), dtype=np.int64)
+    hi_val = xp.empty((T, k), dtype=B.dtype)
+    lo_val = xp.empty((T, k), dtype=B.dtype)
+    if T == 0 or k == 0:
+        return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
+    if be.name == "cpu":
+        from . import numba_kernels as nk
+        nk.influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val,
+                          out if keep_scores else _EMPTY, keep_scores)
+    else:
+        from . import cuda
+        if k <= cuda.TOPK_MAX:
+            cuda.influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
+                                lo_val, out if keep_scores else None)
+        else:
+            _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
+                              lo_val, out if keep_scores else None)
+    return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
+
+
+def _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
+    """k > 16 on the GPU: score a chunk of rows, then a stable sort per row (chunk x n only)."""
+    from . import cuda
+    xp = be.xp
+    T, n = B.shape
+    budget = int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
+    rows = tile_rows(0, 4 * n * B.itemsize, budget=budget, n=T, minimum=1, maximum=T)
+    buf = None if S is not None else xp.empty((rows, n), dtype=B.dtype)
+    for t0, t1 in tiles(T, rows):
+        chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
+        cuda.influence_scores(B[t0:t1], dinv, half_sq, alphaT, R[t0:t1], chunk)
+        hi = xp.argsort(-chunk, axis=1)[:, :k]
+        lo = xp.argsort(chunk, axis=1)[:, :k]
+        hi_idx[t0:t1] = hi
+        lo_idx[t0:t1] = lo
+        hi_val[t0:t1] = xp.take_along_axis(chunk, hi, axis=1)
+        lo_val[t0:t1] = xp.take_along_axis(chunk, lo, axis=1)
+
+
+def _backend_of(B) -> Backend:
+    from ..backend import is_gpu_array
+    return Backend("cuda" if is_gpu_array(B) else "cpu")

@@ -1,0 +1,239 @@
+"""Custom kernels (ntkcore.kernels) against the float64 references in tests/reference.py.
+
+The same test bodies run on the CPU (Numba twins) and, where a GPU exists, on CUDA (CuPy);
+the CUDA sources are compile-checked with NVRTC whenever NVRTC can run (no GPU needed).
+"""
+
+import numpy as np
+import pytest
+
+from ntkcore import errors
+from ntkcore import kernels as K
+from ntkcore.backend import Backend
+from ntkcore.kernels import assembly, cuda
+
+from conftest import assert_close, requires_gpu
+from reference import loo_influence_bruteforce, relu_ntk_infinite_naive, relu_ntk_naive
+
+BACKENDS = ["cpu", pytest.param("cuda", marks=requires_gpu)]
+
+
+def _to(backend, *arrays):
+    xp = Backend(backend).xp
+    return [None if a is None else xp.asarray(a) for a in arrays]
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ----------------------------------------------------------------------------- kernel 1
+# (n, n2, d, m, tile, train_a): m = 37 and 130 are not multiples of 32 or 64 (padding bits);
+# n = 150 makes ragged CPU pass tiles (128 + 22) and, with tile=64, ragged GEMM tiles on the
+# GPU (64 + 64 + 22); n = 1 is the degenerate single row.
+ENTK_CASES = [
+    (23, None, 9, 37, None, False),
+    (23, 5, 9, 37, 7, True),
+    (1, None, 5, 10, None, False),
+    (1, 3, 5, 70, None, True),
+    (150, None, 12, 130, 64, False),
+    (150, None, 12, 64, 64, True),
+    (150, 41, 12, 130, 64, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,n2,d,m,tile,train_a", ENTK_CASES)
+def test_relu_ntk_fused_matches_naive(backend, n, n2, d, m, tile, train_a):
+    rng = np.random.default_rng(n * 1000 + m)
+    X = rng.standard_normal((n, d))
+    W = rng.standard_normal((m, d))
+    X2 = None if n2 is None else rng.standard_normal((n2, d))
+    Xd, Wd, X2d = _to(backend, X, W, X2)
+    out = _host(K.relu_ntk_fused(Xd, Wd, X2d, train_a=train_a, tile=tile))
+    assert_close(out, relu_ntk_naive(X, W, X2, train_a=train_a), what="fused eNTK")
+    if n2 is None:
+        assert np.array_equal(out, out.T), "symmetric K must be exactly symmetric"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_ntk_fused_writes_every_entry_of_out(backend):
+    """A NaN-poisoned ``out`` must come back fully written (no tile left out)."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((131, 6))
+    W = rng.standard_normal((33, 6))
+    Xd, Wd = _to(backend, X, W)
+    xp = Backend(backend).xp
+    out = xp.full((131, 131), np.nan)
+    K.relu_ntk_fused(Xd, Wd, out=out, tile=50)
+    out = _host(out)
+    assert np.isfinite(out).all()
+    assert_close(out, relu_ntk_naive(X, W), what="poisoned out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_patterns_are_the_signs_with_zero_padding(backend):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((9, 4))
+    W = rng.standard_normal((70, 4))  # 70 bits: 2 x 64 (CPU) or 3 x 32 (GPU) words, padded
+    be = Backend(backend)
+    Xd, Wd = _to(backend, X, W)
+    P = _host(assembly.pack_activations(Xd, Wd, be, tile=4))
+    rows = np.ascontiguousarray(P if backend == "cuda" else P.T)  # (n, words) either way
+    bits = np.unpackbits(rows.view(np.uint8), axis=1, bitorder="little")
+    assert np.array_equal(bits[:, :70].astype(bool), X @ W.T > 0)
+    assert not bits[:, 70:].any(), "padding bits must be zero"
+
+
+# ----------------------------------------------------------------------------- kernel 3
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,n2,tile", [(13, None, None), (150, None, 64), (13, 4, 5), (1, None, None)])
+def test_relu_ntk_infinite_fused_matches_naive(backend, n, n2, tile):
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 6))
+    X[0] = 0.0  # a zero row gives a zero row
+    X2 = None if n2 is None else rng.standard_normal((n2, 6))
+    Xd, X2d = _to(backend, X, X2)
+    out = _host(K.relu_ntk_infinite_fused(Xd, X2d, tile=tile))
+    with np.errstate(invalid="ignore"):
+        ref = relu_ntk_infinite_naive(X, X2)
+    ref[0] = 0.0  # the naive loop divides 0 by 0 there
+    if n2 is None:
+        ref[:, 0] = 0.0
+    # acos is ill-conditioned at +-1: an ulp of difference in cos(theta) between a BLAS dot
+    # and the naive one moves acos by up to sqrt(2 ulp) ~ 2e-8, hence 1e-7 (not 500 eps).
+    assert_close(out, ref, rtol=1e-7, what="K_inf")
+    if n2 is None:
+        assert np.array_equal(out, out.T)
+        d = np.einsum("ij,ij->i", X, X)
+        assert_close(np.diag(out), d / 2, what="diagonal |x|^2 / 2 (theta = 0)")
+
+
+# ----------------------------------------------------------------------------- kernel 2
+def _scoring_problem(rng, T, n, C):
+    B = rng.standard_normal((T, n))
+    dinv = rng.random(n) + 0.5
+    alpha = rng.standard_normal((n, C))
+    R = rng.standard_normal((T, C))
+    return B, dinv, alpha, R
+
+
+def _scores_reference(B, dinv, alpha, R):
+    """I = U (U/2 ||alpha_i||^2 - r_t . alpha_i), U = B / diag(A^-1), term by term."""
+    U = B / dinv[None, :]
+    return U * (U / 2 * np.sum(alpha ** 2, axis=1)[None, :] - R @ alpha.T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,n,C", [(7, 1000, 3), (1, 1, 1), (20, 513, 10), (9, 2000, 1)])
+def test_influence_scores_fused_matches_formula(backend, T, n, C):
+    rng = np.random.default_rng(T + n + C)
+    B, dinv, alpha, R = _scoring_problem(rng, T, n, C)
+    ref = _scores_reference(B, dinv, alpha, R)
+    Bd, dd, ad, Rd = _to(backend, B, dinv, alpha, R)
+    assert_close(_host(K.influence_scores_fused(Bd, dd, ad, Rd)), ref, what="scores")
+    K.influence_scores_fused(Bd, dd, ad, Rd, out=Bd)  # in place over B
+    assert_close(_host(Bd), ref, what="scores written over B")
+
+
+def test_fused_scores_equal_loo_by_refitting(rng):
+    """End to end: scores from (B, diag(A^-1), alpha, residuals) vs refitting without each
+    point [Def 3.3]; 1e-8 because the refits solve systems of condition ~1e3."""
+    n, T, C, lam = 60, 5, 3, 1e-1
+    X = rng.standard_normal((n, 4))
+    Xt = rng.standard_normal((T, 4))
+    Kx = np.exp(-0.5 * ((X[:, None] - X[None]) ** 2).sum(-1))
+    Kt = np.exp(-0.5 * ((Xt[:, None] - X[None]) ** 2).sum(-1))
+    Y = np.eye(C)[rng.integers(0, C, n)]
+    Yt = np.eye(C)[rng.integers(0, C, T)]
+    Ainv = np.linalg.inv(Kx + lam * np.eye(n))
+    alpha = Ainv @ Y
+    scores = K.influence_scores_fused(Kt @ Ainv, np.diag(Ainv).copy(), alpha, Kt @ alpha - Yt)
+    assert_close(scores, loo_influence_bruteforce(Kx, Y, Kt, Yt, lam), rtol=1e-8,
+                 what="fused vs refitting")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,n,C,k", [(6, 1000, 3, 5), (3, 700, 2, 16), (4, 300, 1, 1),
+                                     (2, 40, 3, 100), (3, 600, 4, 17)])
+@pytest.mark.parametrize("keep", [False, True])
+def test_topk_matches_stable_argsort(backend, T, n, C, k, keep):
+    rng = np.random.default_rng(k + n)
+    B, dinv, alpha, R = _scoring_problem(rng, T, n, C)
+    B[:, 7] = B[:, 3]  # exact ties: equal columns and equal alpha rows give equal scores
+    dinv[7], alpha[7] = dinv[3], alpha[3]
+    ref = _scores_reference(B, dinv, alpha, R)
+    kk = min(k, n)
+    hi = np.argsort(-ref, axis=1, kind="stable")[:, :kk]
+    lo = np.argsort(ref, axis=1, kind="stable")[:, :kk]
+    Bd, dd, ad, Rd = _to(backend, B, dinv, alpha, R)
+    res = K.influence_topk_fused(Bd, dd, ad, Rd, k, keep_scores=keep)
+    assert np.array_equal(_host(res.helpful), hi)
+    assert np.array_equal(_host(res.harmful), lo)
+    assert_close(_host(res.helpful_scores), np.take_along_axis(ref, hi, 1), what="top values")
+    assert_close(_host(res.harmful_scores), np.take_along_axis(ref, lo, 1), what="low values")
+    if keep:
+        assert_close(_host(res.scores), ref, what="kept scores")
+    else:
+        assert res.scores is None
+
+
+# ----------------------------------------------------------------------------- memory
+def test_output_that_cannot_fit_is_refused_up_front():
+    X = np.zeros((3_000_000, 2))  # K would need 72 TB
+    W = np.ones((4, 2))
+    with pytest.raises(errors.MemoryBudgetError, match="nystrom"):
+        K.relu_ntk_fused(X, W)
+    with pytest.raises(errors.MemoryBudgetError):
+        K.relu_ntk_infinite_fused(X)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("train_a", [False, True])
+def test_tile_size_respects_budget(backend, train_a):
+    be = Backend(backend)
+    m = 1024
+    for budget in (10**6, 10**8, 10**10):
+        t = K.choose_tile(be, 50_000, m, train_a=train_a, budget=budget)
+        pair = (8 if backend == "cuda" else 0) + (8 if train_a else 0)
+        row = 8 * m * (1 + (2 if train_a else 0))
+        assert t == 64 or t * t * pair + t * row <= budget, (budget, t)
+        assert 1 <= t <= (K.GPU_TILE_MAX if backend == "cuda" else K.CPU_TILE_MAX)
+
+
+# ----------------------------------------------------------------------------- CUDA sources
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except Exception:  # noqa: BLE001 - any import problem means "cannot compile here"
+        return None
+    try:
+        err, _major, _minor = nvrtc.nvrtcVersion()
+        return nvrtc if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_NVRTC = _nvrtc()
+_CU_BUILDS = [(name, dt, defs) for name in cuda.SOURCES for dt in (np.float64, np.float32)
+              for defs in ((("TOPK", w),) for w in (1, 2, 4, 8, 16))
+              if name == "influence" or defs == (("TOPK", 1),)]
+
+
+@pytest.mark.skipif(_NVRTC is None, reason="NVRTC (cuda-bindings / nvidia-cuda-nvrtc) not "
+                                           "importable here")
+@pytest.mark.parametrize("name,dtype,defines", _CU_BUILDS)
+def test_cuda_sources_compile_with_nvrtc(name, dtype, defines):
+    """Compile each .cu with the options cuda.py passes to cupy.RawModule, for sm_90."""
+    nvrtc = _NVRTC
+    src = cuda.source(name).encode()
+    err, prog = nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [o.encode() for o in cuda.compile_options(dtype, defines)] + [b"-arch=sm_90"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(prog)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    assert b"warning" not in log.lower(), log.decode(errors="replace")
