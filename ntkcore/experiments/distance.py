@@ -107,8 +107,8 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
     """Train every (architecture, width), measure D(m); write table.md, results.json, figure."""
     from tqdm.auto import tqdm
 
-    from ..data import load_dataset
     from ..nn import make_model, predict
+    from .malleability import load_for
     from .output import atomic_write_json, atomic_write_text, prepare_output_dir
     from .pipeline import accuracy_from_outputs, train_network
     from .plots import distance_figure
@@ -116,9 +116,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
     s = cfg.resolved()
     out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     t_all = time.perf_counter()
-    ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
-                      n_train=s["n_train"], n_test=s["n_test"], seed=s["seed"],
-                      download=s["download"])
+    ds = load_for(cfg, s)
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}")
     widths = widths_between(s["min_width"], s["max_width"])

@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -374,23 +374,33 @@ def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print)
 
 # --------------------------------------------------------------------------- driver
 
+def load_for(cfg, s):
+    """Load the data of resolved settings ``s``; a preset's n_train is capped at what the
+    selected classes have (digits 3,8 has 287 training images), an explicit one is not."""
+    from ..data import load_dataset
+
+    kw = dict(root=s["data_root"], classes=s["classes"], n_test=s["n_test"], seed=s["seed"],
+              download=s["download"])
+    n = s["n_train"]
+    if cfg.n_train is None and n is not None:
+        available = load_dataset(s["dataset"], n_train=None, **{**kw, "n_test": 0}).n_train
+        n = min(n, available)
+    return load_dataset(s["dataset"], n_train=n, **kw)
+
+
 def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool = False,
                      progress: bool = True, log=print) -> dict:
     """Run the malleability experiment; write table.md, results.json, figures to ``out_dir``.
 
     Returns the results dict (also written as results.json when ``out_dir`` is given).
     """
-    from ..data import load_dataset
-    from .output import atomic_write_json, atomic_write_npz, atomic_write_text, \
-        prepare_output_dir
+    from .output import prepare_output_dir
     from .pipeline import train_network
 
     s = cfg.resolved()
     out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     t_all = time.perf_counter()
-    ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
-                      n_train=s["n_train"], n_test=s["n_test"], seed=s["seed"],
-                      download=s["download"])
+    ds = load_for(cfg, s)
     if s["test_points"] > ds.n_test:
         raise ParameterError(f"test_points: expected at most {ds.n_test} (the test set size), "
                              f"got {s['test_points']}")

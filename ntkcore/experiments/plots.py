@@ -35,9 +35,10 @@ def _grouped_bars(ax, groups, series, values, errors, ylabel):
 
 def bar_figure(path, groups, series, values, errors, *, ylabel, title):
     """Grouped bar chart with 95 % error bars (Figure 2a / 2b layout)."""
-    fig = _figure()
+    fig = _figure(width=max(6.0, 1.1 * len(groups)))
     ax = fig.add_subplot()
     _grouped_bars(ax, groups, series, values, errors, ylabel)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title, fontsize=10)
     return atomic_savefig(fig, path)
 

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import ParameterError
 
 
 @dataclass
