@@ -67,15 +67,11 @@ def influence_scores(B, diag_inv, alpha, residuals):
 
     Returns
     -------
-    (T, n) scores (a new array; B is not modified).
+    (T, n) scores (a new array; B is not modified). One fused pass over B (Numba on the CPU,
+    CUDA on the GPU: ntkcore.kernels, issue 3); no (T, n) temporaries.
     """
-    U = B / diag_inv[None, :]
-    half_sq = 0.5 * (alpha * alpha).sum(axis=1)  # (n,)
-    cross = residuals @ alpha.T  # (T, n)
-    scores = U * half_sq[None, :]
-    scores -= cross
-    scores *= U
-    return scores
+    from .kernels import influence_scores_fused
+    return influence_scores_fused(B, diag_inv, alpha, residuals)
 
 
 def top_k_indices(scores, k: int):
@@ -151,11 +147,15 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     with timer("scoring"):
         predictions = K_test @ fit.alpha
         residuals = predictions - Y_test
-        scores = influence_scores(B, fit.diag_inv, fit.alpha, residuals)
-        del B
         hi = lo = None
-        if top_k is not None:
-            hi, lo = top_k_indices(scores, top_k)
+        if top_k is None:
+            scores = influence_scores(B, fit.diag_inv, fit.alpha, residuals)
+        else:  # scoring and per-row top-k in one pass; no (T, n) buffer unless kept
+            from .kernels import influence_topk_fused
+            top = influence_topk_fused(B, fit.diag_inv, fit.alpha, residuals, top_k,
+                                       keep_scores=keep_scores)
+            scores, hi, lo = top.scores, top.helpful, top.harmful
+        del B
     loo_res = fit.alpha / fit.diag_inv[:, None]
     diagnostics = dict(fit.diagnostics)
     diagnostics["solver_reason"] = reason
@@ -184,6 +184,10 @@ def _a8_verdicts(d: dict) -> dict:
         return _with_inverse(out, d)
     if "cond_A_estimate" in d:
         out["well_conditioned"] = bool(d["cond_A_estimate"] < A8_COND_MAX)
+    if "lambda_min_K_estimate" in d and d.get("lambda_min_K_rel_lower_bound", -1) <= -A8_TAU:
+        # The rigorous bound is too weak to decide; the subspace-iteration estimate decides.
+        out["psd"] = bool(d["lambda_min_K_estimate"] > -A8_TAU)
+        return _with_inverse(out, d)
     if "lambda_min_K_rel_lower_bound" in d:
         # Cholesky of K + lam I succeeded; a lower bound above -tau proves PSD to tolerance,
         # a lower one is reported as inconclusive rather than failed.

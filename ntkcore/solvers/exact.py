@@ -65,6 +65,8 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
             diagnostics.update(_inverse_residual(be, K, lam, Linv))
             if n <= EXACT_SPECTRUM_MAX_N:
                 diagnostics.update(_exact_spectrum(be, K, lam))
+            else:
+                diagnostics.update(_lambda_min_estimate(be, Linv, lam))
     elif check:
         diagnostics["inverse_residual_probe"] = None
         diagnostics["inverse_residual_estimator"] = "not measured: K was factored in place"
@@ -126,6 +128,26 @@ def _exact_spectrum(be: Backend, K, lam):
             "lambda_min_K_rel": float(ev[0]) / top if top > 0 else float(ev[0]),
             "cond_A": (top + lam) / (float(ev[0]) + lam),
             "spectrum_method": "exact eigvalsh"}
+
+
+def _lambda_min_estimate(be: Backend, Linv, lam, *, block: int = 8, iters: int = 12):
+    """lambda_min(K) from subspace iteration on A^-1 = L^-T L^-1 (block of 8, 12 steps).
+
+    The Ritz value approaches 1/lambda_min(A) from below, so the estimate of lambda_min(K)
+    approaches the truth from above; it is labelled an estimate, not a bound. Cost
+    ~ 2 * iters * block * n^2 flops (triangular multiplies), about 5% of the solve at n = 10^4.
+    """
+    xp = be.xp
+    n = Linv.shape[0]
+    V = xp.asarray(np.random.default_rng(2).standard_normal((n, min(block, n))))
+    apply = (lambda B: _right_apply(be, B.T, Linv).T)  # A^-1 B (A^-1 symmetric)
+    for _ in range(iters):
+        V, _ = xp.linalg.qr(apply(V))
+    H = V.T @ apply(V)
+    top = float(be.to_host(xp.linalg.eigvalsh((H + H.T) * 0.5))[-1])
+    lam_min_A = 1.0 / top
+    return {"lambda_min_K_estimate": lam_min_A - lam,
+            "lambda_min_estimator": f"{iters} subspace iterations (block {block}) on A^-1"}
 
 
 def _one_norm(be: Backend, K, lam) -> float:
