@@ -1,40 +1,177 @@
-"""Solver choice: exact when the float64 n x n work fits comfortably, else an approximation.
+"""Solver choice: exact when the float64 n x n work fits comfortably, else Nystrom.
 
 ``choose_solver(K, lam, requested="auto", memory_budget=None, **options)`` returns
 ``(name, options, reason)``; the reason is printed by the CLI and stored in summary.json.
+
+Memory model (bytes, float64):
+
+- exact: ``EXACT_COPIES`` (2) n x n arrays (K or its materialised copy, and the factor / its
+  triangular inverse), i.e. 16 n^2;
+- Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
+  (r, r) Gram matrix and its Cholesky factor, and two (n, 128) column blocks:
+  8 (2 n r + 2 r^2 + 256 n).
+
+"Comfortably" means within ``COMFORT`` (70 %) of the budget; the budget is ``memory_budget``
+when given, else the free memory of the device K lives on (host RAM for NumPy inputs).
+``auto`` picks exact when it fits, else Nystrom (randomly pivoted Cholesky landmarks) at the
+largest rank whose factor fits, at most ``AUTO_MAX_RANK`` unless ``rank`` is given. A request
+that cannot fit at all is refused up front with :class:`MemoryBudgetError`.
 """
 
 from __future__ import annotations
 
+import math
+
 from ..backend import backend_for
-from ..errors import ParameterError
+from ..errors import MemoryBudgetError, ParameterError
+from .landmarks import DEFAULT_BLOCK
 
 SOLVERS = ("auto", "exact", "nystrom", "cg")
 
 # The exact solver holds K and one n x n working copy (factor, then its inverse).
 EXACT_COPIES = 2
-# "Comfortably": the exact solver may use at most this share of the budget.
+# "Comfortably": a solver may plan to use at most this share of the budget.
 COMFORT = 0.7
+#: Smallest rank worth running; below it auto refuses rather than return noise.
+MIN_RANK = 16
+#: auto's rank cap when the user gives none: O(n r^2) flops must stay minutes on a laptop.
+AUTO_MAX_RANK = 8192
+#: Options each solver accepts (besides check / overwrite_k / timer).
+SOLVER_OPTIONS = {
+    "exact": (),
+    "nystrom": ("rank", "landmarks", "seed"),
+    "cg": ("rank", "landmarks", "seed", "tol", "atol", "maxiter", "probes", "progress"),
+}
+_ALL_OPTIONS = sorted(set(SOLVER_OPTIONS["nystrom"]) | set(SOLVER_OPTIONS["cg"]))
 
 
 def exact_bytes(n: int) -> int:
     return EXACT_COPIES * 8 * n * n
 
 
+def nystrom_bytes(n: int, rank: int) -> int:
+    return 8 * (2 * n * rank + 2 * rank * rank + 2 * DEFAULT_BLOCK * n)
+
+
+def max_rank(n: int, budget: float) -> int:
+    """Largest r <= n with nystrom_bytes(n, r) <= COMFORT * budget (0 when none fits)."""
+    room = COMFORT * budget / 8 - 2 * DEFAULT_BLOCK * n
+    if room <= 0:
+        return 0
+    # 2 r^2 + 2 n r - room <= 0
+    r = (-2 * n + math.sqrt(4 * n * n + 8 * room)) / 4
+    return int(max(0, min(n, math.floor(r))))
+
+
+def _gib(b) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= 0.1 * size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b / 2**10:.1f} KiB"
+
+
+def _budget(K, memory_budget):
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not memory_budget > 0:
+            raise ParameterError(f"memory_budget: expected a number of bytes > 0, got "
+                                 f"{memory_budget!r}")
+        return float(memory_budget), "given memory_budget"
+    x = K if hasattr(K, "ndim") else getattr(K, "X", None)
+    be = backend_for(x)
+    return float(be.free_memory_bytes()), f"free {be.name} memory"
+
+
+def _split_options(name, options):
+    """(options for ``name``, names dropped because ``name`` does not use them)."""
+    keep = {k: v for k, v in options.items() if k in SOLVER_OPTIONS[name]}
+    dropped = sorted(k for k in options if k not in SOLVER_OPTIONS[name])
+    return keep, dropped
+
+
+def _note(dropped):
+    return f" ({', '.join(dropped)} not used by this solver)" if dropped else ""
+
+
 def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None = None,
                   **options):
+    """Pick the solver for A = K + lam I and say why.
+
+    Parameters
+    ----------
+    K : (n, n) array or kernel operator (only ``K.shape`` / the device are used).
+    lam : float, ridge (not used by the choice; kept for the common signature).
+    requested : "auto" | "exact" | "nystrom" | "cg".
+    memory_budget : int, optional, bytes the solver may plan for (default: free memory of
+        K's device).
+    **options : solver options; ``None`` values mean "default" and are dropped.
+        nystrom: rank, landmarks ("uniform" | "rpcholesky"), seed.
+        cg: rank, landmarks, seed (preconditioner), tol, atol, maxiter, probes, progress.
+
+    Returns
+    -------
+    name : the concrete solver ("exact" | "nystrom" | "cg").
+    options : the options to pass to its fit function.
+    reason : one line for the CLI and summary.json.
+
+    Raises
+    ------
+    ParameterError : unknown solver or option.
+    MemoryBudgetError : the request cannot fit the budget (message names what would).
+    """
     if requested not in SOLVERS:
         raise ParameterError(f"solver: expected one of {SOLVERS}, got {requested!r}")
-    n = K.shape[0]
-    if requested != "auto":
-        return requested, options, f"solver={requested!r} requested"
-    if memory_budget is None:
-        x = K if hasattr(K, "ndim") else getattr(K, "X", None)
-        memory_budget = backend_for(x).free_memory_bytes()
+    unknown = sorted(k for k in options if k not in _ALL_OPTIONS)
+    if unknown:
+        raise ParameterError(f"solver options: expected names among {_ALL_OPTIONS}, got "
+                             f"{unknown}")
+    options = {k: v for k, v in options.items() if v is not None}
+    n = int(K.shape[0])
+    budget, source = _budget(K, memory_budget)
+    r_fit = max_rank(n, budget)
     need = exact_bytes(n)
-    if need <= COMFORT * memory_budget:
-        return "exact", options, (f"exact: n={n} needs {need / 2**30:.2f} GiB for the float64 "
-                                  f"factorisation, within {COMFORT:.0%} of the "
-                                  f"{memory_budget / 2**30:.1f} GiB budget")
-    return "nystrom", options, (f"nystrom: exact would need {need / 2**30:.1f} GiB, over "
-                                f"{COMFORT:.0%} of the {memory_budget / 2**30:.1f} GiB budget")
+    if requested == "exact":
+        opts, dropped = _split_options("exact", options)
+        if need / EXACT_COPIES > budget:
+            raise MemoryBudgetError(
+                f"exact: n={n} needs at least {_gib(need / EXACT_COPIES)} for one float64 "
+                f"n x n array, over the {_gib(budget)} budget ({source}); use "
+                f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'",
+                needed_bytes=need // EXACT_COPIES, budget_bytes=int(budget))
+        return "exact", opts, "solver='exact' requested" + _note(dropped)
+    if requested in ("nystrom", "cg"):
+        opts, dropped = _split_options(requested, options)
+        from .nystrom import DEFAULT_RANK
+        rank = min(int(opts.get("rank", DEFAULT_RANK)), n)
+        if nystrom_bytes(n, rank) > budget:
+            raise MemoryBudgetError(
+                f"{requested}: rank {rank} at n={n} needs {_gib(nystrom_bytes(n, rank))}, "
+                f"over the {_gib(budget)} budget ({source}); rank <= {r_fit} fits",
+                needed_bytes=nystrom_bytes(n, rank), budget_bytes=int(budget))
+        opts["rank"] = rank
+        return requested, opts, f"solver={requested!r} requested (rank {rank})" + _note(dropped)
+    # auto
+    if need <= COMFORT * budget:
+        opts, dropped = _split_options("exact", options)
+        return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "
+                               f"factorisation, within {COMFORT:.0%} of the {_gib(budget)} "
+                               f"budget ({source})" + _note(dropped))
+    opts, dropped = _split_options("nystrom", options)
+    if r_fit < MIN_RANK:
+        raise MemoryBudgetError(
+            f"auto: neither exact ({_gib(need)}) nor Nystrom at rank {MIN_RANK} "
+            f"({_gib(nystrom_bytes(n, MIN_RANK))}) fits {COMFORT:.0%} of the {_gib(budget)} "
+            f"budget ({source}) at n={n}",
+            needed_bytes=nystrom_bytes(n, MIN_RANK), budget_bytes=int(budget))
+    if "rank" in opts:
+        rank = min(int(opts["rank"]), r_fit)
+        why = (f"rank {rank} (requested {opts['rank']}" +
+               (f", capped to the {r_fit} that fits)" if rank < opts["rank"] else ")"))
+    else:
+        rank = min(r_fit, AUTO_MAX_RANK)
+        why = (f"rank {rank}, the largest whose factor fits" if rank == r_fit else
+               f"rank {rank} (memory allows {r_fit}; capped at AUTO_MAX_RANK for time, pass "
+               f"rank= to go higher)")
+    opts["rank"] = rank
+    opts.setdefault("landmarks", "rpcholesky")
+    return "nystrom", opts, (f"nystrom: exact would need {_gib(need)}, over {COMFORT:.0%} of "
+                             f"the {_gib(budget)} budget ({source}); {why}" + _note(dropped))

@@ -1,0 +1,402 @@
+"""Preconditioned conjugate gradients for A = K + lam I with many right-hand sides [D.1].
+
+:func:`cg` mirrors ``scipy.sparse.linalg.cg`` (``X, info``; ``rtol``, ``atol``, ``maxiter``,
+``M``, ``callback``) for a block of right-hand sides B (n, s). It is *multiple right-hand-side*
+CG: each column runs its own CG recurrence (its own step lengths), but all active columns share
+one operator product per iteration, so a matrix-free kernel (eNTK tiles assembled on the fly,
+memory O(n * tile)) is assembled once per iteration for all s columns.
+
+Stopping test (same as SciPy's): column j has converged when ||b_j - A x_j|| <= max(rtol
+||b_j||, atol). It is checked on the *true* residual: when the recurrence claims convergence
+the column is frozen, and claimed columns are verified by recomputing B - A X every
+``check_every`` iterations and at the end. A column whose true residual misses the test is
+restarted from its true residual (at most ``max_restarts`` times). Reported, never silent:
+
+- ``info > 0``: not converged after ``info`` iterations (maxiter reached, stagnation — the worst
+  relative residual did not halve in ``stall_window`` iterations — or repeated failed
+  verification, i.e. the recurrence drifted from the truth);
+- ``info = -1``: breakdown, p^T A p <= 0 or r^T M r <= 0 (A or M not positive definite).
+
+:func:`cg_fit` is the KRR solver on top: a Nystrom (randomly pivoted Cholesky) preconditioner
+P = F F^T + lam I, whose inverse is also the warm start and the control variate of the
+diag(A^-1) estimator (diag_estimate.py). It raises :class:`ConvergenceError` with the partial
+result attached (``err.result``) rather than return an unconverged answer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import backend_for
+from ..errors import ConvergenceError, ParameterError, ShapeError
+from .base import KRRFit, Timer
+from .diag_estimate import clip_to_bounds, control_variate_diag, rademacher, summarize_stderr
+from .landmarks import as_operator
+from .nystrom import nystrom_inverse
+
+#: Default number of Rademacher probes for diag(A^-1): each adds one right-hand side.
+DEFAULT_PROBES = 64
+#: Default relative tolerance of cg_fit (true residual); the bench reports its influence error.
+DEFAULT_TOL = 1e-6
+DEFAULT_MAXITER = 500
+#: Warn when the median relative standard error of the diag(A^-1) estimate exceeds this: the
+#: influence of point i scales with 1 / diag(A^-1)_i squared, so 5 % there is ~10 % in scores.
+DIAG_SE_WARN = 0.05
+
+
+@dataclass
+class CGResult:
+    """Outcome of :func:`block_cg`.
+
+    Attributes
+    ----------
+    X : (n, s) solution (partial when not converged).
+    info : int, 0 converged, > 0 iterations done without convergence, -1 breakdown.
+    iterations : int, operator products spent in iterations (verifications excluded).
+    converged : (s,) bool, columns whose *true* residual passed the test.
+    true_residual : (s,) ||b_j - A x_j|| / ||b_j|| at the last verification.
+    residual_history : list of float, per iteration the largest relative residual
+        ||r_j|| / ||b_j|| over all columns (recurrence values; verified ones are true).
+    true_checks : list of (iteration, largest true relative residual).
+    restarts : int, columns restarted after a failed verification.
+    stagnated : bool; breakdown : str or None; reason : str (one line).
+    """
+
+    X: object
+    info: int
+    iterations: int
+    converged: object
+    true_residual: object
+    residual_history: list = field(default_factory=list)
+    true_checks: list = field(default_factory=list)
+    restarts: int = 0
+    stagnated: bool = False
+    breakdown: str | None = None
+    reason: str = ""
+
+
+def _as_apply(A, name):
+    if A is None:
+        return None
+    if callable(A) and not hasattr(A, "shape"):
+        return A
+    if hasattr(A, "matmat"):
+        return A.matmat
+    if hasattr(A, "shape"):
+        return lambda V: A @ V
+    raise ParameterError(f"{name}: expected an array, an operator with .matmat, or a callable, "
+                         f"got {type(A).__name__}")
+
+
+def _colnorms(xp, R):
+    return xp.sqrt((R * R).sum(axis=0))
+
+
+def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,
+             M=None, callback=None, check_every: int = 50, stall_window: int = 100,
+             max_restarts: int = 3, progress: bool | None = False, desc: str = "cg") -> CGResult:
+    """Preconditioned CG for A X = B, B (n, s), with true-residual verification.
+
+    Parameters
+    ----------
+    A : callable V -> A V, an operator with ``matmat``, or an (n, n) array; SPD.
+    B : (n, s) right-hand sides.
+    x0 : (n, s), optional, initial guess (default zeros).
+    rtol, atol : float, column j converges when ||b_j - A x_j|| <= max(rtol ||b_j||, atol).
+    maxiter : int, default 10 n (SciPy's default).
+    M : preconditioner approximating A^-1 (same kinds as A), SPD; default identity.
+    callback : callable(X) after every iteration.
+    check_every : int, recompute the true residual B - A X every this many iterations.
+    stall_window : int, stagnation when the worst relative residual has not halved within
+        this many iterations.
+    max_restarts : int, failed verifications tolerated per column before giving up.
+    progress : bool or None, tqdm progress bar (None: only on a terminal).
+    desc : str, progress-bar label.
+    """
+    apply_A = _as_apply(A, "A")
+    apply_M = _as_apply(M, "M")
+    xp = backend_for(B).xp
+    if B.ndim != 2:
+        raise ShapeError(f"B: expected an (n, s) array, got shape {tuple(B.shape)}")
+    if not (rtol >= 0 and atol >= 0):
+        raise ParameterError(f"rtol, atol: expected values >= 0, got {rtol!r}, {atol!r}")
+    n, s = B.shape
+    maxiter = 10 * n if maxiter is None else int(maxiter)
+    bnorm = _colnorms(xp, B)
+    thresh = xp.maximum(rtol * bnorm, atol)
+    scale = xp.where(bnorm > 0, bnorm, 1.0)
+    X = xp.zeros((n, s), dtype=np.float64) if x0 is None else xp.array(x0, dtype=np.float64)
+    if X.shape != B.shape:
+        raise ShapeError(f"x0: expected shape {tuple(B.shape)}, got {tuple(X.shape)}")
+    R = B - apply_A(X) if x0 is not None else B.astype(np.float64, copy=True)
+    rnorm = _colnorms(xp, R)
+    verified = rnorm <= thresh  # true residuals so far
+    restarts_col = np.zeros(s, dtype=np.int64)
+    res = CGResult(X=X, info=0, iterations=0, converged=verified,
+                   true_residual=rnorm / scale)
+    if s:
+        res.true_checks.append((0, float(xp.max(rnorm / scale))))
+    act = xp.nonzero(~verified)[0]
+    claimed = xp.zeros(s, dtype=bool)
+    P, rho = _restart(apply_M, R, act, xp)
+    worst_hist = []
+    from tqdm.auto import tqdm
+    bar = tqdm(total=maxiter, desc=desc, leave=False,
+               disable=(None if progress is None else not progress))
+    it = 0
+    try:
+        while act.size and it < maxiter:
+            Q = apply_A(P)
+            pq = (P * Q).sum(axis=0)
+            if bool(xp.any(pq <= 0)):
+                res.breakdown = "p^T A p <= 0: A is not positive definite"
+                break
+            a = rho / pq
+            X[:, act] += P * a
+            R_a = R[:, act] - Q * a
+            R[:, act] = R_a
+            del Q
+            rn = _colnorms(xp, R_a)
+            rnorm[act] = rn
+            it += 1
+            if callback is not None:
+                callback(X)
+            worst = float(xp.max(rn / thresh[act].clip(1e-300)))
+            worst_hist.append(worst)
+            res.residual_history.append(float(xp.max(rnorm / scale)))
+            bar.update(1)
+            bar.set_postfix(worst_rel=f"{res.residual_history[-1]:.2e}", active=int(act.size))
+            done = rn <= thresh[act]
+            claimed[act[done]] = True
+            keep = ~done
+            act, R_a, P, rho = act[keep], R_a[:, keep], P[:, keep], rho[keep]
+            if act.size:
+                Z = apply_M(R_a) if apply_M else R_a
+                rho_new = (R_a * Z).sum(axis=0)
+                if bool(xp.any(rho_new <= 0)):
+                    res.breakdown = "r^T M r <= 0: the preconditioner is not positive definite"
+                    break
+                P = Z + P * (rho_new / rho)
+                rho = rho_new
+            if (it % check_every == 0 or not act.size) and bool(claimed.any()):
+                act, P, rho = _verify(apply_A, apply_M, B, X, R, rnorm, thresh, scale, claimed,
+                                      verified, act, P, rho, restarts_col, max_restarts, res,
+                                      it, xp)
+            if len(worst_hist) > stall_window and worst_hist and act.size:
+                before = min(worst_hist[:-stall_window])
+                if min(worst_hist[-stall_window:]) > 0.5 * before:
+                    res.stagnated = True
+                    break
+    finally:
+        bar.close()
+    if bool(claimed.any()) or not bool(verified.all()):
+        # final verification of every column not yet checked against the true residual
+        R_true = B - apply_A(X)
+        tn = _colnorms(xp, R_true)
+        verified[...] = tn <= thresh
+        res.true_residual = tn / scale
+        res.true_checks.append((it, float(xp.max(tn / scale))))
+    res.iterations = it
+    res.converged = verified
+    res.restarts = int(restarts_col.sum())
+    if res.breakdown:
+        res.info, res.reason = -1, f"breakdown after {it} iterations: {res.breakdown}"
+    elif bool(verified.all()):
+        res.info, res.reason = 0, f"converged in {it} iterations (true residual verified)"
+    else:
+        res.info = max(it, 1)
+        why = ("stagnated: the worst relative residual did not halve in "
+               f"{stall_window} iterations" if res.stagnated else
+               f"maxiter={maxiter} reached" if it >= maxiter else
+               "the recurrence residual converged but the true residual did not "
+               f"after {max_restarts} restarts (inconsistent operator?)")
+        bad = int((~verified).sum())
+        res.reason = (f"not converged after {it} iterations ({why}); {bad} of {s} columns miss "
+                      f"the tolerance, largest true relative residual "
+                      f"{float(xp.max(res.true_residual)):.3g}")
+    return res
+
+
+def _restart(apply_M, R, cols, xp):
+    """Fresh search directions P = M R[:, cols] and rho = diag(R^T M R)."""
+    R_c = R[:, cols]
+    Z = apply_M(R_c) if apply_M else R_c.copy()
+    return Z, (R_c * Z).sum(axis=0)
+
+
+def _verify(apply_A, apply_M, B, X, R, rnorm, thresh, scale, claimed, verified, act, P, rho,
+            restarts_col, max_restarts, res, it, xp):
+    """Check claimed columns on the true residual; restart those that fail (in place)."""
+    cols = xp.nonzero(claimed)[0]
+    R_true = B[:, cols] - apply_A(X[:, cols])
+    tn = _colnorms(xp, R_true)
+    res.true_checks.append((it, float(xp.max(tn / scale[cols]))))
+    res.true_residual[cols] = tn / scale[cols]
+    ok = tn <= thresh[cols]
+    verified[cols[ok]] = True
+    claimed[cols] = False
+    bad = cols[~ok]
+    if bad.size:
+        R[:, bad] = R_true[:, ~ok]
+        rnorm[bad] = tn[~ok]
+        bad_host = backend_for(bad).to_host(bad)
+        restarts_col[bad_host] += 1
+        retry = bad[xp.asarray(restarts_col[bad_host] <= max_restarts)]
+        if retry.size:
+            P2, rho2 = _restart(apply_M, R, retry, xp)
+            act = xp.concatenate([act, retry])
+            P = xp.concatenate([P, P2], axis=1)
+            rho = xp.concatenate([rho, rho2])
+    return act, P, rho
+
+
+def cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,
+       M=None, callback=None):
+    """Solve A X = B by preconditioned CG, like ``scipy.sparse.linalg.cg`` for a block B.
+
+    Parameters
+    ----------
+    A : (n, n) SPD array, operator with ``matmat``, or callable V -> A V.
+    B : (n,) or (n, s) right-hand side(s).
+    x0, rtol, atol, maxiter, M, callback : as in SciPy (convergence when
+        ||b - A x|| <= max(rtol ||b||, atol), per column, on the true residual).
+
+    Returns
+    -------
+    X : same shape as B.
+    info : int, 0 converged; > 0 iterations done without convergence (maxiter, stagnation or a
+        recurrence that drifted from the true residual); -1 breakdown (A or M not SPD).
+    """
+    xp = backend_for(B).xp
+    B = xp.asarray(B, dtype=np.float64)
+    vec = B.ndim == 1
+    B2 = B[:, None] if vec else B
+    X0 = None if x0 is None else (xp.asarray(x0)[:, None] if vec else xp.asarray(x0))
+    res = block_cg(A, B2, x0=X0, rtol=rtol, atol=atol, maxiter=maxiter, M=M,
+                   callback=callback)
+    return (res.X[:, 0] if vec else res.X), res.info
+
+
+def _result_diagnostics(res: CGResult, prefix: str) -> dict:
+    return {f"{prefix}_converged": res.info == 0, f"{prefix}_info": res.info,
+            f"{prefix}_iterations": res.iterations, f"{prefix}_reason": res.reason,
+            f"{prefix}_true_residual_max": float(np.max(backend_for(res.true_residual)
+                                                        .to_host(res.true_residual))),
+            f"{prefix}_residual_history": res.residual_history,
+            f"{prefix}_restarts": res.restarts, f"{prefix}_stagnated": res.stagnated}
+
+
+def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
+           maxiter: int | None = DEFAULT_MAXITER, rank: int | None = None,
+           landmarks: str = "rpcholesky", probes: int = DEFAULT_PROBES, seed: int = 0,
+           progress: bool | None = None, check: bool = True, overwrite_k: bool = False,
+           timer: Timer | None = None) -> KRRFit:
+    """Kernel ridge regression by Nystrom-preconditioned CG; diag(A^-1) estimated.
+
+    Parameters
+    ----------
+    K : (n, n) array or kernel operator with ``matmat`` / ``diag`` / ``columns``.
+    Y : (n, C) targets.
+    lam : float > 0.
+    tol : float, default 1e-6, relative true-residual tolerance (``rtol``) of every solve.
+    atol : float, default 0, absolute tolerance.
+    maxiter : int, default 500, iterations per solve (each is one pass over K).
+    rank : int, preconditioner rank (default nystrom.DEFAULT_RANK, capped at n).
+    landmarks : "rpcholesky" (default) | "uniform", preconditioner landmarks.
+    probes : int, default 64, Rademacher probes of the diag(A^-1) estimator (>= 2).
+    seed : int, landmarks and probes.
+    progress : bool or None, tqdm bars (None: on a terminal only).
+    check, overwrite_k : accepted for the common interface (K is never modified).
+    timer : Timer ("landmarks", "woodbury", "cg_fit", "diag_inv", "right_solve").
+
+    Returns
+    -------
+    KRRFit with ``solver="cg"``; ``diag_inv`` is the control-variate estimate (diag_estimate.py)
+    and ``diagnostics`` holds the residual histories, true residuals, iteration counts, the
+    estimator, its relative standard error (median, max) and bound clips. ``right_solve``
+    solves A Z = K_test^T (T right-hand sides, in memory-sized chunks).
+
+    Raises
+    ------
+    ConvergenceError : a solve did not reach ``tol`` (``err.result``: the partial KRRFit, or
+        for right_solve the partial (T, n) array).
+    """
+    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 2:
+        raise ParameterError(f"probes: expected an integer >= 2, got {probes!r}")
+    if not tol > 0:
+        raise ParameterError(f"tol: expected a value > 0, got {tol!r}")
+    timer = timer or Timer()
+    op = as_operator(K)
+    xp = op.xp
+    inv = nystrom_inverse(op, lam, rank=rank, landmarks=landmarks, seed=seed, timer=timer)
+    n, C = Y.shape
+
+    def apply_A(V):
+        return op.matmat(V) + lam * V
+
+    Z = rademacher(n, probes, seed=seed + 1, xp=xp)
+    with timer("cg_fit"):
+        Bk = xp.concatenate([xp.asarray(Y, dtype=np.float64), Z], axis=1)
+        X0 = inv.apply(Bk)
+        res = block_cg(apply_A, Bk, x0=X0, rtol=tol, atol=atol, maxiter=maxiter, M=inv.apply,
+                       progress=progress, desc="cg fit")
+    alpha = res.X[:, :C]
+    with timer("diag_inv"):
+        diag_P = inv.diag()
+        est, se = control_variate_diag(Z, res.X[:, C:], X0[:, C:], diag_P)
+        est, clipped = clip_to_bounds(est, 1.0 / (op.diag() + lam), diag_P)
+    diagnostics = inv.diagnostics()
+    diagnostics.update({"cg_rtol": tol, "cg_atol": atol, "cg_maxiter": maxiter,
+                        "preconditioner": f"Nystrom rank {inv.rank} ({landmarks})"})
+    diagnostics.update(_result_diagnostics(res, "cg_fit"))
+    diagnostics.update({"diag_inv_estimator": (f"Hutchinson/Bekas, {probes} Rademacher probes, "
+                                               f"Nystrom diag(A_hat^-1) as control variate"),
+                        "diag_inv_clipped": clipped})
+    diagnostics.update(summarize_stderr(est, se))
+    if diagnostics["diag_inv_rel_stderr_median"] > DIAG_SE_WARN:
+        warnings.warn(f"cg: the diag(A^-1) estimate is noisy (median relative standard error "
+                      f"{diagnostics['diag_inv_rel_stderr_median']:.2g} > {DIAG_SE_WARN}); "
+                      f"raise rank (better control variate) or probes", RuntimeWarning,
+                      stacklevel=3)
+
+    def right_solve(K_test):
+        """(T, n) K_test A^-1 by CG on A Z = K_test^T."""
+        with timer("right_solve"):
+            return _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress,
+                                diagnostics)
+
+    fit = KRRFit(alpha=alpha, diag_inv=est, right_solve=right_solve, solver="cg",
+                 diagnostics=diagnostics, timings=timer.seconds)
+    fit.diag_inv_stderr = se
+    if res.info != 0:
+        raise ConvergenceError(f"cg: fit solve {res.reason}; raise maxiter or the "
+                               f"preconditioner rank, or loosen tol", result=fit)
+    return fit
+
+
+def _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress, diagnostics):
+    be = backend_for(K_test)
+    xp = be.xp
+    n = op.n
+    T = K_test.shape[0]
+    # block_cg holds about six (n, s) arrays; use at most a quarter of free memory.
+    chunk = max(1, min(T, int(0.25 * be.free_memory_bytes() / (6 * 8 * max(n, 1)))))
+    out = xp.empty((T, n), dtype=np.float64)
+    results = []
+    for t0 in range(0, T, chunk):
+        Bt = xp.ascontiguousarray(K_test[t0:t0 + chunk].T)
+        res = block_cg(apply_A, Bt, x0=inv.apply(Bt), rtol=tol, atol=atol, maxiter=maxiter,
+                       M=inv.apply, progress=progress, desc="cg right solve")
+        out[t0:t0 + chunk] = res.X.T
+        results.append(res)
+    worst = max(results, key=lambda r: (r.info != 0, r.iterations))
+    diagnostics.update(_result_diagnostics(worst, "cg_right_solve"))
+    diagnostics["cg_right_solve_chunks"] = len(results)
+    failed = [r for r in results if r.info != 0]
+    if failed:
+        raise ConvergenceError(f"cg: right solve {failed[0].reason}; raise maxiter or the "
+                               f"preconditioner rank, or loosen tol", result=out)
+    return out

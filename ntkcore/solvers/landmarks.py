@@ -1,0 +1,220 @@
+"""Nystrom landmarks and the low-rank factor K ~ F F^T = K_nS K_SS^+ K_Sn [appendix D.1].
+
+Two ways to pick the landmark set S (|S| = r):
+
+- ``"uniform"``: r distinct indices drawn uniformly at random.
+- ``"rpcholesky"``: randomly pivoted Cholesky (Chen, Epperly, Tropp, Webber 2023), blocked.
+  Pivots are sampled with probability proportional to the diagonal of the residual
+  K - F F^T, so the choice adapts to what the landmarks so far fail to explain. It reads only
+  diag(K) and the r sampled columns of K (``op.columns``), never the whole matrix.
+
+Stabilisation (never an explicit inverse of an ill-conditioned K_SS): every block of sampled
+columns G (n, b) is factored through a *pivoted* Cholesky of its residual block H = G[S] with
+LAPACK ``pstrf``. Pivots whose residual falls below ``PIVOT_RTOL * max diag(K)`` are dropped
+(the dropped Schur complement is that small on the diagonal, so the error is bounded by it),
+the rest give F_new = G_J L_J^-T by a triangular solve. No shift is added; dropped landmarks
+are counted and reported (``landmarks_dropped``), and a warning names the count when the
+factor ends up below the requested rank. Cost O(n r^2) flops, memory: F (n, r) plus one
+(n, b) block.
+
+Also here: :func:`as_operator` (dense arrays become :class:`DenseKernel`; a
+:class:`ReluNTKOperator` gets a view that caches its bit-packed activation patterns, so each
+column or row tile costs only its own products).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..backend import backend_for
+from ..errors import ParameterError
+from ..ntk.relu import activation_bits
+from ..ntk.tiling import tiles
+from .operator import DenseKernel, ReluNTKOperator
+
+LANDMARKS = ("uniform", "rpcholesky")
+#: Pivots with residual diagonal below this share of max diag(K) are dropped: a few thousand
+#: ulps of the diagonal, i.e. rounding noise of an (n, r) residual update, far below any ridge
+#: used in practice (lam = 1e-3 against diag(K) ~ 0.5 for unit-norm inputs).
+PIVOT_RTOL = 1e-12
+#: RPCholesky stops early once tr(K - F F^T) <= TRACE_RTOL * tr(K) (the factor is exact to
+#: rounding); the residual trace is reported either way.
+TRACE_RTOL = 1e-13
+#: Columns read per RPCholesky round: large enough for BLAS-3 column assembly, small enough
+#: that sampling adapts (Epperly et al. use blocks of this order).
+DEFAULT_BLOCK = 128
+
+
+def as_operator(K):
+    """The operator view of ``K``: a dense (n, n) array -> DenseKernel; a ReluNTKOperator ->
+    a pattern-caching view of it; any other operator is returned unchanged."""
+    if hasattr(K, "ndim"):
+        return DenseKernel(K)
+    if type(K) is ReluNTKOperator:
+        return CachedReluNTK(K)
+    return K
+
+
+class CachedReluNTK:
+    """View of a :class:`ReluNTKOperator` that computes the activation patterns once.
+
+    ``relu_ntk`` recomputes S = 1[X W^T > 0] for all n rows on every call (n d m flops), which
+    dominates a call that only wants b << n columns. This view keeps the bit-packed patterns
+    (n * m / 8 bytes) and assembles each tile ((S_i S_j^T) / m) * (X_i X_j^T) (+ the output
+    layer term when ``train_a``) from them. Same values as the wrapped operator (tested).
+    """
+
+    def __init__(self, op: ReluNTKOperator):
+        self.op = op
+        self.X, self.W, self.train_a, self.tile = op.X, op.W, op.train_a, op.tile
+        self.n, self.shape, self.dtype, self.xp = op.n, op.shape, op.dtype, op.xp
+        self.m = self.W.shape[0]
+        self.bits = activation_bits(self.X, self.W, self.xp)
+        self.H = self.xp.maximum(self.X @ self.W.T, 0) if self.train_a else None
+
+    def diag(self):
+        return self.op.diag()
+
+    def _block(self, rows, cols):
+        """K[rows][:, cols] for index arrays or slices (dense (len(rows), len(cols)))."""
+        xp = self.xp
+        Si = xp.unpackbits(self.bits[rows], axis=1, count=self.m).astype(np.float32)
+        Sj = xp.unpackbits(self.bits[cols], axis=1, count=self.m).astype(np.float32)
+        out = self.X[rows] @ self.X[cols].T
+        out *= Si @ Sj.T  # exact integer counts in float32 (<= m < 2^24)
+        out *= 1.0 / self.m
+        if self.train_a:
+            out += (self.H[rows] @ self.H[cols].T) / self.m
+        return out
+
+    def columns(self, idx):
+        idx = self.xp.asarray(idx)
+        out = self.xp.empty((self.n, int(idx.shape[0])), dtype=np.float64)
+        for i0, i1 in tiles(self.n, self.tile):
+            out[i0:i1] = self._block(slice(i0, i1), idx)
+        return out
+
+    def rows(self, i0: int, i1: int):
+        return self._block(slice(i0, i1), slice(0, self.n))
+
+    def matmat(self, V):
+        """K @ V for V (n, k), one (tile, n) block at a time: memory O(tile * n)."""
+        V = self.xp.asarray(V)
+        out = self.xp.empty((self.n,) + V.shape[1:], dtype=np.float64)
+        for i0, i1 in tiles(self.n, self.tile):
+            out[i0:i1] = self.rows(i0, i1) @ V
+        return out
+
+    def cross(self, X_query):
+        return self.op.cross(X_query)
+
+    def dense(self):
+        return self.op.dense()
+
+
+def check_landmarks(landmarks):
+    if landmarks not in LANDMARKS:
+        raise ParameterError(f"landmarks: expected one of {LANDMARKS}, got {landmarks!r}")
+    return landmarks
+
+
+def check_rank(rank, n):
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ParameterError(f"rank: expected an integer >= 1, got {rank!r}")
+    return int(min(rank, n))
+
+
+def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 0,
+                   block: int = DEFAULT_BLOCK):
+    """Low-rank factor F (n, k), k <= rank, with F F^T = K_nJ K_JJ^-1 K_Jn for landmarks J.
+
+    Parameters
+    ----------
+    op : kernel operator (``n``, ``diag()``, ``columns(idx)``); see :func:`as_operator`.
+    rank : int, number of landmarks requested (capped at n).
+    landmarks : "uniform" | "rpcholesky", default "rpcholesky" (adaptive; better for a given r).
+    seed : int, seed of the landmark draw (NumPy ``default_rng``).
+    block : int, columns per RPCholesky round.
+
+    Returns
+    -------
+    F : (n, k) float64 array, Fortran order, on the operator's device.
+    info : dict with ``pivots`` (k,) int array of the landmarks kept, and the diagnostics
+        ``rank_requested``, ``rank``, ``landmarks``, ``landmarks_dropped``, ``pivot_tolerance``,
+        ``trace_K``, ``residual_trace`` = tr(K - F F^T) (>= ||K - F F^T||_2), ``stopped``.
+    """
+    check_landmarks(landmarks)
+    n = op.n
+    rank = check_rank(rank, n)
+    d = op.diag()
+    xp = op.xp if hasattr(op, "xp") else np
+    be = backend_for(d)
+    d_host = be.to_host(d).astype(np.float64).copy()
+    trace0 = float(d_host.sum())
+    tol_abs = PIVOT_RTOL * float(d_host.max()) if n else 0.0
+    rng = np.random.default_rng(seed)
+    F = xp.zeros((n, rank), dtype=np.float64, order="F")
+    k = 0
+    pivots, dropped = [], 0
+    stopped = "rank reached"
+    if landmarks == "uniform":
+        S = np.sort(rng.choice(n, size=rank, replace=False))
+        k, dropped = _add_block(be, op, F, 0, S, d_host, tol_abs, pivots)
+        if k < rank:
+            stopped = f"{rank - k} landmarks dependent to tolerance (dropped)"
+    else:
+        while k < rank:
+            resid = np.clip(d_host, 0.0, None)
+            total = float(resid.sum())
+            if total <= TRACE_RTOL * trace0:
+                stopped = "residual trace below tolerance (factor exact to rounding)"
+                break
+            b = min(block, rank - k, int(np.count_nonzero(resid)))
+            S = np.sort(rng.choice(n, size=b, replace=False, p=resid / total))
+            kk, dr = _add_block(be, op, F, k, S, d_host, tol_abs, pivots)
+            k += kk
+            dropped += dr
+    F = F[:, :k]
+    residual_trace = max(float(d_host.clip(0.0, None).sum()), 0.0)
+    info = {"pivots": np.asarray(pivots, dtype=np.int64), "rank_requested": rank, "rank": k,
+            "landmarks": landmarks, "landmarks_dropped": dropped,
+            "pivot_tolerance": tol_abs, "trace_K": trace0, "residual_trace": residual_trace,
+            "residual_trace_rel": residual_trace / trace0 if trace0 > 0 else 0.0,
+            "stopped": stopped, "seed": seed}
+    if k < rank and landmarks == "uniform":
+        warnings.warn(f"nystrom: {rank - k} of {rank} uniform landmarks were numerically "
+                      f"dependent (residual pivot <= {tol_abs:.2g}) and were dropped; rank "
+                      f"{k} is used", RuntimeWarning, stacklevel=3)
+    return F, info
+
+
+def _add_block(be, op, F, k, S, d_host, tol_abs, pivots):
+    """Append the pivoted-Cholesky factor of the residual columns S to F[:, k:]; update the
+    residual diagonal ``d_host`` in place. Returns (columns added, pivots dropped)."""
+    from scipy.linalg import lapack
+    xp = be.xp
+    S_dev = xp.asarray(S)
+    G = op.columns(S_dev)  # (n, b) fresh array
+    if k:
+        G -= F[:, :k] @ F[S_dev, :k].T
+    H = be.to_host(G[S_dev])
+    H = 0.5 * (H + H.T)
+    c, piv, kk, info = lapack.dpstrf(H, tol=tol_abs, lower=1)
+    if info < 0:  # pragma: no cover - argument error inside LAPACK
+        raise RuntimeError(f"dpstrf failed (info={info})")
+    if kk == 0 or float(np.max(np.diag(H))) <= tol_abs:
+        kk = 0
+    keep = piv[:kk] - 1
+    if kk:
+        L = xp.asarray(np.tril(c[:kk, :kk]))
+        Gk = xp.asfortranarray(G[:, xp.asarray(keep)])
+        del G
+        # F_new^T = L^-1 G_J^T  (triangular solve; no inverse of K_JJ is formed)
+        Fnew = be.solve_triangular(L, Gk.T, lower=True, overwrite_b=True).T
+        F[:, k:k + kk] = Fnew
+        d_host -= be.to_host((Fnew * Fnew).sum(axis=1))
+        pivots.extend(int(s) for s in S[keep])
+    d_host[S] = 0.0  # kept pivots are exact; dropped ones have residual <= tol_abs
+    return int(kk), int(len(S) - kk)
