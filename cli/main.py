@@ -105,19 +105,14 @@ def info(data_root):
     click.echo(format_info(collect_info(data_root=data_root)))
 
 
-def _register_optional_commands():
+def _register_experiment_commands():
     """Experiment commands live in their own module (cli/experiments_cmds.py)."""
     from . import experiments_cmds
     for name in ("malleability", "distance", "spectrum"):
-        cmd = getattr(experiments_cmds, name, None)
-        if cmd is not None:
-            main.add_command(cmd)
+        main.add_command(getattr(experiments_cmds, name))
 
 
-try:
-    _register_optional_commands()
-except ImportError:  # pragma: no cover - only while the module is being written
-    pass
+_register_experiment_commands()
 
 
 if __name__ == "__main__":

@@ -373,7 +373,8 @@ class ComplexityDeciles:
     total_complexity: float
 
 
-def complexity_by_decile(K, alpha, scores, *, n_groups: int = 10) -> ComplexityDeciles:
+def complexity_by_decile(K, alpha, scores, *, n_groups: int = 10, Y=None,
+                         lam=None) -> ComplexityDeciles:
     """Contribution of each training point to model complexity, by influence group [A.7, Fig 4].
 
     The KRR predictor f = sum_i alpha_i k(., x_i) has squared RKHS norm
@@ -385,24 +386,34 @@ def complexity_by_decile(K, alpha, scores, *, n_groups: int = 10) -> ComplexityD
 
     Parameters
     ----------
-    K : (n, n) training kernel matrix (without the ridge).
+    K : (n, n) training kernel matrix (without the ridge), or None with ``Y`` and ``lam``:
+        then K alpha = Y - lam alpha (exact for the fit that produced alpha), no kernel needed.
     alpha : (n,) or (n, C) dual coefficients (K + lam I)^-1 Y.
     scores : (n,) or (T, n) influence scores (positive = helpful).
     n_groups : int, default 10 (deciles)
     """
-    K = np.asarray(K, dtype=np.float64)
     alpha = np.asarray(alpha, dtype=np.float64)
     if alpha.ndim == 1:
         alpha = alpha[:, None]
     S = np.asarray(scores, dtype=np.float64)
     S = S[None, :] if S.ndim == 1 else S
-    n = K.shape[0]
-    if K.shape != (n, n) or alpha.shape[0] != n or S.ndim != 2 or S.shape[1] != n:
+    n = alpha.shape[0]
+    if K is None:
+        # (K + lam I) alpha = Y  =>  K alpha = Y - lam alpha: no kernel needed.
+        if Y is None or lam is None:
+            raise ParameterError("K=None needs Y and lam (K alpha = Y - lam alpha)")
+        Y = np.asarray(Y, dtype=np.float64).reshape(alpha.shape)
+        K_alpha = Y - lam * alpha
+        K = np.empty((n, n))[:0, :0]  # shape check below is skipped for this route
+    else:
+        K = np.asarray(K, dtype=np.float64)
+        K_alpha = None
+    if (K_alpha is None and K.shape != (n, n)) or S.ndim != 2 or S.shape[1] != n:
         raise ShapeError(f"K, alpha, scores: expected (n, n), (n, C), (T, n) with one n, got "
                          f"{K.shape}, {alpha.shape}, {S.shape}")
     if isinstance(n_groups, bool) or not 1 <= int(n_groups) <= n:
         raise ParameterError(f"n_groups: expected an integer in 1..{n}, got {n_groups!r}")
-    c = np.einsum("ic,ic->i", alpha, K @ alpha)
+    c = np.einsum("ic,ic->i", alpha, K @ alpha if K_alpha is None else K_alpha)
     infl = S.mean(axis=0)
     order = np.argsort(infl, kind="mergesort")
     group = np.empty(n, dtype=np.int64)

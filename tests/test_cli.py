@@ -37,6 +37,7 @@ def test_influence_on_digits_writes_everything(tmp_path, arch):
     assert r.exit_code == 0, r.output
     for name in ("model.pt", "influence.npz", "summary.json", "influence_examples.png"):
         assert (out / name).stat().st_size > 0, name
+    assert (out / "complexity_deciles.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["arch"] == arch
     assert summary["solver"] == "exact"

@@ -129,3 +129,19 @@ def test_kappa_identity_on_a_full_rank_X():
     assert rep["kappa_cubed_relative_difference"] < 1e-9
     ev = np.linalg.eigvalsh(X @ X.T)
     assert rep["kappa"] == pytest.approx(ev[-1] / ev[0], rel=1e-10)
+
+
+def test_complexity_without_the_kernel_matches_the_kernel_route():
+    """K alpha = Y - lam alpha for the fit that produced alpha: same deciles without K."""
+    from ntkcore.malleability import complexity_by_decile
+    rng = np.random.default_rng(3)
+    Z = rng.standard_normal((40, 6))
+    K = Z @ Z.T
+    Y = np.eye(3)[rng.integers(0, 3, 40)]
+    lam = 1e-2
+    alpha = np.linalg.solve(K + lam * np.eye(40), Y)
+    scores = rng.standard_normal((5, 40))
+    a = complexity_by_decile(K, alpha, scores)
+    b = complexity_by_decile(None, alpha, scores, Y=Y, lam=lam)
+    np.testing.assert_allclose(b.complexity, a.complexity, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(b.group, a.group)

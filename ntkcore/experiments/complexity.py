@@ -21,7 +21,8 @@ __all__ = ["complexity_by_decile", "ComplexityDeciles", "plot_complexity_by_deci
 
 
 def complexity_figure(K, alpha, scores, path, *, n_groups: int = 10,
-                      title: str = "Contribution to model complexity") -> ComplexityDeciles:
+                      title: str = "Contribution to model complexity", Y=None,
+                      lam=None) -> ComplexityDeciles:
     """Group by influence decile and write the Figure 4 PNG to ``path`` (atomically).
 
     Parameters
@@ -36,6 +37,6 @@ def complexity_figure(K, alpha, scores, path, *, n_groups: int = 10,
     -------
     ComplexityDeciles (the numbers drawn).
     """
-    dec = complexity_by_decile(K, alpha, scores, n_groups=n_groups)
+    dec = complexity_by_decile(K, alpha, scores, n_groups=n_groups, Y=Y, lam=lam)
     plot_complexity_by_decile(dec, path, title=title)
     return dec

@@ -79,6 +79,10 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                      network_outputs=net_out_test, loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
     fig_path = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
+    from .complexity import complexity_figure
+    deciles = complexity_figure(None, be.to_host(res.alpha), scores,
+                                out / "complexity_deciles.png", Y=ds.Y_train, lam=cfg.lam,
+                                title=f"Figure 4: {ds.name}, {cfg.arch}")
     timings["writing"] = time.perf_counter() - t0
     stages.done()
     stages.close()
@@ -101,7 +105,12 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
         "timings": {**timings, "influence_stages": res.timings},
         "scores_dtype": "float32" if store32 else "float64",
         "top_influences": top,
-        "files": ["model.pt", "influence.npz", "summary.json", Path(fig_path).name],
+        "complexity_by_influence_decile": {
+            "definition": "c_i = alpha_i . (K alpha)_i (share of ||f||_H^2); groups by mean "
+                          "influence over test points, 1 = most harmful",
+            "mean_complexity": deciles.mean_complexity, "mean_influence": deciles.mean_influence},
+        "files": ["model.pt", "influence.npz", "summary.json", Path(fig_path).name,
+                  "complexity_deciles.png"],
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
