@@ -92,7 +92,8 @@ def relu_ntk_fused(X, W, X2=None, *, train_a: bool = False, tile: int | None = N
     X2 : (n2, d), optional. None: K(X, X), symmetric, half the tiles.
     train_a : add (1/m) relu(X W^T) relu(X2 W^T)^T (output weights +-1 or trained jointly).
     tile : rows per tile (default from free memory, capped per backend).
-    out : (n, n2) C-contiguous array written in place (allocated, after a fit check, if None).
+    out : (n, n2) array written in place (allocated, after a fit check, if None; one that is
+        not C-contiguous is filled through a temporary).
 
     Returns
     -------
@@ -106,6 +107,9 @@ def relu_ntk_fused(X, W, X2=None, *, train_a: bool = False, tile: int | None = N
     if out is None:
         check_output_fits((n, n2), X.dtype.itemsize, be, what="relu_ntk output")
         out = xp.empty((n, n2), dtype=X.dtype)
+    elif not out.flags.c_contiguous:  # the kernels write whole rows: go through a copy
+        out[...] = relu_ntk_fused(X, W, X2, train_a=train_a, tile=tile, backend=be)
+        return out
     if n == 0 or n2 == 0:
         return out
     t = choose_tile(be, max(n, n2), m, train_a=train_a, tile=tile)
@@ -216,6 +220,9 @@ def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
     if out is None:
         check_output_fits((n, n2), X.dtype.itemsize, be, what="relu_ntk_infinite output")
         out = xp.empty((n, n2), dtype=X.dtype)
+    elif not out.flags.c_contiguous:
+        out[...] = relu_ntk_infinite_fused(X, X2, tile=tile, backend=be)
+        return out
     if n == 0 or n2 == 0:
         return out
     t = choose_tile(be, max(n, n2), 0, train_a=False, tile=tile)

@@ -155,6 +155,7 @@ def arccos_scale(out, norms, norms2, sym, pairs):
 
 # ----------------------------------------------------------------------------- influence
 _BLOCK = 512  # columns per inner block: the cross-term buffer stays in L1
+_ROWS = 16    # test rows per parallel task (they share each block of alpha^T)
 
 
 @njit(inline="always", cache=True)
@@ -188,15 +189,21 @@ def influence_rows(B, dinv, half_sq, alphaT, R, out):
 
     out[t, i] = U (U * half_sq[i] - R[t] . alpha_i),  U = B[t, i] / dinv[i],
     half_sq = ||alpha_i||^2 / 2, alphaT = alpha^T (C, n) contiguous. ``out`` may be ``B``.
+    Tiled over test points: _ROWS rows share each (C, _BLOCK) block of alpha^T while it is in
+    L1, instead of streaming all of alpha^T (C n doubles) once per row.
     """
     T, n = B.shape
-    for t in prange(T):
+    nblocks = (T + _ROWS - 1) // _ROWS
+    for rb in prange(nblocks):
+        t0 = rb * _ROWS
+        t1 = min(T, t0 + _ROWS)
         buf = np.empty(_BLOCK)
         for c0 in range(0, n, _BLOCK):
             c1 = min(n, c0 + _BLOCK)
-            _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
-            orow = out[t, c0:c1]
-            orow[:] = buf[:c1 - c0]
+            for t in range(t0, t1):
+                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
+                orow = out[t, c0:c1]
+                orow[:] = buf[:c1 - c0]
 
 
 @njit(inline="always", cache=True)
@@ -266,28 +273,38 @@ def influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_va
 
     hi_* get the k largest scores of each row (best first), lo_* the k smallest; ties go to
     the smaller index (the order of a stable argsort). ``out`` is written only when ``keep``.
+    Tiled over test points like :func:`influence_rows`; each row keeps two size-k heaps.
     """
     T, n = B.shape
-    for t in prange(T):
+    nblocks = (T + _ROWS - 1) // _ROWS
+    for rb in prange(nblocks):
+        t0 = rb * _ROWS
+        t1 = min(T, t0 + _ROWS)
         buf = np.empty(_BLOCK)
-        hv = np.empty(k)
-        hx = np.empty(k, dtype=np.int64)
-        lv = np.empty(k)
-        lx = np.empty(k, dtype=np.int64)
-        nh = 0
-        nl = 0
+        hv = np.empty((_ROWS, k))
+        hx = np.empty((_ROWS, k), dtype=np.int64)
+        lv = np.empty((_ROWS, k))
+        lx = np.empty((_ROWS, k), dtype=np.int64)
+        nh = np.zeros(_ROWS, dtype=np.int64)
+        nl = np.zeros(_ROWS, dtype=np.int64)
         for c0 in range(0, n, _BLOCK):
             c1 = min(n, c0 + _BLOCK)
-            _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
-            for q in range(c1 - c0):
-                s = buf[q]
-                i = c0 + q
+            for t in range(t0, t1):
+                r = t - t0
+                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
                 if keep:
-                    out[t, i] = s
-                # the heap roots are the current k-th best: most entries stop at this test
-                if nh < k or not _worse(s, i, hv[0], hx[0]):
-                    nh = _heap_offer(hv, hx, nh, k, s, i)
-                if nl < k or not _worse(-s, i, lv[0], lx[0]):
-                    nl = _heap_offer(lv, lx, nl, k, -s, i)
-        _heap_drain(hv, hx, nh, hi_idx[t], hi_val[t], 1.0)
-        _heap_drain(lv, lx, nl, lo_idx[t], lo_val[t], -1.0)
+                    orow = out[t, c0:c1]
+                    orow[:] = buf[:c1 - c0]
+                h_v, h_x, l_v, l_x = hv[r], hx[r], lv[r], lx[r]
+                for q in range(c1 - c0):
+                    s = buf[q]
+                    i = c0 + q
+                    # the heap roots are the current k-th best: most entries stop here
+                    if nh[r] < k or not _worse(s, i, h_v[0], h_x[0]):
+                        nh[r] = _heap_offer(h_v, h_x, nh[r], k, s, i)
+                    if nl[r] < k or not _worse(-s, i, l_v[0], l_x[0]):
+                        nl[r] = _heap_offer(l_v, l_x, nl[r], k, -s, i)
+        for t in range(t0, t1):
+            r = t - t0
+            _heap_drain(hv[r], hx[r], nh[r], hi_idx[t], hi_val[t], 1.0)
+            _heap_drain(lv[r], lx[r], nl[r], lo_idx[t], lo_val[t], -1.0)

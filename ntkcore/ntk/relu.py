@@ -77,6 +77,12 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
         out = xp.empty((n, n2), dtype=np.float64)
     elif out.shape != (n, n2):
         raise ShapeError(f"out: expected shape {(n, n2)}, got {tuple(out.shape)}")
+    if weights is None:
+        # +-1 output weights (a_r^2 = 1): fused bit-packed kernels, Numba on the CPU and CUDA
+        # on the GPU (ntkcore.kernels, issue 3); general a keeps the pattern GEMM below.
+        from ..kernels import relu_ntk_fused
+        return relu_ntk_fused(X, W, None if sym else X2, train_a=train_a, tile=tile, out=out,
+                              backend=be)
     if tile is None:
         budget = int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
         # per tile: float32 pattern-count tile + (train_a) float64 tile; per row: d + m floats
