@@ -1,0 +1,514 @@
+"""Empirical NTK of any torch model, blocked, and LOO influence through it.
+
+    K(x, x')_{cd} = sum_p  d f_c(x)/d theta_p  d f_d(x')/d theta_p      (theta: the chosen
+                                                                          parameters)
+
+``outputs="trace"`` returns sum_c K_cc (n, n2) -- the scalar kernel used for ridge regression;
+``"full"`` the (n, n2, C, C) blocks; an int c the kernel of output c alone. For the paper's
+two-layer net f(x) = m^-1/2 a^T relu(W x) with a in {+-1}^(m x C) each output's kernel is
+``relu_ntk(X, W)`` [Thm 4.2, B.5, B.12], so the trace is C times it.
+
+How (see ``_entk_cost`` for the cost model, ``_entk_capture`` and ``_entk_jac`` for the
+mechanics): parameters are grouped by layer; a layer whose weight enters only through
+F.linear / conv1d / conv2d / matmul (nn.Linear, nn.Conv*d, ``x @ W.T``) contracts through its
+factors -- inputs A and output cotangents D, captured in one forward and one batched backward
+for all such layers -- as (A A'^T) * (D D'^T) (summed over positions for convolutions and
+sequences), costing n n2 (p_in + C p_out) instead of n n2 C p_in p_out; any other parameter
+(normalisation affine, embeddings, free tensors) goes through per-example Jacobians
+(``torch.func.vmap(jacrev)``) for that group only, or through NTK-vector products
+(``jvp``/``vjp``) when even one row of its Jacobian is too large. Rows are blocked so the
+working memory stays under ``memory_budget`` for any n; nothing holds an n x P Jacobian
+beyond one panel of rows sized from the budget.
+
+The model is evaluated in eval mode (BatchNorm uses its running statistics, dropout is off):
+the kernel is that of the function the model computes in eval mode. Rows must not interact
+inside a batch (true of any model in eval mode without cross-row operations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import host_available_bytes
+from ..errors import (BackendError, CorruptDataError, DataNotFoundError, MemoryBudgetError,
+                      NonFiniteError, ParameterError, ShapeError)
+
+__all__ = ["empirical_ntk", "influence_for_model", "load_user_model", "EntkReport"]
+
+
+def __getattr__(name):
+    if name == "EntkReport":
+        from ._entk_cost import EntkReport
+        return EntkReport
+    raise AttributeError(name)
+
+
+def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None,
+                  strategy="auto", memory_budget=None, dtype=None, device=None,
+                  return_report=False):
+    """Empirical NTK of a torch model between the rows of X and X2, blocked.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps a batch (b, *feature_shape) to outputs (b,) or (b, C) (further output dims are
+        flattened into C). Evaluated in eval mode; its training flags are restored after.
+    X : (n, *feature_shape) torch.Tensor or NumPy array
+        Floating rows are cast to the compute dtype; integer rows (token ids) are kept.
+    X2 : (n2, *feature_shape) tensor or array, optional
+        Default X: then K is symmetric and only tiles on or above the diagonal are computed.
+    outputs : "trace" | "full" | int, default "trace"
+        "trace": sum over outputs c of J_c(x) J_c(x')^T, shape (n, n2). "full": all pairs,
+        shape (n, n2, C, C) with K[i, j, c, d] = J_c(x_i) . J_d(x'_j). int c: output c only.
+    params : list of str or callable, optional
+        Parameters to differentiate, by name (``model.named_parameters()``), or a predicate
+        ``name -> bool``. Default: every parameter with ``requires_grad``.
+    block : int, optional
+        Rows per feature block (default: from ``memory_budget``).
+    strategy : "auto" | "structured" | "jacobian" | "ntvp" | dict, default "auto"
+        "auto" picks per group by the cost model; a string forces it on every group that can
+        take it ("structured" applies to factorisable layers, the rest stay "auto";
+        "structured-gram" / "structured-outer" also force the contraction form); a dict maps
+        layer (module path) or parameter names to strategies, other groups "auto".
+    memory_budget : int, optional
+        Bytes of working memory (default: half the free host or GPU memory). The returned
+        kernel and the model itself are not counted.
+    dtype : torch.dtype or "float32" | "float64", optional
+        Compute dtype (default: the model's). A different dtype works on a cast copy.
+    device : str or torch.device, optional
+        Default: the model's device (CUDA models run on the GPU). A different device works
+        on a copy; X is moved to it.
+    return_report : bool, default False
+        Also return an :class:`~ntkcore.ntk._entk_cost.EntkReport` (per-group strategy,
+        estimated flops and bytes, blocks, timings).
+
+    Returns
+    -------
+    K : (n, n2) or (n, n2, C, C) array -- NumPy when X is NumPy, else a tensor on the
+        compute device; compute dtype.
+    report : EntkReport, when ``return_report``.
+
+    Raises
+    ------
+    ParameterError : model not a Module, X not an array, unknown parameter names, bad
+        outputs/strategy/budget values.
+    ShapeError : fewer than 2 dims, no rows, or X and X2 feature shapes differ.
+    NonFiniteError : NaN or Inf in X or X2.
+    MemoryBudgetError : the output or one row's working set does not fit.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise ParameterError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    numpy_out = not isinstance(X, torch.Tensor)
+    Xt = _as_rows(X, "X")
+    X2t = None if X2 is None else _as_rows(X2, "X2")
+    if X2t is not None and tuple(X2t.shape[1:]) != tuple(Xt.shape[1:]):
+        raise ShapeError(f"X and X2: inconsistent feature shapes: "
+                         f"[{tuple(Xt.shape[1:])}, {tuple(X2t.shape[1:])}]")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int)
+                              or block < 1):
+        raise ParameterError(f"block: expected an integer >= 1, got {block!r}")
+    with _working_model(model, dtype, device) as work:
+        dt, dev = work.entk_dtype, work.entk_device
+        tensors = {**{k: v.detach() for k, v in work.named_parameters()},
+                   **{k: v.detach() for k, v in work.named_buffers()}}
+        names = _select(work, params)
+        Xt = _to(Xt, dev, dt)
+        X2t = None if X2t is None else _to(X2t, dev, dt)
+        budget = _budget(memory_budget, dev)
+        call = _caller(work)
+        with torch.no_grad():
+            K, report = _compute(call, tensors, names, Xt, X2t, outputs, strategy, budget,
+                                 block, dt)
+    report.seconds = time.perf_counter() - t0
+    report.device = str(dev)
+    if numpy_out:
+        K = K.cpu().numpy()
+    return (K, report) if return_report else K
+
+
+def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
+    """Plan (probe, verify, cost model, blocks) and run; returns (K, EntkReport)."""
+    import torch
+
+    from . import _entk_capture as cap
+    from . import _entk_cost as cost
+    from ._entk_jac import Engine, run_blocked, run_ntvp, symmetrize_diagonal
+
+    n = X.shape[0]
+    n2 = n if X2 is None else X2.shape[0]
+    s = torch.finfo(dt).bits // 8
+    probe_rows = X[:3] if X2 is None else torch.cat([X[:2], X2[:1]])
+    with torch.no_grad():
+        n_out = call(tensors, probe_rows[:1]).reshape(1, -1).shape[1]
+    sel, full = _outputs(outputs, n_out, X.device)
+    C = int(sel.numel())
+    info = cap.probe(call, tensors, names, probe_rows, sel)
+    sites, dropped = cap.verify_groups(call, tensors, probe_rows, sel, info["groups"],
+                                       rtol=1e-3 if s == 4 else 1e-8)
+    groups = _groups(tensors, names, sites, dropped)
+    overrides = cost.resolve_overrides(strategy, groups)
+    cost.choose(groups, overrides, C=C, full=full, s=s, n=n, n2=n2, budget=budget)
+    act = info["act_per_row"]
+    feat_row = sum(g.bytes_per_row for g in groups if g.strategy != "ntvp")
+    transient = sum(s * (g.site["L"] * (g.site["k"] + C * g.site["o"]))
+                    for g in groups if g.method == "outer")
+    compute_row = s * act * (2 + C) + feat_row + transient
+    work_pair = max([g.work_per_pair for g in groups if g.strategy != "ntvp"] + [s * C * C])
+    blocks = cost.plan_blocks(n=n, n2=n2, sym=X2 is None, feat_row=feat_row,
+                              compute_row=compute_row, work_pair=work_pair, budget=budget,
+                              block=block)
+    p_ntvp = sum(g.numel for g in groups if g.strategy == "ntvp")
+    if p_ntvp:
+        blocks["ntvp_rows"], blocks["ntvp_chunk"] = cost.plan_ntvp(
+            n=n, n2=n2, C=C, s=s, p_ntvp=p_ntvp, act_row=act, budget=budget)
+    shape = (n, n2, C, C) if full else (n, n2)
+    _check_output(shape, s, X.device)
+    K = torch.zeros(shape, dtype=dt, device=X.device)
+    eng = Engine(call, tensors, sel, groups, full)
+    blocks["feature_rows_computed"] = run_blocked(eng, X, X2, K, blocks)
+    if p_ntvp:
+        run_ntvp(eng, X, X2, K, blocks["ntvp_rows"], blocks["ntvp_chunk"])
+    if X2 is None:
+        symmetrize_diagonal(K, max(blocks["stream"], 1), full)
+    fwd = info["flops_per_row"] * (1 + 2 * C)
+    passes = int(any(g.strategy == "structured" for g in groups)) + \
+        int(any(g.strategy == "jacobian" for g in groups))
+    report = cost.EntkReport(
+        groups=[g.as_dict() for g in groups], blocks=blocks, memory_budget=int(budget),
+        est_peak_bytes=int(blocks["est_peak"]),
+        est_feature_flops=fwd * blocks["feature_rows_computed"] * passes, n=n, n2=n2,
+        outputs=outputs, C=C, dtype=str(dt).replace("torch.", ""))
+    return K, report
+
+
+# ---- boundary helpers ------------------------------------------------------------------------
+
+def _as_rows(X, name):
+    import torch
+    if isinstance(X, np.ndarray):
+        if X.dtype.kind not in "fiub":
+            raise ParameterError(f"{name}: expected a numeric array, got dtype {X.dtype}")
+        X = torch.from_numpy(np.ascontiguousarray(X))
+    elif not isinstance(X, torch.Tensor):
+        raise ParameterError(f"{name}: expected a torch.Tensor or NumPy array of rows "
+                             f"(n, ...), got {type(X).__name__}")
+    if X.dim() < 2:
+        raise ShapeError(f"{name}: expected an array of rows (n, *feature_shape) with at "
+                         f"least 2 dims, got shape {tuple(X.shape)}")
+    if X.shape[0] < 1:
+        raise ShapeError(f"{name}: expected at least one row, got shape {tuple(X.shape)}")
+    if X.is_complex():
+        raise ParameterError(f"{name}: expected real values, got dtype {X.dtype}")
+    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
+    return X
+
+
+def _to(X, dev, dt):
+    return X.to(device=dev, dtype=dt if X.is_floating_point() else X.dtype)
+
+
+def _parse_dtype(dtype):
+    import torch
+    if dtype is None or isinstance(dtype, torch.dtype):
+        ok = dtype is None or dtype.is_floating_point
+    else:
+        dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}.get(str(np.dtype(dtype)) if not isinstance(
+                     dtype, str) else dtype)
+        ok = dtype is not None
+    if not ok:
+        raise ParameterError(f"dtype: expected a floating torch dtype or 'float32'/'float64', "
+                             f"got {dtype!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def _working_model(model, dtype, device):
+    """The model to evaluate (a cast/moved copy when dtype/device differ), in eval mode."""
+    import torch
+    dtype = _parse_dtype(dtype)
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    cur_dt = first.dtype if first is not None and first.is_floating_point() else \
+        torch.get_default_dtype()
+    cur_dev = first.device if first is not None else torch.device("cpu")
+    dev = cur_dev if device is None else torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device: expected an available CUDA device, got "
+                           f"{str(dev)!r} but torch sees no GPU")
+    dt = dtype or cur_dt
+    work = model if (dt == cur_dt and dev == cur_dev) else \
+        copy.deepcopy(model).to(device=dev, dtype=dt)
+    flags = {m: m.training for m in work.modules()}
+    work.eval()
+    work.entk_dtype, work.entk_device = dt, dev
+    try:
+        yield work
+    finally:
+        for m, f in flags.items():
+            m.training = f
+        del work.entk_dtype, work.entk_device
+
+
+def _select(model, params):
+    named = dict(model.named_parameters())
+    alias = {nm: nm for nm in named}
+    by_id = {id(p): nm for nm, p in named.items()}
+    for nm, p in model.named_parameters(remove_duplicate=False):
+        alias.setdefault(nm, by_id[id(p)])
+    if params is None:
+        names = [nm for nm, p in named.items() if p.requires_grad]
+    elif callable(params):
+        names = [nm for nm in named if params(nm)]
+    elif isinstance(params, (list, tuple, set)) and all(isinstance(p, str) for p in params):
+        unknown = [p for p in params if p not in alias]
+        if unknown:
+            raise ParameterError(f"params: unknown parameter names {unknown}; the model has "
+                                 f"{list(named)}")
+        names = list(dict.fromkeys(alias[p] for p in params))
+    else:
+        raise ParameterError(f"params: expected a list of parameter names or a predicate "
+                             f"name -> bool, got {params!r}")
+    if not names:
+        raise ParameterError("params: expected at least one parameter to differentiate, got "
+                             "none (no parameter requires grad or matches)")
+    return names
+
+
+def _outputs(outputs, n_out, device):
+    import torch
+    if isinstance(outputs, str) and outputs in ("trace", "full"):
+        return torch.arange(n_out, device=device), outputs == "full"
+    if isinstance(outputs, (int, np.integer)) and not isinstance(outputs, bool) \
+            and -n_out <= outputs < n_out:
+        return torch.tensor([int(outputs) % n_out], device=device), False
+    raise ParameterError(f"outputs: expected 'trace', 'full' or an output index in "
+                         f"[0, {n_out}), got {outputs!r}")
+
+
+def _budget(memory_budget, dev):
+    import torch
+    if memory_budget is None:
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0] * 0.5)
+        return int(host_available_bytes() * 0.5)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
+            not memory_budget > 0 or not math.isfinite(memory_budget):
+        raise ParameterError(f"memory_budget: expected a number of bytes > 0, got "
+                             f"{memory_budget!r}")
+    return int(memory_budget)
+
+
+def _check_output(shape, itemsize, dev):
+    import torch
+    need = itemsize * math.prod(shape)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else host_available_bytes()
+    if need > 0.9 * free:
+        raise MemoryBudgetError(
+            f"empirical_ntk output: needs {need / 2**30:.2f} GiB for a "
+            f"{'x'.join(map(str, shape))} kernel but {free / 2**30:.2f} GiB are free "
+            f"(use outputs='trace' or fewer rows)", needed_bytes=need, budget_bytes=free)
+
+
+def _caller(model):
+    from torch.func import functional_call
+
+    def call(tensors, x):
+        return functional_call(model, tensors, (x,))
+    return call
+
+
+def _groups(tensors, names, sites, dropped):
+    from ._entk_cost import Group, module_key
+    groups, used = [], set()
+    for key, site in sites.items():
+        site = dict(site, key=key)
+        members = tuple(nm for nm in (site["w"], site["b"]) if nm)
+        used.update(members)
+        kind = site["kind"] if site["kind"] == "linear" else "conv"
+        groups.append(Group(module_key(members[0]), members,
+                            sum(tensors[nm].numel() for nm in members), kind, site))
+    rest = {}
+    for nm in names:
+        if nm not in used:
+            rest.setdefault(module_key(nm), []).append(nm)
+    for key, members in rest.items():
+        why = [dropped[m] for m in members if m in dropped]
+        groups.append(Group(key, tuple(members), sum(tensors[m].numel() for m in members),
+                            "other", None, note=why[0] if why else ""))
+    seen = {}
+    for g in groups:  # two groups in one module: key them by their first parameter
+        seen[g.key] = seen.get(g.key, 0) + 1
+    for g in groups:
+        if seen[g.key] > 1:
+            g.key = g.names[0]
+    return groups
+
+
+# ---- influence for a user's model -------------------------------------------------------------
+
+def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
+                        outputs="mean", params=None, strategy="auto", memory_budget=None,
+                        dtype="float64", device=None, **influence_options):
+    """LOO influence of every training row on every test row through the model's eNTK.
+
+    K = eNTK(X, X) and K_test = eNTK(X_test, X) from :func:`empirical_ntk`, then
+    :func:`ntkcore.loo_influence` (KRR with ridge ``lam`` [B.12], Sherman-Morrison LOO
+    [Def 3.3]).
+
+    Parameters
+    ----------
+    model : torch.nn.Module (e.g. from :func:`load_user_model`)
+    X : (n, ...) training rows;  Y : (n, C) or (n,) targets (one-hot / +-1)
+    X_test : (T, ...) test rows;  Y_test : (T, C) or (T,)
+    lam : float, default 1e-3
+    solver : "auto" | "exact" | "nystrom" | "cg", default "auto"
+    outputs : "mean" | "trace" | int, default "mean"
+        The scalar kernel: "mean" = trace / C (for the paper's two-layer net exactly
+        ``relu_ntk``, so ``lam`` means what it means there), "trace" = sum over outputs, or
+        one output's kernel.
+    params, strategy, memory_budget, device : as in :func:`empirical_ntk`.
+    dtype : default "float64" (the solve runs in float64; see DESIGN "Precision").
+    **influence_options : passed to :func:`ntkcore.loo_influence` (top_k, check, ...).
+
+    Returns
+    -------
+    InfluenceResult with ``.scores`` (T, n); ``diagnostics["entk"]`` holds both eNTK reports.
+    """
+    from ..influence import loo_influence
+
+    mode = "trace" if outputs == "mean" else outputs
+    kw = dict(outputs=mode, params=params, strategy=strategy, memory_budget=memory_budget,
+              dtype=dtype, device=device, return_report=True)
+    K, rep = empirical_ntk(model, X, **kw)
+    K_test, rep_t = empirical_ntk(model, X_test, X, **kw)
+    K, K_test = _host64(K), _host64(K_test)
+    if outputs == "mean":
+        K /= rep.C
+        K_test /= rep.C
+    res = loo_influence(K, Y, K_test, Y_test, lam=lam, solver=solver, **influence_options)
+    res.diagnostics["entk"] = {"train": rep.as_dict(), "test": rep_t.as_dict(),
+                               "kernel": outputs}
+    return res
+
+
+def _host64(K):
+    if not isinstance(K, np.ndarray):
+        K = K.detach().cpu().numpy()
+    return np.asarray(K, dtype=np.float64)
+
+
+def load_user_model(spec, weights=None, *, factory_kwargs=None):
+    """Build a user's model from ``"module:factory"`` or ``"path/to/file.py:factory"``.
+
+    Parameters
+    ----------
+    spec : str
+        Importable module (or a .py file path) and the name of a callable returning an
+        ``nn.Module`` (or of a module instance), separated by the last ":".
+    weights : str or Path, optional
+        A state_dict saved with ``torch.save``, read with ``torch.load(weights_only=True)``
+        on the CPU (a dict holding it under "state_dict" or "model_state_dict" also works)
+        and loaded strictly.
+    factory_kwargs : dict, optional
+        Keyword arguments for the factory.
+
+    Returns
+    -------
+    torch.nn.Module in eval mode.
+
+    Raises
+    ------
+    ParameterError : malformed spec, import failure, missing factory, not a Module, or a
+        state_dict that does not fit the model.
+    DataNotFoundError : the model file or weights file does not exist.
+    CorruptDataError : the weights file cannot be read as a state_dict.
+    """
+    import torch
+    if not isinstance(spec, (str, os.PathLike)) or ":" not in str(spec):
+        raise ParameterError(f"spec: expected 'module:factory' or 'path/to/file.py:factory', "
+                             f"got {spec!r}")
+    target, attr = str(spec).rsplit(":", 1)
+    if not target or not all(p.isidentifier() for p in attr.split(".")):
+        raise ParameterError(f"spec: expected 'module:factory' with a Python name after ':', "
+                             f"got {spec!r}")
+    module = _import_target(target)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ParameterError(f"spec: {target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, torch.nn.Module):
+        model = obj
+    elif callable(obj):
+        try:
+            model = obj(**(factory_kwargs or {}))
+        except Exception as e:  # the user's factory failed: say where
+            raise ParameterError(f"spec: calling {spec} failed: {type(e).__name__}: {e}") from e
+    else:
+        raise ParameterError(f"spec: expected {attr!r} to be callable, got "
+                             f"{type(obj).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ParameterError(f"spec: expected {spec} to return a torch.nn.Module, got "
+                             f"{type(model).__name__}")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise DataNotFoundError(f"weights: file not found: {path} (save one with "
+                                    f"torch.save(model.state_dict(), path))")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CorruptDataError(f"weights: cannot read {path} as a state_dict with "
+                                   f"torch.load(weights_only=True): {type(e).__name__}: "
+                                   f"{e}") from e
+        if isinstance(sd, dict):
+            for key in ("state_dict", "model_state_dict"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor)
+                                               for v in sd.values()):
+            raise CorruptDataError(f"weights: expected a state_dict (name -> tensor) in "
+                                   f"{path}, got {type(sd).__name__}")
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ParameterError(f"weights: the state_dict in {path} does not fit the model "
+                                 f"from {spec}: {e}") from e
+    return model.eval()
+
+
+def _import_target(target):
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise DataNotFoundError(f"spec: model file not found: {path}")
+        name = f"_ntkcore_user_model_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ParameterError(f"spec: importing {path} failed: {type(e).__name__}: "
+                                 f"{e}") from e
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ParameterError(f"spec: cannot import module {target!r}: {e}") from e
