@@ -159,28 +159,29 @@ _ROWS = 16    # test rows per parallel task (they share each block of alpha^T)
 
 
 @njit(inline="always", cache=True)
-def _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, cross):
-    """cross[:c1-c0] <- scores of row t, columns c0:c1 (the buffer is reused for the result).
+def _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, acc, dst):
+    """dst[:c1-c0] <- scores of row t, columns c0:c1; ``acc`` is scratch for the cross term.
 
-    Slices keep the inner loops free of index wrap-around checks, so they vectorize.
+    ``dst`` may be the same row of B: each element is read before it is written. Slices keep
+    the inner loops free of index wrap-around checks, so they vectorize.
     """
     C = alphaT.shape[0]
     nb = c1 - c0
-    acc = cross[:nb]
-    acc[:] = 0.0
+    a = acc[:nb]
+    a[:] = 0.0
     for c in range(C):
         rc = R[t, c]
         arow = alphaT[c, c0:c1]
         for k in range(nb):
-            acc[k] += rc * arow[k]
+            a[k] += rc * arow[k]
     brow = B[t, c0:c1]
     drow = dinv[c0:c1]
     hrow = half_sq[c0:c1]
     for k in range(nb):
         u = brow[k] / drow[k]
         s = u * hrow[k]
-        s -= acc[k]
-        acc[k] = s * u
+        s -= a[k]
+        dst[k] = s * u
 
 
 @njit(parallel=True, cache=True)
@@ -201,9 +202,7 @@ def influence_rows(B, dinv, half_sq, alphaT, R, out):
         for c0 in range(0, n, _BLOCK):
             c1 = min(n, c0 + _BLOCK)
             for t in range(t0, t1):
-                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
-                orow = out[t, c0:c1]
-                orow[:] = buf[:c1 - c0]
+                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf, out[t, c0:c1])
 
 
 @njit(inline="always", cache=True)
@@ -281,6 +280,7 @@ def influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_va
         t0 = rb * _ROWS
         t1 = min(T, t0 + _ROWS)
         buf = np.empty(_BLOCK)
+        row = np.empty(_BLOCK)
         hv = np.empty((_ROWS, k))
         hx = np.empty((_ROWS, k), dtype=np.int64)
         lv = np.empty((_ROWS, k))
@@ -291,13 +291,11 @@ def influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_va
             c1 = min(n, c0 + _BLOCK)
             for t in range(t0, t1):
                 r = t - t0
-                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf)
-                if keep:
-                    orow = out[t, c0:c1]
-                    orow[:] = buf[:c1 - c0]
+                dst = out[t, c0:c1] if keep else row[:c1 - c0]
+                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf, dst)
                 h_v, h_x, l_v, l_x = hv[r], hx[r], lv[r], lx[r]
                 for q in range(c1 - c0):
-                    s = buf[q]
+                    s = dst[q]
                     i = c0 + q
                     # the heap roots are the current k-th best: most entries stop here
                     if nh[r] < k or not _worse(s, i, h_v[0], h_x[0]):
