@@ -201,6 +201,24 @@ def test_tile_size_respects_budget(backend, train_a):
         assert 1 <= t <= (K.GPU_TILE_MAX if backend == "cuda" else K.CPU_TILE_MAX)
 
 
+def test_fused_entk_temporaries_follow_the_tile():
+    """Peak traced NumPy memory besides ``out``: packed bits + one (tile, m) block of X W^T."""
+    import tracemalloc
+    rng = np.random.default_rng(3)
+    n, d, m, tile = 3000, 20, 512, 200
+    X = rng.standard_normal((n, d))
+    W = rng.standard_normal((m, d))
+    out = np.empty((n, n))
+    K.relu_ntk_fused(X[:300], W, tile=tile)  # warm-up: Numba compile/cache load is not array memory
+    tracemalloc.start()
+    K.relu_ntk_fused(X, W, out=out, tile=tile)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    bits = 8 * n * ((m + 63) // 64)
+    block = 8 * tile * m
+    assert peak < bits + 2 * block + 2**18, f"peak {peak / 2**20:.2f} MiB vs out {out.nbytes / 2**20:.0f} MiB"
+
+
 # ----------------------------------------------------------------------------- CUDA sources
 def _nvrtc():
     try:
