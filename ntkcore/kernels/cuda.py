@@ -137,9 +137,13 @@ def influence_scores(B, dinv, half_sq, alphaT, R, S):
     C = alphaT.shape[0]
     k = kernel("influence", "influence_scores", B.dtype)
     threads = 256
-    grid = ((n + threads - 1) // threads, (T + SC_ROWS - 1) // SC_ROWS)
-    k(grid, (threads,), (B, _i(B.strides[0] // B.itemsize), dinv, half_sq, alphaT, R, _i(C),
-                         _i(T), _i(n), S, _i(S.strides[0] // S.itemsize)))
+    step = 65535 * SC_ROWS  # grid.y is limited to 65535 blocks
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        grid = ((n + threads - 1) // threads, (t1 - t0 + SC_ROWS - 1) // SC_ROWS)
+        Bc, Rc, Sc = B[t0:t1], R[t0:t1], S[t0:t1]
+        k(grid, (threads,), (Bc, _i(B.strides[0] // B.itemsize), dinv, half_sq, alphaT, Rc,
+                             _i(C), _i(t1 - t0), _i(n), Sc, _i(S.strides[0] // S.itemsize)))
     return S
 
 
