@@ -28,9 +28,10 @@ import numpy as np
 from ..backend import Backend
 from ..ntk.tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
 
-# Row blocks for X W^T while packing (and neuron chunks of the output-layer term): large, so
-# BLAS and the Numba pass alternate only a few times (see _loop_cpu). GPU: 8192-row tiles keep
-# each GEMM large while the diagonal-tile waste (t / n of the Gram flops) stays small.
+# CPU: row blocks of X W^T while packing (the output-layer term gets as many floats per chunk
+# of neurons) are large, so BLAS and the Numba pass alternate only a few times (see
+# _loop_cpu). GPU: 8192-row tiles keep each GEMM large while the diagonal-tile waste (t / n of
+# the Gram flops) stays small.
 CPU_TILE_MAX = 8192
 GPU_TILE_MAX = 8192
 CPU_PASS_TILE = 128  # tile edge of the Numba pass: a 128 x 128 float64 tile stays in L2
@@ -175,7 +176,9 @@ def _loop_cpu(X, Xs, W, PT, PT2, out, inv_m, sym, train_a, t):
     pairs = nk.tile_pairs(n, n2, CPU_PASS_TILE, sym)
     nk.entk_scale(out, PT, PT2, inv_m, sym, sym and not train_a, pairs)
     if train_a:
-        chunk = max(1, min(W.shape[0], t))
+        # neurons per chunk: H (n, chunk) and H2 (n2, chunk) within the same share of memory
+        # that t rows of X W^T were given
+        chunk = max(1, min(W.shape[0], (t * W.shape[0]) // max(1, n + (0 if sym else n2))))
         _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk)
         if sym:
             nk.mirror_upper(out, pairs)
