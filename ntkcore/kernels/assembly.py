@@ -158,9 +158,13 @@ def _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk):
             res = syrk(inv_m, H.T, trans=1, lower=1, c=out.T, beta=1.0, overwrite_c=1)
             if not np.shares_memory(res, out):
                 out[...] = res.T
-        else:
+        else:  # out.T (F-contiguous) += inv_m * H2 H^T, in place: no (n, n2) temporary
             H2 = np.maximum(Xs @ W[r0:r1].T, 0.0)
-            out += inv_m * (H @ H2.T)
+            gemm = get_blas_funcs("gemm", (H,))
+            res = gemm(inv_m, H2.T, H.T, beta=1.0, c=out.T, trans_a=1, trans_b=0,
+                       overwrite_c=1)
+            if not np.shares_memory(res, out):
+                out[...] = res.T
 
 
 def _loop_cpu(X, Xs, W, PT, PT2, out, inv_m, sym, train_a, t):
