@@ -82,6 +82,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     from .complexity import complexity_figure
     deciles = complexity_figure(None, be.to_host(res.alpha), scores,
                                 out / "complexity_deciles.png", Y=ds.Y_train, lam=cfg.lam,
+                                n_groups=min(10, ds.n_train),
                                 title=f"Figure 4: {ds.name}, {cfg.arch}")
     timings["writing"] = time.perf_counter() - t0
     stages.done()

@@ -43,6 +43,8 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         diag_idx = xp.arange(n)
         A[diag_idx, diag_idx] += lam
         L = _cholesky(be, A, lam)
+        if L is not A:
+            del A  # CuPy's cholesky returns a new array: free the working copy at once
     diagnostics = {}
     if check:
         with timer("checks"):
@@ -102,7 +104,8 @@ def _tri_inv(be: Backend, L):
             raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
         return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
     xp = be.xp
-    return be.solve_triangular(L, xp.eye(L.shape[0], dtype=L.dtype), lower=True)
+    return be.solve_triangular(L, xp.eye(L.shape[0], dtype=L.dtype), lower=True,
+                               overwrite_b=True)
 
 
 def _right_apply(be: Backend, K_test, Linv):
