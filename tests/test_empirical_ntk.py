@@ -178,7 +178,9 @@ def test_batchnorm_eval_mode_and_flags_restored():
 
 def test_tied_repeated_and_other_uses_fall_back_correctly():
     """A weight used twice (recurrence), a tied weight with two biases, a weight also used
-    elementwise, a raw (k, o) parameter used as x @ P, integer inputs through an Embedding."""
+    elementwise, a raw (k, o) parameter used as x @ P, integer inputs through an Embedding,
+    a Linear on a constant whose row count equals the probe batch (caught by the per-row
+    verification, not by shapes)."""
 
     class Misc(nn.Module):
         def __init__(self):
@@ -189,9 +191,11 @@ def test_tied_repeated_and_other_uses_fall_back_correctly():
             self.h2.weight = self.h1.weight
             self.P = nn.Parameter(torch.randn(6, 2))
             self.s = nn.Linear(6, 6)
+            self.pos = nn.Linear(4, 6)  # applied to a constant with as many rows as the probe
+            self.register_buffer("c", torch.randn(3, 4))
 
         def forward(self, x):
-            h = self.e(x).flatten(1)
+            h = self.e(x).flatten(1) + torch.tanh(self.pos(self.c)).sum(0)
             for _ in range(2):
                 h = torch.tanh(self.rec(h))
             h = self.h2(torch.tanh(self.h1(h)))
@@ -205,7 +209,7 @@ def test_tied_repeated_and_other_uses_fall_back_correctly():
     assert_close(K, autograd_entk_generic(model, X, None, "full"), rtol=RTOL_64)
     strat = {g["name"]: g["strategy"] for g in rep.groups}
     assert strat["rec"] == "structured" and strat["P"] == "structured"
-    assert strat["e"] == "jacobian" and strat["s"] == "jacobian"
+    assert strat["e"] == strat["s"] == strat["pos"] == "jacobian"
 
 
 def test_float32_close_and_array_types(mlp_case):
@@ -253,6 +257,8 @@ def test_typed_errors(mlp_case):
         empirical_ntk(model, X, memory_budget=100)
     with pytest.raises(ParameterError, match="block"):
         empirical_ntk(model, X, block=0)
+    with pytest.raises(ParameterError, match="dtype"):
+        empirical_ntk(model, X, dtype=torch.int32)
     with pytest.raises(ParameterError, match="F.linear"):
         empirical_ntk(SmallCNN().double(), np.zeros((2, 2, 7, 7)),
                       strategy={"ln": "structured"})
@@ -410,3 +416,14 @@ def test_cuda_matches_cpu(cnn_case):
                       device="cuda")
     assert K.is_cuda
     assert_close(K.cpu().numpy(), ref, rtol=RTOL_64)
+
+
+def test_auto_takes_ntvp_when_jacobian_rows_do_not_fit():
+    """An embedding whose Jacobian row (C x 200k numbers) exceeds an eighth of the budget
+    goes through NTK-vector products under "auto", with the same kernel."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(5000, 40), nn.Flatten(), nn.Linear(80, 3)).double()
+    X = np.random.default_rng(8).integers(0, 5000, (6, 2))
+    K, rep = empirical_ntk(model, X, memory_budget=24 * 2**20, return_report=True)
+    assert {g["name"]: g["strategy"] for g in rep.groups} == {"0": "ntvp", "2": "structured"}
+    assert_close(K, autograd_entk_generic(model, X), rtol=RTOL_64)

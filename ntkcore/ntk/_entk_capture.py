@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..errors import NtkcoreError
+
 _LINEAR = {F.linear}
 _CONV = {torch.conv2d: 2, torch.conv1d: 1}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
@@ -273,6 +275,17 @@ def structured_groups(cap, selected):
     return groups
 
 
+class StructureError(NtkcoreError, RuntimeError):
+    """A parameter planned as structured was used, in this row block, in a way the capture
+    cannot factorise (e.g. a shape that matched the probe batch only by coincidence)."""
+
+    def __init__(self, names):
+        super().__init__(
+            f"params {names}: used outside F.linear/conv/matmul-with-batch-rows in this row "
+            f"block, so the structured path cannot account for them; pass "
+            f"strategy={{{names[0]!r}: 'jacobian'}} (or strategy='jacobian')")
+
+
 def _capture_names(groups):
     return {nm for g in groups.values() for nm in (g["w"], g["b"]) if nm}
 
@@ -301,6 +314,8 @@ def factor_pass(call, tensors, xb, sel, groups, *, need_a=True):
     with torch.enable_grad():
         with cap:
             out = call(tensors, xb)
+        if names & cap.other:
+            raise StructureError(sorted(names & cap.other))
         out = out.reshape(b, -1)[:, sel]
         C = out.shape[1]
         uses = [(key, u) for key in groups for u in cap.uses.get(key, [])]

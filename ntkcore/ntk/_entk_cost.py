@@ -45,6 +45,7 @@ class Group:
     bytes_per_row: float = 0.0
     work_per_pair: float = 0.0  # tile workspace bytes per (row, row) pair
     note: str = ""
+    auto: bool = True          # strategy chosen by the cost model (not overridden)
 
     def as_dict(self):
         return dict(name=self.key, params=list(self.names), n_params=self.numel,
@@ -169,6 +170,17 @@ def choose(groups, overrides, *, C, full, s, n, n2, budget):
         cost_method = "gram" if g.method == "gram" else "jacobian"
         g.flops, g.bytes_per_row, g.work_per_pair = costs(g, cost_method, C=C, full=full,
                                                           s=s, n=n, n2=n2)
+        g.auto = overrides.get(g.key, "auto") == "auto"
+    # the row features of all non-ntvp groups share one block: if together they leave no
+    # room for a few rows, move the largest auto-chosen Jacobian groups to ntvp
+    held = sum(g.bytes_per_row for g in groups if g.strategy != "ntvp")
+    for g in sorted(groups, key=lambda g: -g.bytes_per_row):
+        if held <= budget / 8:
+            break
+        if g.auto and g.strategy == "jacobian":
+            held -= g.bytes_per_row
+            g.strategy, g.method = "ntvp", "jvp-vjp"
+            g.note = "moved to ntvp: Jacobian rows would crowd the memory budget"
     return groups
 
 
@@ -249,16 +261,18 @@ def rows_computed(n, n2, sym, panel):
 
 
 def plan_ntvp(*, n, n2, C, s, p_ntvp, act_row, budget):
-    """(X rows per jvp block, X2 rows per Jacobian chunk) for the ntvp groups.
+    """(X rows per jvp block, X2 rows per Jacobian chunk, estimated peak bytes) for the
+    ntvp groups.
 
     Memory: chunk * C * P (Jacobian rows and tangents, twice) + chunk * C * rows * act
     (the vmapped jvp's activations and tangents, about 3 numbers per activation).
     """
     chunk = int(max(1, min(n2, 8, (budget / 4) // max(2 * s * C * p_ntvp, 1))))
     rows = int(max(1, min(n, (budget / 2) // max(3 * s * chunk * C * act_row, 1))))
-    if 2 * s * C * p_ntvp * chunk + 3 * s * chunk * C * rows * act_row > budget:
+    peak = 2 * s * C * p_ntvp * chunk + 3 * s * chunk * C * rows * act_row
+    if peak > budget:
         raise MemoryBudgetError(
             f"memory_budget: expected at least "
             f"{2 * s * C * p_ntvp + 3 * s * C * act_row:.3g} bytes for one NTK-vector "
             f"product, got {budget:.3g}", budget_bytes=int(budget))
-    return rows, chunk
+    return rows, chunk, int(peak)

@@ -10,7 +10,9 @@ two-layer net f(x) = m^-1/2 a^T relu(W x) with a in {+-1}^(m x C) each output's 
 
 How (see ``_entk_cost`` for the cost model, ``_entk_capture`` and ``_entk_jac`` for the
 mechanics): parameters are grouped by layer; a layer whose weight enters only through
-F.linear / conv1d / conv2d / matmul (nn.Linear, nn.Conv*d, ``x @ W.T``) contracts through its
+F.linear / conv1d / conv2d / matmul (nn.Linear, nn.Conv*d, ``x @ W.T``; found by watching
+one probe forward with a ``TorchFunctionMode`` and checked against autograd on three probe
+rows, see ``_entk_capture.verify_groups``) contracts through its
 factors -- inputs A and output cotangents D, captured in one forward and one batched backward
 for all such layers -- as (A A'^T) * (D D'^T) (summed over positions for convolutions and
 sequences), costing n n2 (p_in + C p_out) instead of n n2 C p_in p_out; any other parameter
@@ -29,28 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import importlib.util
 import math
-import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..backend import host_available_bytes
-from ..errors import (BackendError, CorruptDataError, DataNotFoundError, MemoryBudgetError,
-                      NonFiniteError, ParameterError, ShapeError)
+from ..errors import BackendError, MemoryBudgetError, NonFiniteError, ParameterError, ShapeError
+from ._entk_cost import EntkReport
+from ._entk_user import influence_for_model, load_user_model
 
 __all__ = ["empirical_ntk", "influence_for_model", "load_user_model", "EntkReport"]
-
-
-def __getattr__(name):
-    if name == "EntkReport":
-        from ._entk_cost import EntkReport
-        return EntkReport
-    raise AttributeError(name)
 
 
 def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None,
@@ -83,8 +74,9 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     memory_budget : int, optional
         Bytes of working memory (default: half the free host or GPU memory). The returned
         kernel and the model itself are not counted.
-    dtype : torch.dtype or "float32" | "float64", optional
-        Compute dtype (default: the model's). A different dtype works on a cast copy.
+    dtype : torch.float32 | torch.float64 | "float32" | "float64", optional
+        Compute dtype (default: the model's). A different dtype works on a cast copy
+        (``copy.deepcopy(model).to(dtype)``), so the model's own dtype hooks run.
     device : str or torch.device, optional
         Default: the model's device (CUDA models run on the GPU). A different device works
         on a copy; X is moved to it.
@@ -120,8 +112,7 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     if block is not None and (isinstance(block, bool) or not isinstance(block, int)
                               or block < 1):
         raise ParameterError(f"block: expected an integer >= 1, got {block!r}")
-    with _working_model(model, dtype, device) as work:
-        dt, dev = work.entk_dtype, work.entk_device
+    with _working_model(model, dtype, device) as (work, dt, dev):
         tensors = {**{k: v.detach() for k, v in work.named_parameters()},
                    **{k: v.detach() for k, v in work.named_buffers()}}
         names = _select(work, params)
@@ -150,7 +141,9 @@ def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
     n = X.shape[0]
     n2 = n if X2 is None else X2.shape[0]
     s = torch.finfo(dt).bits // 8
-    probe_rows = X[:3] if X2 is None else torch.cat([X[:2], X2[:1]])
+    # three probe rows (cycled when there are fewer), from X and X2
+    probe_rows = torch.cat([X[:2], X[:1] if X2 is None else X2[:1]])
+    probe_rows = probe_rows[torch.arange(3, device=X.device) % probe_rows.shape[0]]
     with torch.no_grad():
         n_out = call(tensors, probe_rows[:1]).reshape(1, -1).shape[1]
     sel, full = _outputs(outputs, n_out, X.device)
@@ -172,8 +165,9 @@ def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
                               block=block)
     p_ntvp = sum(g.numel for g in groups if g.strategy == "ntvp")
     if p_ntvp:
-        blocks["ntvp_rows"], blocks["ntvp_chunk"] = cost.plan_ntvp(
+        blocks["ntvp_rows"], blocks["ntvp_chunk"], peak = cost.plan_ntvp(
             n=n, n2=n2, C=C, s=s, p_ntvp=p_ntvp, act_row=act, budget=budget)
+        blocks["est_peak"] = max(blocks["est_peak"], peak)  # runs after the blocked pass
     shape = (n, n2, C, C) if full else (n, n2)
     _check_output(shape, s, X.device)
     K = torch.zeros(shape, dtype=dt, device=X.device)
@@ -223,17 +217,15 @@ def _to(X, dev, dt):
 
 def _parse_dtype(dtype):
     import torch
-    if dtype is None or isinstance(dtype, torch.dtype):
-        ok = dtype is None or dtype.is_floating_point
-    else:
-        dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}.get(str(np.dtype(dtype)) if not isinstance(
-                     dtype, str) else dtype)
-        ok = dtype is not None
-    if not ok:
-        raise ParameterError(f"dtype: expected a floating torch dtype or 'float32'/'float64', "
-                             f"got {dtype!r}")
-    return dtype
+    named = {"float32": torch.float32, "float64": torch.float64}
+    if dtype is None or dtype in (torch.float32, torch.float64):
+        return dtype
+    if isinstance(dtype, str) and dtype in named:
+        return named[dtype]
+    if dtype in (np.float32, np.float64):
+        return named[np.dtype(dtype).name]
+    raise ParameterError(f"dtype: expected torch.float32, torch.float64, 'float32' or "
+                         f"'float64', got {dtype!r}")
 
 
 @contextlib.contextmanager
@@ -254,13 +246,11 @@ def _working_model(model, dtype, device):
         copy.deepcopy(model).to(device=dev, dtype=dt)
     flags = {m: m.training for m in work.modules()}
     work.eval()
-    work.entk_dtype, work.entk_device = dt, dev
     try:
-        yield work
+        yield work, dt, dev
     finally:
         for m, f in flags.items():
             m.training = f
-        del work.entk_dtype, work.entk_device
 
 
 def _select(model, params):
@@ -356,159 +346,3 @@ def _groups(tensors, names, sites, dropped):
         if seen[g.key] > 1:
             g.key = g.names[0]
     return groups
-
-
-# ---- influence for a user's model -------------------------------------------------------------
-
-def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
-                        outputs="mean", params=None, strategy="auto", memory_budget=None,
-                        dtype="float64", device=None, **influence_options):
-    """LOO influence of every training row on every test row through the model's eNTK.
-
-    K = eNTK(X, X) and K_test = eNTK(X_test, X) from :func:`empirical_ntk`, then
-    :func:`ntkcore.loo_influence` (KRR with ridge ``lam`` [B.12], Sherman-Morrison LOO
-    [Def 3.3]).
-
-    Parameters
-    ----------
-    model : torch.nn.Module (e.g. from :func:`load_user_model`)
-    X : (n, ...) training rows;  Y : (n, C) or (n,) targets (one-hot / +-1)
-    X_test : (T, ...) test rows;  Y_test : (T, C) or (T,)
-    lam : float, default 1e-3
-    solver : "auto" | "exact" | "nystrom" | "cg", default "auto"
-    outputs : "mean" | "trace" | int, default "mean"
-        The scalar kernel: "mean" = trace / C (for the paper's two-layer net exactly
-        ``relu_ntk``, so ``lam`` means what it means there), "trace" = sum over outputs, or
-        one output's kernel.
-    params, strategy, memory_budget, device : as in :func:`empirical_ntk`.
-    dtype : default "float64" (the solve runs in float64; see DESIGN "Precision").
-    **influence_options : passed to :func:`ntkcore.loo_influence` (top_k, check, ...).
-
-    Returns
-    -------
-    InfluenceResult with ``.scores`` (T, n); ``diagnostics["entk"]`` holds both eNTK reports.
-    """
-    from ..influence import loo_influence
-
-    mode = "trace" if outputs == "mean" else outputs
-    kw = dict(outputs=mode, params=params, strategy=strategy, memory_budget=memory_budget,
-              dtype=dtype, device=device, return_report=True)
-    K, rep = empirical_ntk(model, X, **kw)
-    K_test, rep_t = empirical_ntk(model, X_test, X, **kw)
-    K, K_test = _host64(K), _host64(K_test)
-    if outputs == "mean":
-        K /= rep.C
-        K_test /= rep.C
-    res = loo_influence(K, Y, K_test, Y_test, lam=lam, solver=solver, **influence_options)
-    res.diagnostics["entk"] = {"train": rep.as_dict(), "test": rep_t.as_dict(),
-                               "kernel": outputs}
-    return res
-
-
-def _host64(K):
-    if not isinstance(K, np.ndarray):
-        K = K.detach().cpu().numpy()
-    return np.asarray(K, dtype=np.float64)
-
-
-def load_user_model(spec, weights=None, *, factory_kwargs=None):
-    """Build a user's model from ``"module:factory"`` or ``"path/to/file.py:factory"``.
-
-    Parameters
-    ----------
-    spec : str
-        Importable module (or a .py file path) and the name of a callable returning an
-        ``nn.Module`` (or of a module instance), separated by the last ":".
-    weights : str or Path, optional
-        A state_dict saved with ``torch.save``, read with ``torch.load(weights_only=True)``
-        on the CPU (a dict holding it under "state_dict" or "model_state_dict" also works)
-        and loaded strictly.
-    factory_kwargs : dict, optional
-        Keyword arguments for the factory.
-
-    Returns
-    -------
-    torch.nn.Module in eval mode.
-
-    Raises
-    ------
-    ParameterError : malformed spec, import failure, missing factory, not a Module, or a
-        state_dict that does not fit the model.
-    DataNotFoundError : the model file or weights file does not exist.
-    CorruptDataError : the weights file cannot be read as a state_dict.
-    """
-    import torch
-    if not isinstance(spec, (str, os.PathLike)) or ":" not in str(spec):
-        raise ParameterError(f"spec: expected 'module:factory' or 'path/to/file.py:factory', "
-                             f"got {spec!r}")
-    target, attr = str(spec).rsplit(":", 1)
-    if not target or not all(p.isidentifier() for p in attr.split(".")):
-        raise ParameterError(f"spec: expected 'module:factory' with a Python name after ':', "
-                             f"got {spec!r}")
-    module = _import_target(target)
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ParameterError(f"spec: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if isinstance(obj, torch.nn.Module):
-        model = obj
-    elif callable(obj):
-        try:
-            model = obj(**(factory_kwargs or {}))
-        except Exception as e:  # the user's factory failed: say where
-            raise ParameterError(f"spec: calling {spec} failed: {type(e).__name__}: {e}") from e
-    else:
-        raise ParameterError(f"spec: expected {attr!r} to be callable, got "
-                             f"{type(obj).__name__}")
-    if not isinstance(model, torch.nn.Module):
-        raise ParameterError(f"spec: expected {spec} to return a torch.nn.Module, got "
-                             f"{type(model).__name__}")
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise DataNotFoundError(f"weights: file not found: {path} (save one with "
-                                    f"torch.save(model.state_dict(), path))")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CorruptDataError(f"weights: cannot read {path} as a state_dict with "
-                                   f"torch.load(weights_only=True): {type(e).__name__}: "
-                                   f"{e}") from e
-        if isinstance(sd, dict):
-            for key in ("state_dict", "model_state_dict"):
-                if isinstance(sd.get(key), dict):
-                    sd = sd[key]
-                    break
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor)
-                                               for v in sd.values()):
-            raise CorruptDataError(f"weights: expected a state_dict (name -> tensor) in "
-                                   f"{path}, got {type(sd).__name__}")
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ParameterError(f"weights: the state_dict in {path} does not fit the model "
-                                 f"from {spec}: {e}") from e
-    return model.eval()
-
-
-def _import_target(target):
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target)
-        if not path.is_file():
-            raise DataNotFoundError(f"spec: model file not found: {path}")
-        name = f"_ntkcore_user_model_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise ParameterError(f"spec: importing {path} failed: {type(e).__name__}: "
-                                 f"{e}") from e
-        return module
-    try:
-        return importlib.import_module(target)
-    except ImportError as e:
-        raise ParameterError(f"spec: cannot import module {target!r}: {e}") from e
