@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import ParameterError
+from .pipeline import DataOptions
 
 ARCHS = ("relu", "attn")
 ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
@@ -37,15 +38,9 @@ PRESETS = {
 
 
 @dataclass
-class DistanceConfig:
+class DistanceConfig(DataOptions):
     """Options of ``ntkcore distance`` (None = from ``preset``)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    classes: str = "10"
-    n_train: int | None = None
-    n_test: int | None = None
     archs: tuple = ARCHS
     min_width: int = 4
     max_width: int | None = None

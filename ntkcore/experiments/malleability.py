@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import ParameterError
+from .pipeline import DataOptions
 from .. import malleability as mm
 
 ARCHS = ("relu", "attn")
@@ -69,15 +70,9 @@ COMPLEXITY_MAX_N = 20000
 
 
 @dataclass
-class MalleabilityConfig:
+class MalleabilityConfig(DataOptions):
     """Options of ``ntkcore malleability`` (same names and defaults; None = from ``preset``)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    classes: str = "10"
-    n_train: int | None = None
-    n_test: int | None = None
     test_points: int = 20
     archs: tuple = ARCHS
     attacks: tuple = ATTACKS

@@ -22,8 +22,8 @@ PRESETS = {
 
 
 @dataclass
-class InfluenceConfig:
-    """Options of ``ntkcore influence`` (same names, same defaults)."""
+class DataOptions:
+    """Data options shared by every command: which data set, where, which classes, how many."""
 
     dataset: str = "digits"
     data_root: str | None = None
@@ -31,6 +31,12 @@ class InfluenceConfig:
     classes: str = "10"
     n_train: int | None = None
     n_test: int | None = None
+
+
+@dataclass
+class InfluenceConfig(DataOptions):
+    """Options of ``ntkcore influence`` (same names, same defaults)."""
+
     arch: str = "relu"
     width: int = 1024
     epochs: int | None = None  # None: from the preset

@@ -23,17 +23,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .pipeline import DataOptions
 
 
 @dataclass
-class SpectrumConfig:
-    """Options of ``ntkcore spectrum``."""
+class SpectrumConfig(DataOptions):
+    """Options of ``ntkcore spectrum`` (n_test is unused: the spectrum is of the training set)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    classes: str = "10"
-    n_train: int | None = None
     seed: int = 42
 
 
