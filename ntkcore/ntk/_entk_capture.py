@@ -11,11 +11,12 @@ so the eNTK term of W is sum_{l,l'} (A[l] . A'[l']) (D_c[l] . D'_c'[l']) and nev
 per-example weight gradient. This module records, during one forward pass under a
 ``TorchFunctionMode``, every such call on a selected parameter: its input (unfolded into
 patches for convolutions) and a zero tensor added to its output whose gradient is D. One
-batched backward over the C output directions then yields D for every layer at once.
+backward per output direction (C in all, for the whole row block) then yields D for every
+layer at once.
 
-Any other use of a selected tensor (elementwise, a slice, a cast, a call whose leading
-dimension is not the batch) marks it "other": such parameters go through Jacobian
-contraction instead. :func:`verify_sites` also checks the factorisation against true
+Any other use of a selected tensor that yields a tensor (elementwise, a slice, a cast, a
+call whose leading dimension is not the batch; reading ``.shape`` does not count) marks it
+"other": such parameters go through Jacobian contraction instead. :func:`verify_groups` also checks the factorisation against true
 per-example gradients on a few probe rows before the plan trusts it.
 """
 
@@ -145,9 +146,10 @@ class Capture(TorchFunctionMode):
         elif func in _T_GETTERS or func in _TRANSPOSE:
             out = self._transpose(func, args, kwargs)
         if out is None:
-            if self.ids:
-                self._mark_args(args, kwargs)
             out = func(*args, **kwargs)
+            if self.ids and any(isinstance(t, torch.Tensor) for t in
+                                _flat(out if isinstance(out, (tuple, list)) else [out])):
+                self._mark_args(args, kwargs)  # a tensor computed from a selected one
         if self.count:
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
@@ -291,7 +293,7 @@ def _capture_names(groups):
 
 
 def factor_pass(call, tensors, xb, sel, groups, *, need_a=True):
-    """One forward under :class:`Capture` and one batched backward over the C outputs.
+    """One forward under :class:`Capture` and one backward per kept output (C in all).
 
     Parameters
     ----------
@@ -322,22 +324,23 @@ def factor_pass(call, tensors, xb, sel, groups, *, need_a=True):
         if not uses:
             return {}
         eps = [u.eps for _, u in uses]
-        basis = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, b, C)
-        try:
-            grads = torch.autograd.grad(out, eps, grad_outputs=basis.contiguous(),
-                                        is_grads_batched=True, allow_unused=True)
-        except RuntimeError:  # an op without a batching rule: one backward per output
-            per = [torch.autograd.grad(out, eps, grad_outputs=basis[c].contiguous(),
-                                       retain_graph=c < C - 1, allow_unused=True)
-                   for c in range(C)]
-            grads = [torch.stack([p[i] if p[i] is not None else torch.zeros_like(eps[i])
-                                  for p in per]) for i in range(len(eps))]
+        # one backward per output (measured faster than is_grads_batched, whose legacy vmap
+        # falls back to loops for ops such as max_pool2d's backward); rows are independent,
+        # so the gradient of sum_i f_c(x_i) w.r.t. row i's probe is d f_c(x_i) / d z_i
+        grads = [torch.empty((C,) + tuple(e.shape), dtype=e.dtype, device=e.device)
+                 for e in eps]
+        for c in range(C):
+            gc = torch.autograd.grad(out[:, c].sum(), eps, retain_graph=c < C - 1,
+                                     allow_unused=True)
+            for buf, g in zip(grads, gc):
+                if g is None:  # this output does not depend on the layer
+                    buf[c].zero_()
+                else:
+                    buf[c] = g
     res = {}
     for (key, u), g in zip(uses, grads):
-        if g is None:
-            g = torch.zeros((C,) + tuple(u.eps.shape), dtype=out.dtype, device=out.device)
         A = u.factor_a() if (need_a and groups[key]["w"]) else None
-        res.setdefault(key, []).append((A, u.factor_d(g.detach())))
+        res.setdefault(key, []).append((A, u.factor_d(g)))
     return {key: (_cat([p[0] for p in parts], 1), _cat([p[1] for p in parts], 2))
             for key, parts in res.items()}
 
