@@ -62,15 +62,16 @@ class CountingOperator:
 # ----------------------------------------------------------------------------- Nystrom
 
 
-@pytest.mark.parametrize("landmarks", ["uniform", "rpcholesky"])
-def test_nystrom_full_rank_equals_exact_influence(landmarks):
+@pytest.mark.parametrize("landmarks,diag_correction",
+                         [("uniform", True), ("rpcholesky", True), ("rpcholesky", False)])
+def test_nystrom_full_rank_equals_exact_influence(landmarks, diag_correction):
     X, Xt, W, Y, Yt = _problem()
     op = ReluNTKOperator(X, W)
     K = relu_ntk_naive(X, W)
     Kt = relu_ntk_naive(Xt, W, X)
     exact = nc.loo_influence(K, Y, Kt, Yt, lam=LAM, solver="exact")
     approx = nc.loo_influence(op, Y, Kt, Yt, lam=LAM, solver="nystrom", rank=X.shape[0],
-                              landmarks=landmarks)
+                              landmarks=landmarks, diag_correction=diag_correction)
     assert approx.solver == "nystrom"
     assert approx.diagnostics["rank"] == X.shape[0]
     # At r = n, K_hat = K up to the dropped-pivot tolerance (1e-12 max diag) and rounding.
@@ -80,23 +81,30 @@ def test_nystrom_full_rank_equals_exact_influence(landmarks):
         assert_close(getattr(approx, what), getattr(exact, what), rtol=1e-9, what=what)
 
 
-def test_nystrom_low_rank_is_exact_for_its_own_approximation():
-    """At r < n the fit is exact for A_hat = F F^T + lam I (checked with a dense inverse)."""
+@pytest.mark.parametrize("diag_correction", [True, False])
+def test_nystrom_low_rank_is_exact_for_its_own_approximation(diag_correction):
+    """At r < n the fit is exact for A_hat = F F^T (+ diag(K - F F^T)) + lam I, checked with a
+    dense inverse."""
     X, Xt, W, Y, _ = _problem(n=120)
     K = relu_ntk_naive(X, W)
     Kt = relu_ntk_naive(Xt, W, X)
-    inv = nystrom_inverse(K, LAM, rank=30, landmarks="rpcholesky", seed=3)
     F, info = nystrom_factor(DenseKernel(K), 30, landmarks="rpcholesky", seed=3)
-    Ahat_inv = np.linalg.inv(F @ F.T + LAM * np.eye(120))
-    fit = nystrom_fit(K, Y, LAM, rank=30, seed=3)
-    # kappa(A_hat) ~ 1e5: a dense inverse is accurate to ~1e-11 relative.
+    Khat = F @ F.T
+    Ahat = Khat + LAM * np.eye(120)
+    if diag_correction:
+        Ahat += np.diag(np.diag(K - Khat))
+    Ahat_inv = np.linalg.inv(Ahat)
+    fit = nystrom_fit(K, Y, LAM, rank=30, seed=3, diag_correction=diag_correction)
+    # kappa(A_hat) <= ~1e5: a dense inverse is accurate to ~1e-11 relative.
     assert_close(fit.alpha, Ahat_inv @ Y, rtol=1e-9, what="alpha")
     assert_close(fit.diag_inv, np.diag(Ahat_inv), rtol=1e-9, what="diag")
     assert_close(fit.right_solve(Kt), Kt @ Ahat_inv, rtol=1e-9, what="right_solve")
-    assert_close(inv.diag(), np.diag(Ahat_inv), rtol=1e-9, what="inverse diag")
-    # tr(K - K_hat) is reported and equals the trace of the true residual
-    assert info["residual_trace"] == pytest.approx(np.trace(K - F @ F.T), rel=1e-8, abs=1e-10)
-    assert fit.diagnostics["residual_trace"] >= np.linalg.eigvalsh(K - F @ F.T)[-1] - 1e-10
+    # tr(K - K_hat) is reported and bounds the largest eigenvalue of the residual
+    assert info["residual_trace"] == pytest.approx(np.trace(K - Khat), rel=1e-8, abs=1e-10)
+    assert fit.diagnostics["residual_trace"] >= np.linalg.eigvalsh(K - Khat)[-1] - 1e-10
+    assert fit.diagnostics["diag_correction"] is diag_correction
+    if not diag_correction:  # plain Nystrom: A_hat <= A, so its inverse diagonal is an upper bound
+        assert np.all(fit.diag_inv >= np.diag(np.linalg.inv(K + LAM * np.eye(120))) - 1e-9)
 
 
 def test_rpcholesky_reproduces_rank_r_matrix_and_reads_r_columns():
@@ -158,6 +166,10 @@ def test_cached_relu_operator_matches_reference(train_a):
     assert_close(op.rows(10, 50), K[10:50], what="rows")
     assert_close(op.matmat(V), K @ V, what="matmat")
     assert_close(op.diag(), np.diag(K), what="diag")
+    Xq = _problem(n=90, T=6)[1]
+    assert_close(op.cross(Xq), relu_ntk_naive(Xq, W, X, train_a=train_a), what="cross")
+    op.COL_TILE = 16  # column-tiled path of rows / cross
+    assert_close(op.rows(10, 50), K[10:50], what="rows, column tiles")
     assert type(as_operator(ReluNTKOperator(X, W))) is CachedReluNTK
 
 
@@ -296,7 +308,7 @@ def test_diag_estimator_is_unbiased_on_a_known_matrix():
     A = K + lam * np.eye(n)
     Ainv = np.linalg.inv(A)
     truth = np.diag(Ainv)
-    inv = nystrom_inverse(K, lam, rank=20, seed=0)
+    inv = nystrom_inverse(K, lam, rank=20, seed=0, diag_correction=False)
     est, se = [], []
     for seed in range(runs):
         Z = rademacher(n, s, seed=seed)

@@ -39,8 +39,9 @@ AUTO_MAX_RANK = 8192
 #: Options each solver accepts (besides check / overwrite_k / timer).
 SOLVER_OPTIONS = {
     "exact": (),
-    "nystrom": ("rank", "landmarks", "seed"),
-    "cg": ("rank", "landmarks", "seed", "tol", "atol", "maxiter", "probes", "progress"),
+    "nystrom": ("rank", "landmarks", "seed", "diag_correction"),
+    "cg": ("rank", "landmarks", "seed", "diag_correction", "tol", "atol", "maxiter", "probes",
+           "progress"),
 }
 _ALL_OPTIONS = sorted(set(SOLVER_OPTIONS["nystrom"]) | set(SOLVER_OPTIONS["cg"]))
 
@@ -64,10 +65,7 @@ def max_rank(n: int, budget: float) -> int:
 
 
 def _gib(b) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if b >= 0.1 * size:
-            return f"{b / size:.2f} {unit}"
-    return f"{b / 2**10:.1f} KiB"
+    return f"{b / 2**30:.3g} GiB"
 
 
 def _budget(K, memory_budget):
@@ -104,8 +102,9 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     memory_budget : int, optional, bytes the solver may plan for (default: free memory of
         K's device).
     **options : solver options; ``None`` values mean "default" and are dropped.
-        nystrom: rank, landmarks ("uniform" | "rpcholesky"), seed.
-        cg: rank, landmarks, seed (preconditioner), tol, atol, maxiter, probes, progress.
+        nystrom: rank, landmarks ("uniform" | "rpcholesky"), seed, diag_correction.
+        cg: rank, landmarks, seed, diag_correction (preconditioner), tol, atol, maxiter,
+        probes, progress.
 
     Returns
     -------
@@ -132,11 +131,14 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
         if need / EXACT_COPIES > budget:
+            n_fit = int(math.sqrt(budget / 8))
+            alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
+                   else "more memory")
             raise MemoryBudgetError(
                 f"exact: n={n} needs at least {_gib(need / EXACT_COPIES)} for one float64 "
-                f"n x n array, over the {_gib(budget)} budget ({source}); use "
-                f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'",
-                needed_bytes=need // EXACT_COPIES, budget_bytes=int(budget))
+                f"n x n array, over the {_gib(budget)} budget ({source}); n <= {n_fit} would "
+                f"fit, or use {alt}",
+                needed_bytes=need // EXACT_COPIES, budget_bytes=int(budget), n_fit=n_fit)
         return "exact", opts, "solver='exact' requested" + _note(dropped)
     if requested in ("nystrom", "cg"):
         opts, dropped = _split_options(requested, options)

@@ -13,8 +13,9 @@ estimated by the sample standard deviation over probes / sqrt(s) (reported, with
 and maximum relative to the estimate).
 
 The estimate is then kept inside the interval every SPD matrix's inverse diagonal obeys:
-1 / A_jj <= (A^-1)_jj (Cauchy-Schwarz) and, when P <= A (Nystrom: K - K_hat is PSD),
-(A^-1)_jj <= (P^-1)_jj. Entries moved onto a bound are counted, reported, and warned about.
+1 / A_jj <= (A^-1)_jj (Cauchy-Schwarz), (A^-1)_jj <= 1 / lam for A = K + lam I, K PSD, and,
+when P <= A (plain Nystrom: K - K_hat is PSD), (A^-1)_jj <= (P^-1)_jj. Entries moved onto a
+bound are counted, reported, and warned about.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def clip_to_bounds(estimate, lower, upper, *, what: str = "diag(A^-1) estimate")
     n_clipped = int(xp.count_nonzero(low)) + int(xp.count_nonzero(high))
     if n_clipped:
         warnings.warn(f"{what}: {n_clipped} of {estimate.shape[0]} entries fell outside the "
-                      f"bounds [1/A_jj, diag(P^-1)_jj] and were moved onto them; use more "
+                      f"bounds that hold for every SPD A (1/A_jj <= (A^-1)_jj, and the upper "
+                      f"bound given) and were moved onto them; use more "
                       f"probes or a higher preconditioner rank", RuntimeWarning, stacklevel=3)
         estimate = xp.minimum(xp.maximum(estimate, lower), upper)
     return estimate, n_clipped

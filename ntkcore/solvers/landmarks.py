@@ -30,7 +30,6 @@ import numpy as np
 
 from ..backend import backend_for
 from ..errors import ParameterError
-from ..ntk.relu import activation_bits
 from ..ntk.tiling import tiles
 from .operator import DenseKernel, ReluNTKOperator
 
@@ -61,43 +60,68 @@ class CachedReluNTK:
     """View of a :class:`ReluNTKOperator` that computes the activation patterns once.
 
     ``relu_ntk`` recomputes S = 1[X W^T > 0] for all n rows on every call (n d m flops), which
-    dominates a call that only wants b << n columns. This view keeps the bit-packed patterns
-    (n * m / 8 bytes) and assembles each tile ((S_i S_j^T) / m) * (X_i X_j^T) (+ the output
-    layer term when ``train_a``) from them. Same values as the wrapped operator (tested).
+    dominates a call that only wants b << n columns. This view keeps S as an (n, m) uint8
+    array (n m bytes; no bit packing, so the same code runs under CuPy, whose ``unpackbits``
+    has no ``axis``) and assembles each tile ((S_i S_j^T) / m) * (X_i X_j^T) (+ the output
+    layer term (1/m) relu(X_i W^T) relu(X_j W^T)^T when ``train_a``, for which relu(X W^T) is
+    kept too: 8 n m bytes) from it. Same values as the wrapped operator (tested).
     """
+
+    #: columns per tile when a block spans all n columns (bounds the float32 pattern copy).
+    COL_TILE = 8192
 
     def __init__(self, op: ReluNTKOperator):
         self.op = op
         self.X, self.W, self.train_a, self.tile = op.X, op.W, op.train_a, op.tile
         self.n, self.shape, self.dtype, self.xp = op.n, op.shape, op.dtype, op.xp
+        xp = self.xp
         self.m = self.W.shape[0]
-        self.bits = activation_bits(self.X, self.W, self.xp)
-        self.H = self.xp.maximum(self.X @ self.W.T, 0) if self.train_a else None
+        self.S = xp.empty((self.n, self.m), dtype=np.uint8)
+        self.H = xp.empty((self.n, self.m), dtype=np.float64) if self.train_a else None
+        for i0, i1 in tiles(self.n, self.tile):
+            Z = self.X[i0:i1] @ self.W.T
+            self.S[i0:i1] = Z > 0
+            if self.train_a:
+                self.H[i0:i1] = xp.maximum(Z, 0)
 
     def diag(self):
-        return self.op.diag()
-
-    def _block(self, rows, cols):
-        """K[rows][:, cols] for index arrays or slices (dense (len(rows), len(cols)))."""
+        """K_ii = (#active units / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
         xp = self.xp
-        Si = xp.unpackbits(self.bits[rows], axis=1, count=self.m).astype(np.float32)
-        Sj = xp.unpackbits(self.bits[cols], axis=1, count=self.m).astype(np.float32)
-        out = self.X[rows] @ self.X[cols].T
-        out *= Si @ Sj.T  # exact integer counts in float32 (<= m < 2^24)
-        out *= 1.0 / self.m
+        d = self.S.sum(axis=1, dtype=np.float64) / self.m * xp.einsum("ij,ij->i", self.X, self.X)
         if self.train_a:
-            out += (self.H[rows] @ self.H[cols].T) / self.m
+            d += xp.einsum("ij,ij->i", self.H, self.H) / self.m
+        return d
+
+    def _tile(self, Xi, Si, Hi, cols):
+        """((Si S_cols^T) / m) * (Xi X_cols^T) (+ output-layer term), Si float32."""
+        out = Xi @ self.X[cols].T
+        out *= Si @ self.S[cols].astype(np.float32).T  # exact integer counts (<= m < 2^24)
+        out *= 1.0 / self.m
+        if Hi is not None:
+            out += (Hi @ self.H[cols].T) / self.m
+        return out
+
+    def _rows_block(self, Xi, Si, Hi, cols=None):
+        """K(rows, cols) for the given row data; cols=None means all n (in column tiles)."""
+        if cols is not None:
+            return self._tile(Xi, Si, Hi, cols)
+        out = self.xp.empty((Xi.shape[0], self.n), dtype=np.float64)
+        for j0, j1 in tiles(self.n, self.COL_TILE):
+            out[:, j0:j1] = self._tile(Xi, Si, Hi, slice(j0, j1))
         return out
 
     def columns(self, idx):
+        """(n, b) K[:, idx], assembled in row tiles."""
         idx = self.xp.asarray(idx)
         out = self.xp.empty((self.n, int(idx.shape[0])), dtype=np.float64)
         for i0, i1 in tiles(self.n, self.tile):
-            out[i0:i1] = self._block(slice(i0, i1), idx)
+            Hi = self.H[i0:i1] if self.train_a else None
+            out[i0:i1] = self._tile(self.X[i0:i1], self.S[i0:i1].astype(np.float32), Hi, idx)
         return out
 
     def rows(self, i0: int, i1: int):
-        return self._block(slice(i0, i1), slice(0, self.n))
+        Hi = self.H[i0:i1] if self.train_a else None
+        return self._rows_block(self.X[i0:i1], self.S[i0:i1].astype(np.float32), Hi)
 
     def matmat(self, V):
         """K @ V for V (n, k), one (tile, n) block at a time: memory O(tile * n)."""
@@ -108,7 +132,17 @@ class CachedReluNTK:
         return out
 
     def cross(self, X_query):
-        return self.op.cross(X_query)
+        """(T, n) K(X_query, X) from the cached patterns of X."""
+        from .._validate import as_float_matrix, check_cols
+        xp = self.xp
+        Xq = as_float_matrix(X_query, "X_query", dtype=np.float64)
+        check_cols(Xq, self.X, "X_query", "X")
+        out = xp.empty((Xq.shape[0], self.n), dtype=np.float64)
+        for q0, q1 in tiles(Xq.shape[0], self.tile):
+            Z = Xq[q0:q1] @ self.W.T
+            Hq = xp.maximum(Z, 0) if self.train_a else None
+            out[q0:q1] = self._rows_block(Xq[q0:q1], (Z > 0).astype(np.float32), Hq)
+        return out
 
     def dense(self):
         return self.op.dense()
@@ -143,7 +177,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     F : (n, k) float64 array, Fortran order, on the operator's device.
     info : dict with ``pivots`` (k,) int array of the landmarks kept, and the diagnostics
         ``rank_requested``, ``rank``, ``landmarks``, ``landmarks_dropped``, ``pivot_tolerance``,
-        ``trace_K``, ``residual_trace`` = tr(K - F F^T) (>= ||K - F F^T||_2), ``stopped``.
+        ``trace_K``, ``residual_trace`` = tr(K - F F^T) (>= ||K - F F^T||_2), ``stopped``,
+        and ``residual_diag`` (n,) host array diag(K - F F^T).
     """
     check_landmarks(landmarks)
     n = op.n
@@ -182,7 +217,7 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
             "landmarks": landmarks, "landmarks_dropped": dropped,
             "pivot_tolerance": tol_abs, "trace_K": trace0, "residual_trace": residual_trace,
             "residual_trace_rel": residual_trace / trace0 if trace0 > 0 else 0.0,
-            "stopped": stopped, "seed": seed}
+            "stopped": stopped, "seed": seed, "residual_diag": np.clip(d_host, 0.0, None)}
     if k < rank and landmarks == "uniform":
         warnings.warn(f"nystrom: {rank - k} of {rank} uniform landmarks were numerically "
                       f"dependent (residual pivot <= {tol_abs:.2g}) and were dropped; rank "

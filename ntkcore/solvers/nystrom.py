@@ -1,23 +1,36 @@
-"""Nystrom kernel ridge regression: A ~ F F^T + lam I, inverted by Woodbury [appendix D.1].
+"""Nystrom kernel ridge regression: A ~ F F^T + D, inverted by Woodbury [appendix D.1].
 
-With the low-rank factor F (n, k) of :func:`landmarks.nystrom_factor` (F F^T = K_nJ K_JJ^-1
-K_Jn), the approximate system matrix A_hat = F F^T + lam I has the exact inverse (Woodbury)
+With the low-rank factor F (n, k) of :func:`landmarks.nystrom_factor` (F F^T = K_hat =
+K_nJ K_JJ^-1 K_Jn) the approximate system matrix is
 
-    A_hat^-1 = (I - E E^T) / lam,    E = F L^-T,    L L^T = lam I_k + F^T F  (k x k Cholesky).
+    A_hat = F F^T + D,   D = lam I                          (``diag_correction=False``)
+                         D = lam I + diag(K - K_hat)         (``diag_correction=True``, default)
 
-Everything the influence formula needs follows in O(n k^2) flops and O(n k) memory:
+The second form keeps the exact diagonal of K (the "FITC" correction of Snelson & Ghahramani
+2006): the part of K the landmarks miss is replaced by its diagonal instead of by nothing.
+At lam = 1e-3 on eNTK kernels, whose eigenvalues mostly lie far above lam, this matters: the
+plain form treats every direction outside the landmark span as if its eigenvalue were 0, so
+A_hat^-1 there is 1/lam, orders of magnitude too large (bench/RESULTS.md measures both). Both
+forms are exact at full rank (K_hat = K, diag(K - K_hat) = 0).
 
-- alpha = A_hat^-1 Y = (Y - E (E^T Y)) / lam                                   [B.12]
-- diag(A_hat^-1)_j = (1 - ||E_j||^2) / lam        (exact diagonal of the approximation)
-- K_test A_hat^-1 = (K_test - (K_test E) E^T) / lam                   (T n k flops)
+Woodbury with s = D^-1/2 (a vector), G = diag(s) F, L L^T = I_k + G^T G (k x k Cholesky),
+E = G L^-T (n, k):
+
+    A_hat^-1 = diag(s) (I - E E^T) diag(s)
+
+and everything the influence formula needs follows in O(n k^2) flops and O(n k) memory:
+
+- alpha = A_hat^-1 Y                                                            [B.12]
+- diag(A_hat^-1)_j = s_j^2 (1 - ||E_j||^2)        (exact diagonal of the approximation)
+- K_test A_hat^-1 = ((K_test diag(s)) - (K_test diag(s) E) E^T) diag(s)   (T n k flops)
 
 No n x n array is formed: F comes from ``op.columns`` (the eNTK tiles of the sampled columns).
-The Cholesky of lam I + F^T F has condition number <= (lam + ||F||^2) / lam = cond(A_hat), so
-it is as well posed as the problem itself; F is never squared into a pseudo-inverse of K_JJ.
+The Cholesky of I + G^T G has condition number <= cond(A_hat), so it is as well posed as the
+problem; K_JJ is never inverted (the factor comes from a pivoted Cholesky, landmarks.py).
 
-Because K - F F^T = R is PSD, A_hat <= A, hence diag(A_hat^-1) >= diag(A^-1), and as a
+Plain form only: K - F F^T = R is PSD, so A_hat <= A, diag(A_hat^-1) >= diag(A^-1), and as a
 preconditioner the eigenvalues of A_hat^-1 A lie in [1, 1 + ||R||_2 / lam], with
-||R||_2 <= tr(R) = tr(K) - ||F||_F^2 (reported as ``residual_trace``).
+||R||_2 <= tr(R) = tr(K) - ||F||_F^2 (``residual_trace``; ``nystrom_kappa_bound``).
 """
 
 from __future__ import annotations
@@ -35,30 +48,42 @@ DEFAULT_RANK = 2000
 
 
 class NystromInverse:
-    """A_hat^-1 = (I - E E^T) / lam for A_hat = F F^T + lam I (see module docstring).
+    """A_hat^-1 = diag(s) (I - E E^T) diag(s) for A_hat = F F^T + D (see module docstring).
+
+    Parameters
+    ----------
+    F : (n, k) low-rank factor (overwritten: E is computed in its memory).
+    lam : float > 0.
+    info : dict from :func:`nystrom_factor` (``residual_diag`` is used when ``diag_correction``).
+    diag_correction : bool, D = lam I + diag(K - F F^T) instead of lam I.
 
     Attributes
     ----------
-    E : (n, k) whitened factor F L^-T.
-    lam : float.
-    info : dict of landmark diagnostics (see :func:`nystrom_factor`).
+    E : (n, k) whitened factor; s : (n,) D^-1/2; lam; info; diag_correction.
     """
 
-    def __init__(self, F, lam: float, info: dict):
+    def __init__(self, F, lam: float, info: dict, *, diag_correction: bool = True):
         be = backend_for(F)
         xp = be.xp
         self.lam = float(lam)
         self.info = info
-        k = F.shape[1]
+        self.diag_correction = bool(diag_correction)
+        n, k = F.shape
+        if diag_correction:
+            D = xp.asarray(np.clip(info["residual_diag"], 0.0, None)) + lam
+        else:
+            D = xp.full(n, lam, dtype=np.float64)
+        self.s = 1.0 / xp.sqrt(D)
         if k == 0:
             self.E = F
             return
+        F *= self.s[:, None]  # G = diag(s) F, in place
         M = F.T @ F
-        M[xp.arange(k), xp.arange(k)] += lam
+        M[xp.arange(k), xp.arange(k)] += 1.0
         try:
             L = be.cholesky(M, overwrite=True)
-        except np.linalg.LinAlgError as exc:  # lam I + F^T F is SPD for lam > 0
-            raise NotPSDError(f"nystrom: lam I + F^T F is not positive definite ({exc}); "
+        except np.linalg.LinAlgError as exc:  # I + G^T G is SPD in exact arithmetic
+            raise NotPSDError(f"nystrom: I + G^T G is not positive definite ({exc}); "
                               f"lam={lam:g} is too small for float64") from None
         self.E = _right_trsm_lt(be, L, F)
 
@@ -69,21 +94,26 @@ class NystromInverse:
     def apply(self, V):
         """A_hat^-1 V for V (n, s) (or (n,))."""
         E = self.E
-        return (V - E @ (E.T @ V)) / self.lam
+        sc = self.s if V.ndim == 1 else self.s[:, None]
+        SV = V * sc
+        return (SV - E @ (E.T @ SV)) * sc
 
     def right_apply(self, Kt):
         """Kt A_hat^-1 for Kt (T, n) (A_hat^-1 is symmetric)."""
         E = self.E
-        return (Kt - (Kt @ E) @ E.T) / self.lam
+        KS = Kt * self.s[None, :]
+        return (KS - (KS @ E) @ E.T) * self.s[None, :]
 
     def diag(self):
         """(n,) exact diagonal of A_hat^-1, O(n k)."""
         E = self.E
-        return (1.0 - (E * E).sum(axis=1)) / self.lam
+        return (1.0 - (E * E).sum(axis=1)) * self.s * self.s
 
     def diagnostics(self) -> dict:
-        d = {k: v for k, v in self.info.items() if k != "pivots"}
-        d["nystrom_kappa_bound"] = 1.0 + self.info["residual_trace"] / self.lam
+        d = {k: v for k, v in self.info.items() if k not in ("pivots", "residual_diag")}
+        d["diag_correction"] = self.diag_correction
+        if not self.diag_correction:
+            d["nystrom_kappa_bound"] = 1.0 + self.info["residual_trace"] / self.lam
         return d
 
 
@@ -97,7 +127,8 @@ def _right_trsm_lt(be, L, F):
 
 
 def nystrom_inverse(K, lam: float, *, rank: int | None = None, landmarks: str = "rpcholesky",
-                    seed: int = 0, timer: Timer | None = None) -> NystromInverse:
+                    seed: int = 0, diag_correction: bool = True,
+                    timer: Timer | None = None) -> NystromInverse:
     """Build :class:`NystromInverse` for A = K + lam I from an array or kernel operator."""
     op = as_operator(K)
     rank = check_rank(DEFAULT_RANK if rank is None else rank, op.n)
@@ -106,12 +137,12 @@ def nystrom_inverse(K, lam: float, *, rank: int | None = None, landmarks: str = 
     with timer("landmarks"):
         F, info = nystrom_factor(op, rank, landmarks=landmarks, seed=seed)
     with timer("woodbury"):
-        return NystromInverse(F, lam, info)
+        return NystromInverse(F, lam, info, diag_correction=diag_correction)
 
 
 def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "rpcholesky",
-                seed: int = 0, check: bool = True, overwrite_k: bool = False,
-                timer: Timer | None = None) -> KRRFit:
+                seed: int = 0, diag_correction: bool = True, check: bool = True,
+                overwrite_k: bool = False, timer: Timer | None = None) -> KRRFit:
     """Kernel ridge regression with the Nystrom approximation K ~ K_nS K_SS^+ K_Sn.
 
     Parameters
@@ -124,6 +155,9 @@ def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "
         O(n r^2) flops, memory 8 n r bytes (plus one (n, 128) column block).
     landmarks : "uniform" | "rpcholesky", default "rpcholesky" (randomly pivoted Cholesky).
     seed : int, default 0, seed of the landmark draw.
+    diag_correction : bool, default True, A_hat = K_hat + diag(K - K_hat) + lam I (keeps the
+        exact diagonal of K; far more accurate at small lam, same cost). False: the textbook
+        A_hat = K_hat + lam I.
     check, overwrite_k : accepted for the common solver interface; K is never modified and the
         exact solver's A.8 checks do not apply (the approximation error is reported instead).
     timer : Timer collecting stage times ("landmarks", "woodbury", "alpha", "diag_inv",
@@ -134,17 +168,19 @@ def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "
     KRRFit with ``solver="nystrom"``: ``alpha`` = A_hat^-1 Y, ``diag_inv`` = the exact
     diagonal of A_hat^-1, ``right_solve(K_test)`` = K_test A_hat^-1. ``diagnostics``: the
     rank used, landmark method, dropped landmarks, ``residual_trace`` = tr(K - K_hat) (an
-    upper bound on ||K - K_hat||_2), its share of tr(K), and ``nystrom_kappa_bound``.
+    upper bound on ||K - K_hat||_2), its share of tr(K), ``diag_correction``.
     """
     timer = timer or Timer()
-    inv = nystrom_inverse(K, lam, rank=rank, landmarks=landmarks, seed=seed, timer=timer)
+    inv = nystrom_inverse(K, lam, rank=rank, landmarks=landmarks, seed=seed,
+                          diag_correction=diag_correction, timer=timer)
     with timer("alpha"):
         alpha = inv.apply(Y)
     with timer("diag_inv"):
         diag_inv = inv.diag()
     diagnostics = inv.diagnostics()
+    corr = " + diag(K - K_hat)" if diag_correction else ""
     diagnostics["approximation"] = (f"Nystrom rank {inv.rank} ({landmarks}): scores are exact "
-                                    f"for A_hat = K_hat + lam I, K_hat = K_nS K_SS^+ K_Sn")
+                                    f"for A_hat = K_hat{corr} + lam I, K_hat = K_nS K_SS^+ K_Sn")
 
     def right_solve(K_test):
         """(T, n) K_test A_hat^-1 from the low-rank form."""
