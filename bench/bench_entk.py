@@ -10,7 +10,8 @@ Models (float32 unless --dtype float64; C = 10 outputs):
   two-layer  ntkcore.nn.models.TwoLayerNet(d=784, width=512): f = relu(x W^T) a / sqrt(m)
 
 Every measurement runs in a fresh process (``--worker``) that warms up on a few rows, resets
-the peak-RSS mark (/proc/self/clear_refs) and reports wall time and peak RSS growth. Ratios
+the peak-RSS mark (/proc/self/clear_refs) and reports wall time and peak RSS growth (with
+``--device cuda``: torch's peak device allocation instead). Ratios
 (plain / ours) come from the same invocation on the same inputs. The answer difference is
 max |K_ours - K_plain| / max |K_plain|.
 
@@ -20,6 +21,7 @@ Usage:
   python bench/bench_entk.py --models cnn --n 512
   python bench/bench_entk.py --nmax --budget-gb 2             # largest n within 2 GiB
   python bench/bench_entk.py --models cnn --ours-only --n 10000 --budget-gb 24
+  python bench/bench_entk.py --device cuda --n 1024 --repeat 3        # GPU (owed)
 Prints markdown (paste into bench/RESULTS.md with machine and date).
 """
 
@@ -95,22 +97,33 @@ def worker(spec):
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     model, X = build(spec["model"], spec["n"])
     dt = torch.float64 if spec["dtype"] == "float64" else torch.float32
-    model, X = model.to(dt), X.to(dt)
+    dev = torch.device(spec.get("device") or "cpu")
+    model, X = model.to(device=dev, dtype=dt), X.to(device=dev, dtype=dt)
     budget = spec.get("budget")
+    cuda = dev.type == "cuda"
 
     def run(rows):
         if spec["method"] == "plain":
-            return plain_entk(model, rows), None
-        return empirical_ntk(model, rows, memory_budget=budget, return_report=True)
+            out = plain_entk(model, rows), None
+        else:
+            out = empirical_ntk(model, rows, memory_budget=budget, return_report=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
 
     run(X[:8])  # warm-up: imports, thread pools, first-call allocations
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = _rss("VmRSS:")
+    if cuda:  # peak = torch's allocations on the device
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:  # peak = process RSS
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _rss("VmRSS:")
     t0 = time.perf_counter()
     K, rep = run(X)
     sec = time.perf_counter() - t0
-    out = dict(seconds=sec, peak_growth=_rss("VmHWM:") - base, n=spec["n"],
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM:")) - base
+    out = dict(seconds=sec, peak_growth=peak, n=spec["n"],
                params=sum(p.numel() for p in model.parameters()))
     if rep is not None:
         out["groups"] = [f"{g['name']}:{g['strategy']}/{g['method']}" for g in rep.groups]
@@ -125,7 +138,7 @@ def measure(model, method, n, args, save=None, budget=None, repeat=1):
     best = None
     for _ in range(repeat):
         spec = dict(model=model, method=method, n=n, dtype=args.dtype, save=save,
-                    budget=budget, threads=args.threads)
+                    budget=budget, threads=args.threads, device=args.device)
         res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                              capture_output=True, text=True)
         if res.returncode != 0:
@@ -139,15 +152,20 @@ def measure(model, method, n, args, save=None, budget=None, repeat=1):
     return best
 
 
-def gemm_rate(dtype):
+def gemm_rate(dtype, device="cpu"):
     import torch
     dt = torch.float64 if dtype == "float64" else torch.float32
-    a = torch.randn(2048, 2048, dtype=dt)
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, dtype=dt, device=device)
     a @ a
+    if device != "cpu":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(3):
         a @ a
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 3 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
 def equal_n(args):
@@ -229,6 +247,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per timing")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (peak = torch allocations)")
     ap.add_argument("--nmax", action="store_true", help="largest-n search instead")
     ap.add_argument("--ours-only", action="store_true")
     ap.add_argument("--budget-gb", type=float, default=2.0)
@@ -243,8 +262,9 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"{platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | torch "
-          f"{torch.__version__} | {date.today()} | GEMM {gemm_rate(args.dtype) / 1e9:.0f} "
-          f"GFLOP/s ({args.dtype}, 2048^3, same threads)")
+          f"{torch.__version__} | {date.today()} | device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''} | "
+          f"GEMM {gemm_rate(args.dtype, args.device) / 1e9:.0f} GFLOP/s ({args.dtype})")
     print("command: python " + " ".join(sys.argv))
     if args.ours_only:
         ours_only(args)
