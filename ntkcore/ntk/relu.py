@@ -24,12 +24,20 @@ from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
 
 
 def activation_bits(X, W, xp=np):
-    """Bit-packed activation patterns 1[X W^T > 0]: (n, ceil(m/8)) uint8, big-endian bits."""
-    return xp.packbits(X @ W.T > 0, axis=1)
+    """Activation patterns 1[X W^T > 0], compactly stored.
+
+    NumPy: bit-packed (n, ceil(m/8)) uint8, big-endian bits. CuPy (whose packbits has no
+    ``axis``): a (n, m) bool array, 1 byte a pattern (the fused CUDA path in
+    ntkcore.kernels packs its own 32-bit words).
+    """
+    S = X @ W.T > 0
+    return np.packbits(S, axis=1) if xp is np else S
 
 
 def _unpack(bits, m, xp, dtype):
-    return xp.unpackbits(bits, axis=1, count=m).astype(dtype)
+    if xp is np:
+        return np.unpackbits(bits, axis=1, count=m).astype(dtype)
+    return bits.astype(dtype)
 
 
 def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None = None,

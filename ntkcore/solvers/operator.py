@@ -18,7 +18,7 @@ import numpy as np
 
 from .._validate import as_float_matrix, check_cols
 from ..backend import backend_for
-from ..ntk.relu import activation_bits, relu_ntk
+from ..ntk.relu import relu_ntk
 from ..ntk.tiling import tiles
 
 
@@ -71,8 +71,9 @@ class ReluNTKOperator:
         """K_ii = (#active units / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
         xp = self.xp
         m = self.W.shape[0]
-        bits = activation_bits(self.X, self.W, xp)
-        active = xp.unpackbits(bits, axis=1, count=m).sum(axis=1).astype(np.float64)
+        active = xp.empty(self.n, dtype=np.float64)
+        for i0, i1 in tiles(self.n, self.tile):  # row blocks: O(tile * m) memory
+            active[i0:i1] = (self.X[i0:i1] @ self.W.T > 0).sum(axis=1)
         d = active / m * xp.einsum("ij,ij->i", self.X, self.X)
         if self.train_a:
             H = xp.maximum(self.X @ self.W.T, 0)
