@@ -270,6 +270,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from ntkcore.ntk.empirical import empirical_ntk
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # small GEMMs stall for ms when a 2nd thread shares a busy core
 
     def rss(field):
         for line in open("/proc/self/status"):

@@ -158,7 +158,11 @@ def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
     feat_row = sum(g.bytes_per_row for g in groups if g.strategy != "ntvp")
     transient = sum(s * (g.site["L"] * (g.site["k"] + C * g.site["o"]))
                     for g in groups if g.method == "outer")
-    compute_row = s * act * (2 + C) + feat_row + transient
+    # a feature pass holds the forward's activations and one backward's (structured: one
+    # output at a time), or C backward directions at once (vmap(jacrev)), plus a copy of the
+    # row features while they are assembled
+    jac = any(g.strategy == "jacobian" for g in groups)
+    compute_row = s * act * (3 + (C if jac else 0)) + feat_row + transient
     work_pair = max([g.work_per_pair for g in groups if g.strategy != "ntvp"] + [s * C * C])
     blocks = cost.plan_blocks(n=n, n2=n2, sym=X2 is None, feat_row=feat_row,
                               compute_row=compute_row, work_pair=work_pair, budget=budget,
