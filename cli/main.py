@@ -10,6 +10,12 @@ from ._common import handle_errors, timing_table
 @click.version_option(package_name="ntkcore")
 def main():
     """ntkcore: exact NTK leave-one-out influence and influence malleability."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+    warnings.showwarning = show  # numerical rescue stays visible, as one line
 
 
 @main.command()

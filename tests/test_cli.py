@@ -155,3 +155,18 @@ def test_bad_model_spec_is_one_line(tmp_path):
     one_line_error(r, "no_such_module_xyz")
     r = invoke("influence", "--weights", tmp_path / "w.pt", "--out", tmp_path / "o2")
     assert r.exit_code != 0
+
+
+@pytest.mark.parametrize("args,solver", [
+    (["--solver", "nystrom", "--rank", "60", "--landmarks", "uniform"], "nystrom"),
+    (["--solver", "cg", "--tol", "1e-8", "--rank", "60"], "cg"),
+    (["--solver", "auto"], "nystrom"),  # exact does not fit the 1 MB budget below
+])
+def test_approximate_solvers_from_the_cli(tmp_path, args, solver):
+    out = tmp_path / "o"
+    env = {"NTKCORE_MEMORY_LIMIT": str(10**6)} if solver == "nystrom" and "auto" in args else None
+    r = invoke("influence", "--n-train", 300, "--n-test", 5, "--out", out, *TINY, *args, env=env)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["solver"] == solver
+    assert summary["solver_reason"]
