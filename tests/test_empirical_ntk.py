@@ -361,6 +361,8 @@ def test_influence_for_model_matches_closed_form_pipeline():
     assert res.scores.shape == (4, 12)
     assert_close(res.scores, ref.scores, rtol=1e-8)  # through two solves of kappa ~ 1e3
     assert res.diagnostics["entk"]["train"]["n"] == 12
+    with pytest.raises(ParameterError, match="outputs"):
+        influence_for_model(model, X, Y, Xt, Yt, outputs="full")
 
 
 _MODEL_FILE = textwrap.dedent("""

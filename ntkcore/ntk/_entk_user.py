@@ -53,6 +53,9 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
     from ..influence import loo_influence
     from .empirical import empirical_ntk
 
+    if isinstance(outputs, str) and outputs not in ("mean", "trace"):
+        raise ParameterError(f"outputs: expected 'mean', 'trace' or an output index, got "
+                             f"{outputs!r} (influence needs one scalar kernel)")
     mode = "trace" if outputs == "mean" else outputs
     kw = dict(outputs=mode, params=params, strategy=strategy, memory_budget=memory_budget,
               dtype=dtype, device=device, return_report=True)
