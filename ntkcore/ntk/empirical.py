@@ -156,7 +156,9 @@ def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
     cost.choose(groups, overrides, C=C, full=full, s=s, n=n, n2=n2, budget=budget)
     act = info["act_per_row"]
     feat_row = sum(g.bytes_per_row for g in groups if g.strategy != "ntvp")
-    transient = sum(s * (g.site["L"] * (g.site["k"] + C * g.site["o"]))
+    # outer groups: the unfolded inputs A and the cotangents D (twice: the per-output
+    # buffers and the layout copy einsum makes) exist while the weight gradients are formed
+    transient = sum(s * (g.site["L"] * (g.site["k"] + 2 * C * g.site["o"]))
                     for g in groups if g.method == "outer")
     # a feature pass holds the forward's activations and one backward's (structured: one
     # output at a time), or C backward directions at once (vmap(jacrev)), plus a copy of the
