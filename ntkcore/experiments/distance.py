@@ -22,12 +22,12 @@ we read it (A.3.2 and Sec 5.1), and it is stated in the table.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions
+from .pipeline import DataOptions, apply_preset
 
 ARCHS = ("relu", "attn")
 ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
@@ -50,12 +50,7 @@ class DistanceConfig(DataOptions):
     seed: int = 42
 
     def resolved(self) -> dict:
-        if self.preset not in PRESETS:
-            raise ParameterError(f"preset: expected one of {tuple(PRESETS)}, got {self.preset!r}")
-        d = asdict(self)
-        for key, val in PRESETS[self.preset].items():
-            if d[key] is None:
-                d[key] = val
+        d = apply_preset(self, PRESETS)
         vals = tuple(d["archs"])
         if not vals or any(a not in ARCHS for a in vals) or len(set(vals)) != len(vals):
             raise ParameterError(f"archs: expected distinct values from {ARCHS}, got {list(vals)}")

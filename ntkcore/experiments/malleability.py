@@ -44,12 +44,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions
+from .pipeline import DataOptions, apply_preset
 from .. import malleability as mm
 
 ARCHS = ("relu", "attn")
@@ -96,12 +96,7 @@ class MalleabilityConfig(DataOptions):
 
     def resolved(self) -> dict:
         """Effective settings (preset filled in), validated; raises ParameterError."""
-        if self.preset not in PRESETS:
-            raise ParameterError(f"preset: expected one of {tuple(PRESETS)}, got {self.preset!r}")
-        d = asdict(self)
-        for key, val in PRESETS[self.preset].items():
-            if d[key] is None:
-                d[key] = val
+        d = apply_preset(self, PRESETS)
         for key, allowed in (("archs", ARCHS), ("attacks", ATTACKS),
                              ("interventions", INTERVENTIONS)):
             vals = tuple(d[key])

@@ -33,6 +33,17 @@ class DataOptions:
     n_test: int | None = None
 
 
+def apply_preset(cfg, presets: dict) -> dict:
+    """``asdict(cfg)`` with every None option filled from ``presets[cfg.preset]``."""
+    if cfg.preset not in presets:
+        raise ParameterError(f"preset: expected one of {tuple(presets)}, got {cfg.preset!r}")
+    d = asdict(cfg)
+    for key, val in presets[cfg.preset].items():
+        if d[key] is None:
+            d[key] = val
+    return d
+
+
 @dataclass
 class InfluenceConfig(DataOptions):
     """Options of ``ntkcore influence`` (same names, same defaults)."""
@@ -105,8 +116,6 @@ def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1
     -------
     (model, TrainResult)
     """
-    import torch  # noqa: F401  (the nn front end needs it)
-
     from ..nn import make_model, train
 
     X = dataset.X_train if X_train is None else X_train

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols, check_rows
+from .._validate import as_float_matrix, check_cols
 from ..backend import backend_for
 from ..errors import ParameterError, ShapeError
 from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
