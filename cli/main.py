@@ -28,6 +28,7 @@ def main():
               help='"10" all, "5" the first five, or a list such as "3,8" (binary).')
 @click.option("--n-train", type=int, default=None, help="Seeded training subset size (default all).")
 @click.option("--n-test", type=int, default=None, help="Seeded test subset size (default all).")
+@click.option("--dim", type=int, default=None, help="Input dimension of synthetic data (64).")
 @click.option("--arch", default="relu", show_default=True, type=click.Choice(["relu", "attn"]),
               help="relu = 2L-ReLU, attn = MLP-Attn (linearized attention).")
 @click.option("--width", type=int, default=1024, show_default=True, help="Hidden units m.")
@@ -58,7 +59,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace results already in the output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def influence(dataset, data_root, download, classes, n_train, n_test, arch, width, epochs,
+def influence(dataset, data_root, download, classes, n_train, n_test, dim, arch, width, epochs,
               preset, lam, device, seed, solver, rank, landmarks, tol, show, model_spec,
               weights, model_input, out_dir, overwrite, quiet):
     """Train the network, build its empirical NTK, and score every training point's
@@ -69,7 +70,7 @@ def influence(dataset, data_root, download, classes, n_train, n_test, arch, widt
     solver_options = {k: v for k, v in (("rank", rank), ("landmarks", landmarks), ("tol", tol))
                       if v is not None}
     cfg = InfluenceConfig(dataset=dataset.lower(), data_root=data_root, download=download,
-                          classes=classes, n_train=n_train, n_test=n_test, arch=arch,
+                          classes=classes, n_train=n_train, n_test=n_test, dim=dim, arch=arch,
                           width=width, epochs=epochs, preset=preset, lam=lam, device=device,
                           seed=seed, solver=solver, solver_options=solver_options, show=show)
     out_dir = out_dir or f"runs/influence-{cfg.dataset}-{arch}"

@@ -170,3 +170,11 @@ def test_approximate_solvers_from_the_cli(tmp_path, args, solver):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["solver"] == solver
     assert summary["solver_reason"]
+
+
+def test_synthetic_data_of_any_dimension(tmp_path):
+    r = invoke("influence", "--dataset", "synthetic", "--dim", 30, "--n-train", 80, "--n-test", 4,
+               "--out", tmp_path / "o", *TINY)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["data"]["dim"] == 30
+    one_line_error(invoke("influence", "--dim", 30, "--out", tmp_path / "p", *TINY), "dim")

@@ -207,7 +207,10 @@ def _figure(ds, scores, shown, k, path):
             if img is None:
                 img = ds.as_images(ds.pixels_train[[i]])[0]
                 title = f"{kind} {ds.class_names[int(ds.y_train[i])]}\n{title}"
-            ax.imshow(np.clip(img, 0, 1), cmap="gray" if gray else None)
+            img = np.clip(img, 0, 1)
+            strip = img.ndim == 1  # synthetic data of a non-square dimension
+            ax.imshow(img[None, :] if strip else img, cmap="gray" if gray else None,
+                      aspect="auto" if strip else "equal")
             ax.set_title(title, fontsize=6)
             ax.axis("off")
     fig.suptitle("Most helpful (+) and harmful (-) training points per test point", fontsize=8)

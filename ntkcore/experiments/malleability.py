@@ -370,7 +370,7 @@ def load_for(cfg, s):
     from ..data import load_dataset
 
     kw = dict(root=s["data_root"], classes=s["classes"], n_test=s["n_test"], seed=s["seed"],
-              download=s["download"])
+              download=s["download"], dim=s.get("dim"))
     n = s["n_train"]
     if cfg.n_train is None and n is not None:
         available = load_dataset(s["dataset"], n_train=None, **{**kw, "n_test": 0}).n_train

@@ -31,6 +31,7 @@ class DataOptions:
     classes: str = "10"
     n_train: int | None = None
     n_test: int | None = None
+    dim: int | None = None  # synthetic only
 
 
 def apply_preset(cfg, presets: dict) -> dict:
@@ -93,7 +94,7 @@ def load_data(cfg: InfluenceConfig):
     from ..data import load_dataset
     return load_dataset(cfg.dataset, root=cfg.data_root, classes=cfg.classes,
                         n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed,
-                        download=cfg.download)
+                        download=cfg.download, dim=cfg.dim)
 
 
 def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1e-3,

@@ -97,7 +97,8 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
     out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     t0 = time.perf_counter()
     ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
-                      n_train=s["n_train"], n_test=0, seed=s["seed"], download=s["download"])
+                      n_train=s["n_train"], n_test=0, seed=s["seed"], download=s["download"],
+                      dim=s.get("dim"))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} d={ds.dim}")
     rep = spectrum_report(ds.X_train, seed=s["seed"])
