@@ -132,3 +132,25 @@ def test_spectrum_command_end_to_end(tmp_path):
                                       "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and r.output.startswith("error: dataset")
     assert r.output.strip().count("\n") == 0
+
+
+def test_interrupted_malleability_keeps_finished_runs(tmp_path, monkeypatch):
+    import json
+
+    import ntkcore.experiments.malleability as mm
+    real = mm.evaluate_model
+    calls = []
+
+    def second_arch_fails(model, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(mm, "evaluate_model", second_arch_fails)
+    cfg = mm.MalleabilityConfig(n_train=60, n_test=10, test_points=2, width=16, epochs=1,
+                                attacks=("fgsm",), interventions=("transformed",))
+    with pytest.raises(KeyboardInterrupt):
+        mm.run_malleability(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
+    partial = json.loads((tmp_path / "o" / mm.PARTIAL_FILE).read_text())
+    assert partial["complete"] is False and [r["arch"] for r in partial["runs"]] == ["relu"]

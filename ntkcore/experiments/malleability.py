@@ -413,6 +413,8 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
                      final_objective=tr.history[-1] if tr.history else None)
             scores[f"{arch}_{mode}"] = r.pop("_scores")
             runs.append(r)
+            if out is not None:  # a long run keeps what it finished if it stops later
+                _write_partial(out, s, runs)
     results = {"command": "malleability", "config": s,
                "data": {"name": ds.name, "classes": list(ds.classes),
                         "class_names": list(ds.class_names), "n_train": ds.n_train,
@@ -423,9 +425,21 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     results["table"] = format_table(results)
     if out is not None:
         _write_outputs(out, results, scores)
+        (out / PARTIAL_FILE).unlink(missing_ok=True)
     for r in runs:
         r.pop("_deciles", None)
     return results
+
+
+PARTIAL_FILE = "partial_results.json"
+
+
+def _write_partial(out, s, runs):
+    """Finished (architecture, training) runs so far, rewritten atomically after each one."""
+    from .output import atomic_write_json
+    done = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+    atomic_write_json(out / PARTIAL_FILE, {"command": "malleability", "config": s,
+                                           "complete": False, "runs": done})
 
 
 def _fmt(summary, scale=1.0, digits=1):
