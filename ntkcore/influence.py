@@ -74,19 +74,6 @@ def influence_scores(B, diag_inv, alpha, residuals):
     return influence_scores_fused(B, diag_inv, alpha, residuals)
 
 
-def top_k_indices(scores, k: int):
-    """(T, k) indices of the largest and of the smallest scores per row, each sorted."""
-    xp = backend_for(scores).xp
-    k = min(k, scores.shape[1])
-    part_hi = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
-    part_lo = xp.argpartition(scores, k - 1, axis=1)[:, :k]
-    hi_vals = xp.take_along_axis(scores, part_hi, axis=1)
-    lo_vals = xp.take_along_axis(scores, part_lo, axis=1)
-    hi = xp.take_along_axis(part_hi, xp.argsort(-hi_vals, axis=1), axis=1)
-    lo = xp.take_along_axis(part_lo, xp.argsort(lo_vals, axis=1), axis=1)
-    return hi, lo
-
-
 def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto", *,
                   top_k: int | None = None, keep_scores: bool = True, check: bool = True,
                   overwrite_k: bool = False, **solver_options) -> InfluenceResult:
