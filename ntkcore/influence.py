@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validate import as_float_matrix, check_positive, check_rows, check_square_symmetric
-from .backend import backend_for
 from .errors import ParameterError, ShapeError
 from .solvers import get_solver
 from .solvers.base import Timer
