@@ -23,6 +23,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 import ntkcore as nc
+from _problems import influence_problem
 
 
 def best_of(fn, repeat):
@@ -44,15 +45,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--lam", type=float, default=1e-3)
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     n, d, m, T, C = args.n, args.d, args.m, args.T, args.C
-    X = rng.standard_normal((n, d))
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    Xt = rng.standard_normal((T, d))
-    Xt /= np.linalg.norm(Xt, axis=1, keepdims=True)
-    W = 0.01 * rng.standard_normal((m, d))
-    Y = np.eye(C)[rng.integers(0, C, n)]
-    Yt = np.eye(C)[rng.integers(0, C, T)]
+    X, Xt, W, Y, Yt = influence_problem(np, n, T, C, d, m, seed=0)
 
     rows = []
     # 1. eNTK assembly vs BLAS floor

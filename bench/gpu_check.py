@@ -31,6 +31,9 @@ import traceback
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _problems import influence_problem  # noqa: E402
+
 ROWS: list[tuple] = []
 NOTES: list[str] = []
 T_START = time.perf_counter()
@@ -241,13 +244,7 @@ def check_pipeline(cp, rng):
     """ntkcore.loo_influence on CuPy inputs vs the same call on NumPy inputs."""
     import ntkcore as nc
     n, T, C, d, m = 3000, 100, 10, 64, 256
-    X = rng.standard_normal((n, d))
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    Xt = rng.standard_normal((T, d))
-    Xt /= np.linalg.norm(Xt, axis=1, keepdims=True)
-    W = 0.01 * rng.standard_normal((m, d))
-    Y = np.eye(C)[rng.integers(0, C, n)]
-    Yt = np.eye(C)[rng.integers(0, C, T)]
+    X, Xt, W, Y, Yt = influence_problem(np, n, T, C, d, m, seed=int(rng.integers(2**31)))
     cpu = nc.loo_influence(nc.relu_ntk(X, W), Y, nc.relu_ntk(Xt, W, X), Yt, lam=1e-3,
                            top_k=5, check=False)
     Xd, Wd = cp.asarray(X), cp.asarray(W)
@@ -326,15 +323,7 @@ def gemm_rate(cp, size=8192):
 
 
 def _influence_problem(cp, n, T, C, d, m, seed):
-    rs = cp.random.default_rng(seed)
-    X = rs.standard_normal((n, d))
-    X /= cp.linalg.norm(X, axis=1, keepdims=True)
-    Xt = rs.standard_normal((T, d))
-    Xt /= cp.linalg.norm(Xt, axis=1, keepdims=True)
-    W = 0.01 * rs.standard_normal((m, d))
-    Y = cp.eye(C)[rs.integers(0, C, n)]
-    Yt = cp.eye(C)[rs.integers(0, C, T)]
-    return X, Xt, W, Y, Yt
+    return influence_problem(cp, n, T, C, d, m, seed)
 
 
 def ours_pipeline(cp, prob, lam):
