@@ -125,7 +125,8 @@ def _scores_reference(B, dinv, alpha, R):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T,n,C", [(7, 1000, 3), (1, 1, 1), (20, 513, 10), (9, 2000, 1)])
+@pytest.mark.parametrize("T,n,C", [(7, 1000, 3), (1, 1, 1), (20, 513, 10), (9, 2000, 1),
+                                   (6, 4100, 4), (5, 300, 33)])
 def test_influence_scores_fused_matches_formula(backend, T, n, C):
     rng = np.random.default_rng(T + n + C)
     B, dinv, alpha, R = _scoring_problem(rng, T, n, C)
@@ -155,7 +156,8 @@ def test_fused_scores_equal_loo_by_refitting(rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,n,C,k", [(6, 1000, 3, 5), (3, 700, 2, 16), (4, 300, 1, 1),
-                                     (2, 40, 3, 100), (3, 600, 4, 17)])
+                                     (2, 40, 3, 100), (3, 600, 4, 17),
+                                     (6, 300_000, 2, 3), (5, 500, 33, 5)])
 @pytest.mark.parametrize("keep", [False, True])
 def test_topk_matches_stable_argsort(backend, T, n, C, k, keep):
     rng = np.random.default_rng(k + n)

@@ -15,8 +15,9 @@ import numpy as np
 
 from ..backend import Backend
 from ..ntk.tiling import DEFAULT_TEMP_FRACTION, tile_rows, tiles
+from .numba_scoring import MAX_SPECIALISED_C
 
-_EMPTY = np.empty((0, 0))
+_TOPK_CHUNK_BYTES = 8 << 20  # scores of one CPU top-k chunk: stays in a 16-32 MB L3
 
 
 @dataclass
@@ -75,8 +76,7 @@ def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
         from . import cuda
         cuda.influence_scores(B, dinv, half_sq, alphaT, R, out)
     else:
-        from . import numba_kernels as nk
-        nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+        _scores_cpu(B, dinv, half_sq, alphaT, R, out)
     return out
 
 
@@ -107,9 +107,8 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     if T == 0 or k == 0:
         return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
     if be.name == "cpu":
-        from . import numba_kernels as nk
-        nk.influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val,
-                          out if keep_scores else _EMPTY, keep_scores)
+        _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val,
+                          out if keep_scores else None)
     else:
         from . import cuda
         if k <= cuda.TOPK_MAX:
@@ -119,6 +118,31 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
             _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
                               lo_val, out if keep_scores else None)
     return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
+
+
+def _scores_cpu(B, dinv, half_sq, alphaT, R, out):
+    """Numba scoring: the kernel specialised for this class count C when C is small (four
+    test rows per loop, residuals in registers), else the generic one."""
+    C = alphaT.shape[0]
+    if 1 <= C <= MAX_SPECIALISED_C:
+        from .numba_scoring import scoring_kernel
+        scoring_kernel(C)(B, 1.0 / dinv, half_sq, alphaT, R, out)
+    else:
+        from . import numba_kernels as nk
+        nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+
+
+def _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
+    """Top-k on the CPU: score a chunk of test rows (small enough to stay in the last-level
+    cache, or straight into ``S`` when the scores are kept), then scan it with two heaps."""
+    from . import numba_kernels as nk
+    T, n = B.shape
+    rows = max(4, min(T, _TOPK_CHUNK_BYTES // max(1, n * B.itemsize)) // 4 * 4)
+    buf = None if S is not None else np.empty((min(rows, T), n), dtype=B.dtype)
+    for t0, t1 in tiles(T, rows):
+        chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
+        _scores_cpu(B[t0:t1], dinv, half_sq, alphaT, R[t0:t1], chunk)
+        nk.topk_scan(chunk, k, hi_idx[t0:t1], hi_val[t0:t1], lo_idx[t0:t1], lo_val[t0:t1])
 
 
 def _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
