@@ -44,7 +44,7 @@ def _prepare(B, diag_inv, alpha, residuals, xp):
         B = xp.ascontiguousarray(B)
     dinv = xp.ascontiguousarray(diag_inv, dtype=dt).reshape(-1)
     alpha = alpha.reshape(alpha.shape[0], -1)
-    half_sq = xp.ascontiguousarray(0.5 * (alpha * alpha).sum(axis=1), dtype=dt)
+    half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", alpha, alpha), dtype=dt)
     alphaT = xp.ascontiguousarray(alpha.T, dtype=dt)
     R = xp.ascontiguousarray(residuals.reshape(residuals.shape[0], -1), dtype=dt)
     return B, dinv, half_sq, alphaT, R
