@@ -114,12 +114,14 @@ def main(argv=None):
         U = B / dinv[None, :]
         return U * (U * (0.5 * (alpha * alpha).sum(1))[None, :] - R @ alpha.T)
 
+    # The NumPy formula runs in its own rounds: its BLAS GEMM leaves OpenBLAS's threads
+    # spinning for a while, which steals the cores from whichever Numba kernel runs next.
     r = interleaved({
         "pass": lambda: np.multiply(B, 1.0001, out=S),
         "fused": lambda: influence_scores_fused(B, dinv, alpha, R, out=S),
         "topk": lambda: influence_topk_fused(B, dinv, alpha, R, 10),
-        "numpy": numpy_scores,
     }, 5 * args.repeat)
+    r.update(interleaved({"numpy": numpy_scores}, 5 * args.repeat))
     gbs = 2 * B.nbytes / r["pass"][0] / 1e9
     base = r["pass"][0]
     rows.append((f"influence scores fused T={T} n={n} C={C}", r["fused"],
