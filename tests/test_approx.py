@@ -70,8 +70,11 @@ def test_nystrom_full_rank_equals_exact_influence(landmarks, diag_correction):
     K = relu_ntk_naive(X, W)
     Kt = relu_ntk_naive(Xt, W, X)
     exact = nc.loo_influence(K, Y, Kt, Yt, lam=LAM, solver="exact")
-    approx = nc.loo_influence(op, Y, Kt, Yt, lam=LAM, solver="nystrom", rank=X.shape[0],
-                              landmarks=landmarks, diag_correction=diag_correction)
+    with warnings.catch_warnings():  # nothing is missed at full rank: no accuracy warning
+        warnings.simplefilter("error", UserWarning)
+        approx = nc.loo_influence(op, Y, Kt, Yt, lam=LAM, solver="nystrom", rank=X.shape[0],
+                                  landmarks=landmarks, diag_correction=diag_correction)
+    assert approx.diagnostics["missed_over_lam"] < 1e-6
     assert approx.solver == "nystrom"
     assert approx.diagnostics["rank"] == X.shape[0]
     # At r = n, K_hat = K up to the dropped-pivot tolerance (1e-12 max diag) and rounding.
@@ -94,7 +97,10 @@ def test_nystrom_low_rank_is_exact_for_its_own_approximation(diag_correction):
     if diag_correction:
         Ahat += np.diag(np.diag(K - Khat))
     Ahat_inv = np.linalg.inv(Ahat)
-    fit = nystrom_fit(K, Y, LAM, rank=30, seed=3, diag_correction=diag_correction)
+    with pytest.warns(UserWarning, match="landmarks miss"):  # tr(K - K_hat)/n >> lam here
+        fit = nystrom_fit(K, Y, LAM, rank=30, seed=3, diag_correction=diag_correction)
+    assert fit.diagnostics["missed_over_lam"] == pytest.approx(
+        np.trace(K - Khat) / (120 * LAM), rel=1e-8)
     # kappa(A_hat) <= ~1e5: a dense inverse is accurate to ~1e-11 relative.
     assert_close(fit.alpha, Ahat_inv @ Y, rtol=1e-9, what="alpha")
     assert_close(fit.diag_inv, np.diag(Ahat_inv), rtol=1e-9, what="diag")
