@@ -180,6 +180,41 @@ def test_topk_matches_stable_argsort(backend, T, n, C, k, keep):
         assert res.scores is None
 
 
+def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypatch):
+    """The per-C CPU scoring source goes to $NTKCORE_CACHE/kernels, is named by a hash of its
+    text, is not rewritten by a second process-level load, and computes the formula."""
+    from ntkcore.kernels import numba_scoring
+    monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
+    numba_scoring.scoring_kernel.cache_clear()
+    try:
+        kern = numba_scoring.scoring_kernel(2)
+        files = list((tmp_path / "kernels").glob("score_c2_*.py"))
+        assert len(files) == 1 and "C = 2" in files[0].read_text()
+        stamp = files[0].stat().st_mtime_ns
+        numba_scoring.scoring_kernel.cache_clear()
+        assert numba_scoring._write_source(files[0].name, numba_scoring._render(2)) == files[0]
+        assert files[0].stat().st_mtime_ns == stamp  # same text: left alone
+        rng = np.random.default_rng(5)
+        B, dinv, alpha, R = _scoring_problem(rng, 9, 70, 2)
+        out = np.full_like(B, np.nan)
+        kern(B, 1.0 / dinv, 0.5 * (alpha ** 2).sum(1), np.ascontiguousarray(alpha.T), R, out)
+        assert_close(out, _scores_reference(B, dinv, alpha, R), what="generated kernel")
+    finally:
+        numba_scoring.scoring_kernel.cache_clear()
+
+
+def test_generated_scoring_source_falls_back_when_the_cache_is_unwritable(tmp_path,
+                                                                           monkeypatch):
+    from ntkcore.kernels import numba_scoring
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NTKCORE_CACHE", str(blocker))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(numba_scoring.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = numba_scoring._write_source("score_test.py", "x = 1\n")
+    assert path.parent.parent == tmp_path / "tmp" and path.read_text() == "x = 1\n"
+
+
 # ----------------------------------------------------------------------------- memory
 def test_output_that_cannot_fit_is_refused_up_front():
     X = np.zeros((3_000_000, 2))  # K would need 72 TB
