@@ -128,7 +128,9 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     choose, fit_fn = get_solver(solver)
     name, options, reason = choose(K, lam, **solver_options)
     timer = Timer()
-    fit = fit_fn(name)(K, Y, lam, check=check, overwrite_k=overwrite_k, timer=timer, **options)
+    eager = {"K_test": K_test} if name == "exact" else {}  # packed storage solves it in the fit
+    fit = fit_fn(name)(K, Y, lam, check=check, overwrite_k=overwrite_k, timer=timer, **options,
+                       **eager)
     B = fit.right_solve(K_test)
     with timer("scoring"):
         predictions = K_test @ fit.alpha

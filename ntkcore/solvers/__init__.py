@@ -22,8 +22,16 @@ def fit_function(name: str):
 
 
 def _dense_adapter(exact_fit):
-    """The exact solver needs the dense matrix: operators are materialised (after auto's check)."""
-    def fit(K, Y, lam, **kw):
+    """The exact solver: dense storage (operators materialised after auto's check), or packed
+    storage (``storage="packed"``: CPU, K assembled straight into half the memory)."""
+    def fit(K, Y, lam, *, storage: str | None = None, K_test=None, **kw):
+        if storage == "packed":
+            from .exact_packed import packed_exact_fit
+            from .landmarks import as_operator
+            fit = packed_exact_fit(as_operator(K), Y, lam, K_test=K_test,
+                                   check=kw.get("check", True), timer=kw.get("timer"))
+            fit.diagnostics["symmetry_rel"] = 0.0  # one triangle is all that is stored
+            return fit
         if not hasattr(K, "ndim"):
             timer = kw.get("timer")
             if timer is not None:

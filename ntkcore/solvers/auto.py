@@ -1,4 +1,5 @@
-"""Solver choice: exact when the float64 n x n work fits comfortably, else Nystrom.
+"""Solver choice: exact when the float64 n x n work fits comfortably (dense, else packed),
+else Nystrom.
 
 ``choose_solver(K, lam, requested="auto", memory_budget=None, **options)`` returns
 ``(name, options, reason)``; the reason is printed by the CLI and stored in summary.json.
@@ -7,15 +8,18 @@ Memory model (bytes, float64):
 
 - exact: ``EXACT_COPIES`` (2) n x n arrays (K or its materialised copy, and the factor / its
   triangular inverse), i.e. 16 n^2;
+- exact in packed storage: n (n + 1) / 2 float64 and one assembly tile, about 4 n^2;
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
   (r, r) Gram matrix and its Cholesky factor, and two (n, 128) column blocks:
   8 (2 n r + 2 r^2 + 256 n).
 
 "Comfortably" means within ``COMFORT`` (70 %) of the budget; the budget is ``memory_budget``
 when given, else the free memory of the device K lives on (host RAM for NumPy inputs).
-``auto`` picks exact when it fits, else Nystrom (randomly pivoted Cholesky landmarks) at the
-largest rank whose factor fits, at most ``AUTO_MAX_RANK`` unless ``rank`` is given. A request
-that cannot fit at all is refused up front with :class:`MemoryBudgetError`.
+``auto`` picks exact when it fits, else (CPU, kernel operator) exact in packed storage
+(``storage="packed"``, see exact_packed.py) when that fits, else Nystrom (randomly pivoted
+Cholesky landmarks) at the largest rank whose factor fits, at most ``AUTO_MAX_RANK`` unless
+``rank`` is given. A request that cannot fit at all is refused up front with
+:class:`MemoryBudgetError`.
 """
 
 from __future__ import annotations
@@ -38,16 +42,30 @@ MIN_RANK = 16
 AUTO_MAX_RANK = 8192
 #: Options each solver accepts (besides check / overwrite_k / timer).
 SOLVER_OPTIONS = {
-    "exact": (),
+    "exact": ("storage",),
     "nystrom": ("rank", "landmarks", "seed", "diag_correction"),
     "cg": ("rank", "landmarks", "seed", "diag_correction", "tol", "atol", "maxiter", "probes",
            "progress"),
 }
-_ALL_OPTIONS = sorted(set(SOLVER_OPTIONS["nystrom"]) | set(SOLVER_OPTIONS["cg"]))
+_ALL_OPTIONS = sorted(set().union(*SOLVER_OPTIONS.values()))
 
 
 def exact_bytes(n: int) -> int:
     return EXACT_COPIES * 8 * n * n
+
+
+def packed_exact_bytes(n: int) -> int:
+    """The packed exact solver: n (n + 1) / 2 float64 plus one assembly tile."""
+    from .exact_packed import TILE_BYTES, packed_bytes
+    return packed_bytes(n) + min(TILE_BYTES, 8 * n * n)
+
+
+def _packed_possible(K) -> bool:
+    """Packed storage needs the CPU (LAPACK RFP routines), an operator to assemble from, and
+    n (n + 1) / 2 within LAPACK's 32-bit indices."""
+    from .exact_packed import MAX_PACKED_N
+    return (not hasattr(K, "ndim") and K.shape[0] <= MAX_PACKED_N
+            and backend_for(getattr(K, "X", None)).name == "cpu")
 
 
 def nystrom_bytes(n: int, rank: int) -> int:
@@ -130,6 +148,24 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     need = exact_bytes(n)
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
+        storage = opts.get("storage")
+        if storage not in (None, "dense", "packed"):
+            raise ParameterError(f"storage: expected 'dense' or 'packed', got {storage!r}")
+        if storage == "packed" and not _packed_possible(K):
+            raise ParameterError("storage='packed' needs a kernel operator on the CPU (K is "
+                                 "assembled straight into packed form) with n <= 65535")
+        packed_fits = _packed_possible(K) and packed_exact_bytes(n) <= COMFORT * budget
+        if storage is None and need > COMFORT * budget and packed_fits:
+            storage = "packed"
+        if storage == "packed":
+            if packed_exact_bytes(n) > budget:
+                raise MemoryBudgetError(
+                    f"exact: n={n} needs {_gib(packed_exact_bytes(n))} even in packed storage, "
+                    f"over the {_gib(budget)} budget ({source})",
+                    needed_bytes=packed_exact_bytes(n), budget_bytes=int(budget))
+            opts["storage"] = "packed"
+            return "exact", opts, ("solver='exact' requested; packed storage "
+                                   f"({_gib(packed_exact_bytes(n))})" + _note(dropped))
         if need / EXACT_COPIES > budget:
             n_fit = int(math.sqrt(budget / 8))
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
@@ -139,6 +175,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                 f"n x n array, over the {_gib(budget)} budget ({source}); n <= {n_fit} would "
                 f"fit, or use {alt}",
                 needed_bytes=need // EXACT_COPIES, budget_bytes=int(budget), n_fit=n_fit)
+        opts.pop("storage", None)
         return "exact", opts, "solver='exact' requested" + _note(dropped)
     if requested in ("nystrom", "cg"):
         opts, dropped = _split_options(requested, options)
@@ -154,9 +191,17 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     # auto
     if need <= COMFORT * budget:
         opts, dropped = _split_options("exact", options)
+        opts.pop("storage", None)
         return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "
                                f"factorisation, within {COMFORT:.0%} of the {_gib(budget)} "
                                f"budget ({source})" + _note(dropped))
+    if _packed_possible(K) and packed_exact_bytes(n) <= COMFORT * budget:
+        opts, dropped = _split_options("exact", options)
+        opts["storage"] = "packed"
+        return "exact", opts, (f"exact in packed storage: n={n} needs "
+                               f"{_gib(packed_exact_bytes(n))} (dense would need {_gib(need)}), "
+                               f"within {COMFORT:.0%} of the {_gib(budget)} budget ({source}); "
+                               f"about n^3 flops" + _note(dropped))
     opts, dropped = _split_options("nystrom", options)
     if r_fit < MIN_RANK:
         raise MemoryBudgetError(

@@ -123,6 +123,36 @@ class CachedReluNTK:
         Hi = self.H[i0:i1] if self.train_a else None
         return self._rows_block(self.X[i0:i1], self.S[i0:i1].astype(np.float32), Hi)
 
+    def block(self, i0, i1, j0, j1):
+        """K[i0:i1, j0:j1] from the cached patterns (column tiles of at most COL_TILE).
+
+        On the CPU without the output-layer term: one GEMM X_i X_j^T into the result and the
+        fused Numba pass multiplying popcount(P_i & P_j) / m in (kernel 1), from bit-packed
+        patterns kept beside S (n m / 8 bytes more).
+        """
+        if self.xp is np and not self.train_a:
+            return self._block_packed_bits(i0, i1, j0, j1)
+        Hi = self.H[i0:i1] if self.train_a else None
+        Si = self.S[i0:i1].astype(np.float32)
+        out = self.xp.empty((i1 - i0, j1 - j0), dtype=np.float64)
+        for c0, c1 in tiles(j1 - j0, self.COL_TILE):
+            out[:, c0:c1] = self._tile(self.X[i0:i1], Si, Hi, slice(j0 + c0, j0 + c1))
+        return out
+
+    def _block_packed_bits(self, i0, i1, j0, j1):
+        from ..backend import Backend
+        from ..kernels import numba_kernels as nk
+        from ..kernels.assembly import CPU_PASS_TILE, pack_activations
+        if getattr(self, "_PT", None) is None:
+            self._PT = pack_activations(self.X, self.W, Backend("cpu"), tile=self.tile)
+        out = np.empty((i1 - i0, j1 - j0))
+        np.matmul(self.X[i0:i1], self.X[j0:j1].T, out=out)
+        PTi = np.ascontiguousarray(self._PT[:, i0:i1])
+        PTj = np.ascontiguousarray(self._PT[:, j0:j1])
+        pairs = nk.tile_pairs(i1 - i0, j1 - j0, CPU_PASS_TILE, False)
+        nk.entk_scale(out, PTi, PTj, 1.0 / self.m, False, False, pairs)
+        return out
+
     def matmat(self, V):
         """K @ V for V (n, k), one (tile, n) block at a time: memory O(tile * n)."""
         V = self.xp.asarray(V)

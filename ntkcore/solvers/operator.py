@@ -4,6 +4,7 @@ An operator has ``n``, ``dtype``, ``shape``, and
 
 - ``diag()``          (n,)      K_ii
 - ``columns(idx)``    (n, r)    K[:, idx]
+- ``block(i0, i1, j0, j1)``     K[i0:i1, j0:j1] (the packed exact solver's tiles)
 - ``matmat(V)``       (n, k)    K @ V, assembled tile by tile (memory O(n * tile))
 - ``cross(X_query)``  (T, n)    the test block K(X_query, X) as a dense array
 - ``dense()``         (n, n)    the whole matrix (only when it fits; the exact solver's input)
@@ -37,6 +38,9 @@ class DenseKernel:
 
     def columns(self, idx):
         return self.K[:, idx]
+
+    def block(self, i0, i1, j0, j1):
+        return self.K[i0:i1, j0:j1]
 
     def matmat(self, V):
         return self.K @ V
@@ -85,6 +89,10 @@ class ReluNTKOperator:
 
     def rows(self, i0: int, i1: int):
         return relu_ntk(self.X[i0:i1], self.W, self.X, train_a=self.train_a, tile=self.tile)
+
+    def block(self, i0, i1, j0, j1):
+        return relu_ntk(self.X[i0:i1], self.W, self.X[j0:j1], train_a=self.train_a,
+                        tile=self.tile)
 
     def matmat(self, V):
         """K @ V for V (n, k), one (tile, n) block of K at a time."""

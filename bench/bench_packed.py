@@ -1,0 +1,121 @@
+"""Exact LOO influence in packed (RFP) storage against its flop floor and the dense exact path.
+
+Fashion-MNIST (Debian files), 10 classes, n training x T test images, inputs preprocessed as
+the models see them, kernel = closed-form eNTK of the width-m two-layer ReLU net with W at
+initialisation (the setting of bench_approx.py), lam = 1e-3, check=True (A.8 checks on).
+
+Measured in one run:
+
+- packed: ``loo_influence(op, ..., solver="exact", storage="packed")`` wall time, stage times
+  and peak RSS growth;
+- floor: the float64 flops it cannot avoid, at the DGEMM rate measured here: the lower
+  triangle of X X^T (n^2 d / 2), Cholesky n^3 / 3, solves 2 n^2 (T + C), triangular inverse
+  n^3 / 3 (2 n^3 / 3 when the dpftri fallback ran). The pattern counts (popcount, integer
+  work) are not counted, so the floor is a little low;
+- ``--dense``: the dense exact path on the same data (needs 16 n^2 bytes), and the largest
+  difference of the scores;
+- ``--nystrom-ranks``: Nystrom influence at those ranks scored against the packed exact
+  result with bench_approx's metrics (Spearman, top-10 % overlap, flip rate).
+
+    python bench/bench_packed.py --n 10000 --dense
+    python bench/bench_packed.py --n 60000 --nystrom-ranks 4000   # all of Fashion-MNIST
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_approx import init_w, load, metrics, run  # noqa: E402
+
+from ntkcore.solvers.operator import ReluNTKOperator  # noqa: E402
+
+
+def gemm_rate(dtype, size=4096, repeat=3):
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(dtype)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def rss_gib(field="VmHWM:"):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--lam", type=float, default=1e-3)
+    p.add_argument("--dense", action="store_true", help="also run the dense exact path")
+    p.add_argument("--nystrom-ranks", type=lambda s: [int(x) for x in s.split(",") if x],
+                   default=[])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    out = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "argv": sys.argv[1:],
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    r64 = gemm_rate(np.float64)
+    print(f"DGEMM rate: {r64 / 1e9:.1f} GFLOP/s (4096^3, best of 3)")
+    X, Xt, Y, Yt = load(args.n, args.n_test)
+    n, d = X.shape
+    T, C, m = Xt.shape[0], Y.shape[1], args.width
+    W = init_w(d, m)
+    op = ReluNTKOperator(X, W)
+    t0 = time.perf_counter()
+    Kt = op.cross(Xt)
+    t_kt = time.perf_counter() - t0
+    rss0 = rss_gib("VmRSS:")
+    res, t_packed = run("packed", op, Y, Kt, Yt, args.lam, solver="exact", storage="packed")
+    growth = rss_gib() - rss0
+    inverse = 1 if res.diagnostics["diag_inv_method"].startswith("dtftri") else 2
+    f64 = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + inverse * n ** 3 / 3
+    floor = f64 / r64
+    out.update({"n": n, "T": T, "C": C, "d": d, "m": m, "gflops64": r64 / 1e9,
+                "time_K_test": t_kt, "time_packed": t_packed,
+                "floor_s": floor, "ratio_floor": t_packed / floor, "rss_growth_gib": growth,
+                "stages": res.timings, "checks": res.diagnostics.get("checks"),
+                "solver_reason": res.diagnostics.get("solver_reason")})
+    print(f"packed exact n={n} T={T}: {t_packed:.1f} s (K_test {t_kt:.1f} s apart), floor "
+          f"{floor:.1f} s ({f64:.2e} flop) -> {t_packed / floor:.2f}x; "
+          f"peak RSS growth {growth:.2f} GiB; stages "
+          + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
+          + f"; A.8 {res.diagnostics.get('checks')}", flush=True)
+    if args.dense:
+        dense, t_dense = run("dense", op, Y, Kt, Yt, args.lam, solver="exact", storage="dense")
+        diff = float(np.abs(dense.scores - res.scores).max() / np.abs(dense.scores).max())
+        out.update({"time_dense": t_dense, "packed_over_dense": t_packed / t_dense,
+                    "max_rel_diff": diff})
+        print(f"dense exact: {t_dense:.1f} s; packed / dense {t_packed / t_dense:.2f}; "
+              f"max |scores diff| / max |score| {diff:.1e}", flush=True)
+        del dense
+    rows = []
+    for r in args.nystrom_ranks:
+        approx, t_ny = run(f"nystrom {r}", op, Y, Kt, Yt, args.lam, solver="nystrom", rank=r,
+                           landmarks="rpcholesky")
+        row = {"rank": r, "time": t_ny, **metrics(approx, res)}
+        rows.append(row)
+        print(f"nystrom r={r}: {t_ny:.1f} s; " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                         row.items()), flush=True)
+    out["nystrom"] = rows
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
