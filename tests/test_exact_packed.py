@@ -110,21 +110,28 @@ def test_auto_picks_packed_between_dense_and_nystrom():
     assert choose_solver(relu_ntk_naive(X, W), LAM, memory_budget=middle)[0] == "nystrom"
 
 
-def test_dtftri_and_dpftri_give_the_same_diagonal(monkeypatch):
-    """diag(A^-1) from L^-1's column norms (dtftri through SciPy's Cython LAPACK) equals the
-    diagonal of A^-1 formed by dpftri, the fallback."""
-    from ntkcore.solvers import exact_packed
+def test_cython_lapack_route_matches_scipys_wrappers():
+    """The ctypes calls into scipy.linalg.cython_lapack (used because SciPy's Python wrappers
+    of the RFP routines refuse n > 46 340) give what SciPy's own wrappers give."""
+    from ntkcore.solvers.exact_packed import _call
     rng = np.random.default_rng(3)
     for n in (9, 10):
-        K = _spd(rng, n)
-        fit = packed_exact_fit(DenseKernel(K), np.ones((n, 1)), LAM, check=False)
-        assert fit.diagnostics["diag_inv_method"].startswith("dtftri")
-        monkeypatch.setattr(exact_packed, "_cython_lapack", lambda name: None)
-        slow = packed_exact_fit(DenseKernel(K), np.ones((n, 1)), LAM, check=False)
-        monkeypatch.undo()
-        assert slow.diagnostics["diag_inv_method"].startswith("dpftri")
-        assert_close(fit.diag_inv, slow.diag_inv, rtol=1e-12, what="dtftri vs dpftri")
-        assert_close(fit.diag_inv, np.diag(np.linalg.inv(K + LAM * np.eye(n))), rtol=1e-10)
+        A = _spd(rng, n) + LAM * np.eye(n)
+        arf, _ = lapack.dtrttf(A, transr="N", uplo="L")
+        ref, info = lapack.dpftrf(n, arf, transr="N", uplo="L")
+        ours = arf.copy()
+        assert info == 0 and _call("dpftrf", b"N", b"L", n, ours) == 0
+        assert np.array_equal(ours, ref)
+        B = np.asfortranarray(rng.standard_normal((n, 3)))
+        x_ref, _ = lapack.dpftrs(n, ref, B, transr="N", uplo="L")
+        assert _call("dpftrs", b"N", b"L", n, 3, ours, B, n) == 0  # in place on B
+        assert_close(B, x_ref, rtol=1e-13, what="dpftrs")
+        assert _call("dtftri", b"N", b"L", b"N", n, ours) == 0
+        Linv, _ = lapack.dtfttr(n, ours, transr="N", uplo="L")
+        assert_close(np.tril(Linv), np.linalg.inv(np.linalg.cholesky(A)), rtol=1e-10,
+                     what="dtftri")
+    with pytest.raises(NotPSDError, match="packed Cholesky"):
+        packed_exact_fit(DenseKernel(-np.eye(4)), np.ones((4, 1)), LAM)
 
 
 def test_packed_requests_are_validated():
@@ -136,9 +143,6 @@ def test_packed_requests_are_validated():
         choose_solver(relu_ntk_naive(X, W), LAM, requested="exact", storage="packed")
     with pytest.raises(MemoryBudgetError, match="packed storage"):
         choose_solver(op, LAM, requested="exact", storage="packed", memory_budget=1000)
-    bad = DenseKernel(-np.eye(5))
-    with pytest.raises(NotPSDError, match="packed Cholesky"):
-        packed_exact_fit(bad, np.ones((5, 1)), LAM)
 
 
 def test_packed_fit_never_holds_a_dense_matrix():

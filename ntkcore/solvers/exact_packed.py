@@ -17,7 +17,9 @@ Order of work (the inverse overwrites the factor, so everything that needs the f
 4. A.8 checks from solves: the inverse residual on the probes, lambda_min by subspace
    iteration on A^-1 (6 steps of 8 vectors); kappa from ||A||_1 / lambda_min(A)
 5. ``dtftri``: L^-1 in place; diag(A^-1) = squared column norms of L^-1     n^3 / 3 flops
-   (``dpftri``, A^-1 itself at 2 n^3 / 3, where SciPy's Cython LAPACK cannot be reached)
+
+The routines are called through SciPy's Cython LAPACK (``scipy.linalg.cython_lapack``, via
+ctypes): SciPy's Python wrappers of them overflow a 32-bit size check above n = 46 340.
 
 RFP layout used (TRANSR='N', UPLO='L'; k = ceil(n / 2), off = 1 if n is even else 0): the
 array viewed C-ordered as (k, n + off) holds in row j the upper part of K's row j,
@@ -28,9 +30,11 @@ restricted to columns k..b, ``AT[j, :j + off] = K[b, k:b + 1]``. (Checked agains
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from ..errors import NotPSDError
+from ..errors import BackendError, NotPSDError, ParameterError
 from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
 
@@ -144,15 +148,16 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     ------
     NotPSDError : K + lam I is not positive definite.
     """
-    from scipy.linalg import lapack
-
     timer = timer or Timer()
     n = op.n
+    if n > MAX_PACKED_N:
+        raise ParameterError(f"packed exact: n={n} exceeds {MAX_PACKED_N} (LAPACK's 32-bit "
+                             f"indices into the packed array); use solver='nystrom' or 'cg'")
     probes = np.random.default_rng(1).standard_normal((n, _PROBES)) if check else None
     with timer("kernel_assembly"):
         arf, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile)
     with timer("cholesky"):
-        arf, info = lapack.dpftrf(n, arf, transr="N", uplo="L", overwrite_a=1)
+        info = _call("dpftrf", b"N", b"L", n, arf)
     if info != 0:
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): the packed "
                           f"Cholesky failed at column {info}; K has an eigenvalue below -lam. "
@@ -161,9 +166,11 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     def solve(V):
         """A^-1 V into a fresh Fortran-ordered copy (V itself, which may be a transposed
         view of the caller's K_test, is never written)."""
-        x, _ = lapack.dpftrs(n, arf, np.array(V, dtype=np.float64, order="F"), transr="N",
-                             uplo="L", overwrite_b=1)
-        return x
+        X = np.array(V, dtype=np.float64, order="F")
+        if X.ndim == 1:
+            X = X.reshape(-1, 1, order="F")
+        _call("dpftrs", b"N", b"L", n, X.shape[1], arf, X, n)
+        return X
 
     with timer("alpha"):
         alpha = np.ascontiguousarray(solve(Y))
@@ -192,25 +199,12 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
 
 
 def _diag_of_inverse(n: int, arf):
-    """diag(A^-1) from the packed Cholesky factor, destroying it. Returns (diag, method).
-
-    Preferred: L^-1 in place by LAPACK ``dtftri`` (n^3 / 3 flops), then
-    (A^-1)_ii = ||L^-1 e_i||^2, the squared norms of the columns of L^-1 read off the RFP
-    layout. SciPy wraps ``dtftri`` only in its Cython LAPACK, reached here through ctypes;
-    where that is not available, ``dpftri`` forms A^-1 itself (2 n^3 / 3 flops).
-    """
-    tftri = _cython_lapack("dtftri")
-    if tftri is None:
-        from scipy.linalg import lapack
-        inv, info = lapack.dpftri(n, arf, transr="N", uplo="L", overwrite_a=1)
-        if info != 0:
-            raise NotPSDError(f"packed inverse failed (LAPACK info={info})")
-        return inv[rfp_diagonal_index(n)].copy(), "dpftri (A^-1 in packed storage)"
-    import ctypes
-    n_c, info = ctypes.c_int(n), ctypes.c_int(0)
-    tftri(b"N", b"L", b"N", ctypes.byref(n_c), arf.ctypes.data, ctypes.byref(info))
-    if info.value != 0:
-        raise NotPSDError(f"packed triangular inverse failed (LAPACK info={info.value})")
+    """diag(A^-1) from the packed Cholesky factor, destroying it: L^-1 in place by LAPACK
+    ``dtftri`` (n^3 / 3 flops), then (A^-1)_ii = ||L^-1 e_i||^2, the squared norms of the
+    columns of L^-1, read off the RFP layout. Returns (diag, method)."""
+    info = _call("dtftri", b"N", b"L", b"N", n, arf)
+    if info != 0:
+        raise NotPSDError(f"packed triangular inverse failed (LAPACK info={info})")
     k, off = rfp_layout(n)
     AT = arf.reshape(k, n + off)
     diag = np.zeros(n)
@@ -223,26 +217,57 @@ def _diag_of_inverse(n: int, arf):
     return diag, "dtftri (L^-1 in packed storage), column norms"
 
 
-def _cython_lapack(name: str):
-    """A ctypes handle on SciPy's Cython LAPACK routine ``name`` (void, all arguments by
-    pointer), or None where the capsule cannot be read."""
-    try:
-        import ctypes
+# Argument kinds of the LAPACK routines used, as SciPy's Cython LAPACK declares them (every
+# argument by pointer): c = char, i = int, d = double array.
+_SIGNATURES = {"dpftrf": "ccid", "dpftrs": "cciiddi", "dtftri": "cccid"}
 
-        import scipy.linalg.cython_lapack as cl
+
+def _call(name: str, *args) -> int:
+    """Call LAPACK ``name`` through SciPy's Cython LAPACK; returns INFO.
+
+    SciPy's Python wrappers of the RFP routines check n (n + 1) / 2 in 32-bit arithmetic and
+    refuse n > 46 340, although LAPACK itself indexes the packed array correctly up to
+    n (n + 1) / 2 < 2^31; the Cython entry points have no such check. ``args`` are the
+    routine's arguments except the trailing INFO: bytes for chars, ints, float64 arrays
+    (Fortran-ordered where 2-D).
+    """
+    import ctypes
+    func = _cython_lapack(name)
+    keep, ptrs = [], []
+    for kind, a in zip(_SIGNATURES[name], args):
+        if kind == "c":
+            ptrs.append(ctypes.c_char_p(a))
+        elif kind == "i":
+            v = ctypes.c_int(int(a))
+            keep.append(v)
+            ptrs.append(ctypes.byref(v))
+        else:
+            ptrs.append(ctypes.c_void_p(a.ctypes.data))
+    info = ctypes.c_int(0)
+    func(*ptrs, ctypes.byref(info))
+    return info.value
+
+
+@functools.lru_cache(maxsize=None)
+def _cython_lapack(name: str):
+    """A ctypes handle on SciPy's Cython LAPACK routine ``name``."""
+    import ctypes
+
+    import scipy.linalg.cython_lapack as cl
+    try:
         capsule = cl.__pyx_capi__[name]
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype = ctypes.c_char_p
-        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
-        int_p = ctypes.POINTER(ctypes.c_int)
-        proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                 int_p, ctypes.c_void_p, int_p)
-        return proto(ptr)
-    except Exception:  # noqa: BLE001 - any failure means: use the Python-wrapped dpftri
-        return None
+    except (AttributeError, KeyError):
+        raise BackendError(f"packed exact needs LAPACK {name} from scipy.linalg.cython_lapack, "
+                           f"which this SciPy does not expose") from None
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    kinds = {"c": ctypes.c_char_p, "i": ctypes.c_void_p, "d": ctypes.c_void_p}
+    argtypes = [kinds[c] for c in _SIGNATURES[name]] + [ctypes.c_void_p]
+    return ctypes.CFUNCTYPE(None, *argtypes)(ptr)
 
 
 def _checks(solve, probes, KV, abs_sums, lam, *, block: int = 8, iters: int = 6) -> dict:
