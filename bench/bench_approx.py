@@ -209,12 +209,17 @@ def gpu_scale(args):
     return {"time_total": dt, "timings": res.timings, "rank": args.full_rank}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_problem_args(p):
+    """The data / kernel options shared with bench_packed.py."""
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--lam", type=float, default=1e-3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_problem_args(p)
     p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[1000, 2000, 4000, 8000])
     p.add_argument("--landmarks", type=lambda s: s.split(","), default=["rpcholesky", "uniform"])

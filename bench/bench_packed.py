@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_approx import init_w, load, metrics, run  # noqa: E402
+from bench_approx import add_problem_args, init_w, load, metrics, run  # noqa: E402
 
 from ntkcore.solvers.operator import ReluNTKOperator  # noqa: E402
 
@@ -58,10 +58,7 @@ def rss_gib(field="VmHWM:"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--lam", type=float, default=1e-3)
+    add_problem_args(p)
     p.add_argument("--dense", action="store_true", help="also run the dense exact path")
     p.add_argument("--nystrom-ranks", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[])
