@@ -103,6 +103,9 @@ def test_auto_picks_packed_between_dense_and_nystrom():
     assert (name, opts) == ("exact", {"storage": "packed"}) and "packed" in reason
     res = nc.loo_influence(op, Y, op.cross(Xt), Yt, lam=LAM, memory_budget=middle)
     assert res.solver == "exact" and res.diagnostics["storage"] == "packed (RFP)"
+    # asking for packed storage under auto means the exact solver, in packed storage
+    assert choose_solver(op, LAM, memory_budget=roomy, storage="packed")[:2] == (
+        "exact", {"storage": "packed"})
     tight = int(nystrom_bytes(n, 32) / 0.7) + 1
     assert packed_exact_bytes(n) > 0.7 * tight  # nor packed: Nystrom
     assert choose_solver(op, LAM, memory_budget=tight)[0] == "nystrom"

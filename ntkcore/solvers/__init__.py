@@ -11,7 +11,7 @@ def fit_function(name: str):
     """The fit function for a concrete solver name."""
     if name == "exact":
         from .exact import exact_fit
-        return _dense_adapter(exact_fit)
+        return _exact_adapter(exact_fit)
     if name == "nystrom":
         from .nystrom import nystrom_fit
         return nystrom_fit
@@ -21,7 +21,7 @@ def fit_function(name: str):
     raise ValueError(name)
 
 
-def _dense_adapter(exact_fit):
+def _exact_adapter(exact_fit):
     """The exact solver: dense storage (operators materialised after auto's check), or packed
     storage (``storage="packed"``: CPU, K assembled straight into half the memory)."""
     def fit(K, Y, lam, *, storage: str | None = None, K_test=None, **kw):

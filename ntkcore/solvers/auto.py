@@ -189,9 +189,10 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         opts["rank"] = rank
         return requested, opts, f"solver={requested!r} requested (rank {rank})" + _note(dropped)
     # auto
+    if options.get("storage") is not None:  # a storage only the exact solver has: exact
+        return choose_solver(K, lam, requested="exact", memory_budget=memory_budget, **options)
     if need <= COMFORT * budget:
         opts, dropped = _split_options("exact", options)
-        opts.pop("storage", None)
         return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "
                                f"factorisation, within {COMFORT:.0%} of the {_gib(budget)} "
                                f"budget ({source})" + _note(dropped))
