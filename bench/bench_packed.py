@@ -1,4 +1,4 @@
-"""Exact LOO influence in packed (RFP) storage against its flop floor and the dense exact path.
+"""Exact LOO influence in packed storage against its flop floor and the dense exact path.
 
 Fashion-MNIST (Debian files), 10 classes, n training x T test images, inputs preprocessed as
 the models see them, kernel = closed-form eNTK of the width-m two-layer ReLU net with W at
@@ -9,9 +9,9 @@ Measured in one run:
 - packed: ``loo_influence(op, ..., solver="exact", storage="packed")`` wall time, stage times
   and peak RSS growth;
 - floor: the float64 flops it cannot avoid, at the DGEMM rate measured here: the lower
-  triangle of X X^T (n^2 d / 2), Cholesky n^3 / 3, solves 2 n^2 (T + C), triangular inverse
-  n^3 / 3 (2 n^3 / 3 when the dpftri fallback ran). The pattern counts (popcount, integer
-  work) are not counted, so the floor is a little low;
+  triangle of X X^T (n^2 d / 2), Cholesky n^3 / 3, solves 2 n^2 (T + C), the columns of
+  L^-1 for diag(A^-1) n^3 / 3. The pattern counts (popcount, integer work) are not counted,
+  so the floor is a little low;
 - ``--dense``: the dense exact path on the same data (needs 16 n^2 bytes), and the largest
   difference of the scores;
 - ``--nystrom-ranks``: Nystrom influence at those ranks scored against the packed exact
@@ -79,8 +79,7 @@ def main(argv=None):
     rss0 = rss_gib("VmRSS:")
     res, t_packed = run("packed", op, Y, Kt, Yt, args.lam, solver="exact", storage="packed")
     growth = rss_gib() - rss0
-    inverse = 1 if res.diagnostics["diag_inv_method"].startswith("dtftri") else 2
-    f64 = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + inverse * n ** 3 / 3
+    f64 = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + n ** 3 / 3
     floor = f64 / r64
     out.update({"n": n, "T": T, "C": C, "d": d, "m": m, "gflops64": r64 / 1e9,
                 "time_K_test": t_kt, "time_packed": t_packed,

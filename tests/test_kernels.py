@@ -56,6 +56,20 @@ def test_relu_ntk_fused_matches_naive(backend, n, n2, d, m, tile, train_a):
         assert np.array_equal(out, out.T), "symmetric K must be exactly symmetric"
 
 
+@pytest.mark.parametrize("train_a", [False, True])
+def test_large_n_gram_path_uses_row_block_gemms(monkeypatch, train_a):
+    """Above SYRK_MAX_N the symmetric Gram matrix (and the output-layer term) come from
+    row-block GEMMs instead of SYRK (OpenBLAS's threaded SYRK segfaulted at n >= 26 000);
+    same kernel."""
+    monkeypatch.setattr(assembly, "SYRK_MAX_N", 10)
+    monkeypatch.setattr(assembly, "_GRAM_ROWS", 7)
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((40, 6))
+    W = rng.standard_normal((33, 6))
+    assert_close(K.relu_ntk_fused(X, W, train_a=train_a, tile=16),
+                 relu_ntk_naive(X, W, train_a=train_a), what="row-block Gram")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relu_ntk_fused_writes_every_entry_of_out(backend):
     """A NaN-poisoned ``out`` must come back fully written (no tile left out)."""

@@ -133,8 +133,21 @@ def _pairs(n, n2, t, sym):
             yield i0, i1, j0, j1
 
 
+#: Above this n the symmetric Gram matrix is built from row-block GEMMs instead of one SYRK:
+#: OpenBLAS 0.3.31's threaded SYRK (NumPy's X @ X.T too) segfaulted on our 2-core machine
+#: from n = 26 000 (n = 20 000 ran).
+SYRK_MAX_N = 16_384
+_GRAM_ROWS = 4096
+
+
 def _gram_into(out, X, Xs, sym):
-    """out <- X Xs^T with one BLAS call (sym: syrk, upper triangle j >= i only)."""
+    """out <- X Xs^T with one BLAS call (sym: syrk, upper triangle j >= i only; above
+    SYRK_MAX_N rows, row blocks out[i0:i1, i0:] by GEMM, still only the upper part)."""
+    if sym and out.flags.c_contiguous and out.shape[0] > SYRK_MAX_N:
+        n = out.shape[0]
+        for i0, i1 in tiles(n, _GRAM_ROWS):
+            out[i0:i1, i0:] = X[i0:i1] @ X[i0:].T
+        return
     if sym and out.flags.c_contiguous:
         from scipy.linalg.blas import get_blas_funcs
         syrk = get_blas_funcs("syrk", (X,))
@@ -153,7 +166,10 @@ def _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk):
     m = W.shape[0]
     for r0, r1 in tiles(m, chunk):
         H = np.maximum(X @ W[r0:r1].T, 0.0)
-        if sym:
+        if sym and out.shape[0] > SYRK_MAX_N:  # row-block GEMMs, as in _gram_into
+            for i0, i1 in tiles(out.shape[0], _GRAM_ROWS):
+                out[i0:i1, i0:] += inv_m * (H[i0:i1] @ H[i0:].T)
+        elif sym:
             syrk = get_blas_funcs("syrk", (H,))
             res = syrk(inv_m, H.T, trans=1, lower=1, c=out.T, beta=1.0, overwrite_c=1)
             if not np.shares_memory(res, out):

@@ -8,14 +8,15 @@ Memory model (bytes, float64):
 
 - exact: ``EXACT_COPIES`` (2) n x n arrays (K or its materialised copy, and the factor / its
   triangular inverse), i.e. 16 n^2;
-- exact in packed storage: n (n + 1) / 2 float64 and one assembly tile, about 4 n^2;
+- exact in packed storage (CPU): the lower triangle in column panels and one assembly tile,
+  about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
   (r, r) Gram matrix and its Cholesky factor, and two (n, 128) column blocks:
   8 (2 n r + 2 r^2 + 256 n).
 
 "Comfortably" means within ``COMFORT`` (70 %) of the budget; the budget is ``memory_budget``
 when given, else the free memory of the device K lives on (host RAM for NumPy inputs).
-``auto`` picks exact when it fits, else (CPU, kernel operator) exact in packed storage
+``auto`` picks exact when it fits, else (CPU) exact in packed storage
 (``storage="packed"``, see exact_packed.py) when that fits, else Nystrom (randomly pivoted
 Cholesky landmarks) at the largest rank whose factor fits, at most ``AUTO_MAX_RANK`` unless
 ``rank`` is given. A request that cannot fit at all is refused up front with
@@ -40,6 +41,8 @@ COMFORT = 0.7
 MIN_RANK = 16
 #: auto's rank cap when the user gives none: O(n r^2) flops must stay minutes on a laptop.
 AUTO_MAX_RANK = 8192
+#: Largest n the dense exact solver takes on the CPU (see _dense_allowed).
+CPU_DENSE_MAX_N = 20_000
 #: Options each solver accepts (besides check / overwrite_k / timer).
 SOLVER_OPTIONS = {
     "exact": ("storage",),
@@ -55,17 +58,26 @@ def exact_bytes(n: int) -> int:
 
 
 def packed_exact_bytes(n: int) -> int:
-    """The packed exact solver: n (n + 1) / 2 float64 plus one assembly tile."""
-    from .exact_packed import TILE_BYTES, packed_bytes
-    return packed_bytes(n) + min(TILE_BYTES, 8 * n * n)
+    """The packed exact solver: its panels, one assembly tile and one panel of L^-1."""
+    from .exact_packed import PANEL, TILE_BYTES, packed_bytes
+    return packed_bytes(n) + min(TILE_BYTES, 8 * n * PANEL) + 8 * n * min(n, PANEL)
+
+
+def _on_cpu(K) -> bool:
+    x = K if hasattr(K, "ndim") else getattr(K, "X", getattr(K, "K", None))
+    return backend_for(x).name == "cpu"
 
 
 def _packed_possible(K) -> bool:
-    """Packed storage needs the CPU (LAPACK RFP routines), an operator to assemble from, and
-    n (n + 1) / 2 within LAPACK's 32-bit indices."""
-    from .exact_packed import MAX_PACKED_N
-    return (not hasattr(K, "ndim") and K.shape[0] <= MAX_PACKED_N
-            and backend_for(getattr(K, "X", None)).name == "cpu")
+    """Packed storage is a CPU solver (a dense K is read block by block into it)."""
+    return _on_cpu(K)
+
+
+def _dense_allowed(K, n: int) -> bool:
+    """The dense solver's dpotrf runs OpenBLAS's threaded SYRK, which segfaulted on our
+    2-core machine from n = 26 000 (X @ X.T too); above CPU_DENSE_MAX_N the CPU uses the
+    packed solver, whose products are all panel GEMMs."""
+    return n <= CPU_DENSE_MAX_N or not _on_cpu(K)
 
 
 def nystrom_bytes(n: int, rank: int) -> int:
@@ -152,10 +164,14 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         if storage not in (None, "dense", "packed"):
             raise ParameterError(f"storage: expected 'dense' or 'packed', got {storage!r}")
         if storage == "packed" and not _packed_possible(K):
-            raise ParameterError("storage='packed' needs a kernel operator on the CPU (K is "
-                                 "assembled straight into packed form) with n <= 65535")
-        packed_fits = _packed_possible(K) and packed_exact_bytes(n) <= COMFORT * budget
-        if storage is None and need > COMFORT * budget and packed_fits:
+            raise ParameterError("storage='packed' is a CPU solver; K is on the GPU")
+        if storage == "dense" and not _dense_allowed(K, n):
+            raise ParameterError(f"storage='dense': on the CPU the dense exact solver takes "
+                                 f"n <= {CPU_DENSE_MAX_N} (OpenBLAS's threaded SYRK inside "
+                                 f"dpotrf segfaulted above ~26 000 here); got n={n}; use "
+                                 f"storage='packed'")
+        if storage is None and _packed_possible(K) and (
+                not _dense_allowed(K, n) or need > COMFORT * budget):
             storage = "packed"
         if storage == "packed":
             if packed_exact_bytes(n) > budget:
@@ -191,7 +207,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     # auto
     if options.get("storage") is not None:  # a storage only the exact solver has: exact
         return choose_solver(K, lam, requested="exact", memory_budget=memory_budget, **options)
-    if need <= COMFORT * budget:
+    if need <= COMFORT * budget and _dense_allowed(K, n):
         opts, dropped = _split_options("exact", options)
         return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "
                                f"factorisation, within {COMFORT:.0%} of the {_gib(budget)} "
@@ -199,8 +215,10 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     if _packed_possible(K) and packed_exact_bytes(n) <= COMFORT * budget:
         opts, dropped = _split_options("exact", options)
         opts["storage"] = "packed"
+        why = ("" if _dense_allowed(K, n) else
+               f"; dense is not used on the CPU above n={CPU_DENSE_MAX_N}")
         return "exact", opts, (f"exact in packed storage: n={n} needs "
-                               f"{_gib(packed_exact_bytes(n))} (dense would need {_gib(need)}), "
+                               f"{_gib(packed_exact_bytes(n))} (dense would need {_gib(need)}{why}), "
                                f"within {COMFORT:.0%} of the {_gib(budget)} budget ({source}); "
                                f"about n^3 flops" + _note(dropped))
     opts, dropped = _split_options("nystrom", options)

@@ -1,131 +1,185 @@
-"""Exact kernel ridge regression in packed storage: half the memory of the dense exact solver.
+"""Exact kernel ridge regression in packed storage: a quarter of the dense solver's memory.
 
-Same answer as :mod:`.exact` [B.12, Thm B.9], but A = K + lam I lives in LAPACK's rectangular
-full packed (RFP) format: the lower triangle in one array of n (n + 1) / 2 float64
-(4 n^2 bytes instead of the dense solver's 16 n^2), factored and inverted in place by level-3
-routines (``dpftrf``, ``dpftrs``, ``dtftri``). With it the exact solver reaches n ~ 60 000 in
-24 GB of RAM (14.4 GB of packed storage), where the dense one stops near 30 000. CPU only
-(cuSOLVER has no packed Cholesky); the caller gives a kernel operator, never a dense K, and K
-is assembled straight into the packed array tile by tile.
+Same answer as :mod:`.exact` [B.12, Thm B.9], but only the lower triangle of A = K + lam I is
+stored, as column panels: panel p holds rows c_p..n-1 of columns c_p..c_p+w-1 (C-ordered,
+(n - c_p) x w), about n^2 / 2 float64 in all (14.4 GB at n = 60 000, where the dense solver
+needs 57.6 GB for K and its working copy). CPU only; the caller gives a kernel operator, and
+K is assembled straight into the panels tile by tile. Every n x n-sized product is a GEMM
+between panels (k = w) and every factorisation is of one w x w block, which also keeps the
+work away from OpenBLAS's threaded SYRK: on our 2-core machine that path (inside dpotrf, and
+in X @ X.T) segfaulted for n >= 26 000, and LAPACK's packed (RFP) routines with it.
 
-Order of work (the inverse overwrites the factor, so everything that needs the factor first):
+Order of work (the diagonal of A^-1 is computed last, after the factor has done everything
+else):
 
-1. assemble K's lower triangle into RFP, one row tile at a time (n^2 / 2 entries computed),
-   adding lam to the diagonal; the same tiles give ||A||_1 and K V for 4 probe vectors V;
-2. ``dpftrf``: A = L L^T in place                                          n^3 / 3 flops
-3. alpha = A^-1 Y and B = K_test A^-1 by ``dpftrs``                        2 n^2 (C + T)
+1. assemble the panels (lam added to the diagonal); the same tiles give ||A||_1 and K V for
+   4 probe vectors V;
+2. Cholesky, left-looking by panels: P_p -= L_q[rows >= c_p] L_q[block p]^T for q < p (GEMM),
+   then the w x w diagonal block (dpotrf) and the rows below it (dtrsm)     n^3 / 3 flops
+3. alpha = A^-1 Y and B = K_test A^-1 by forward and back substitution    2 n^2 (C + T)
 4. A.8 checks from solves: the inverse residual on the probes, lambda_min by subspace
    iteration on A^-1 (6 steps of 8 vectors); kappa from ||A||_1 / lambda_min(A)
-5. ``dtftri``: L^-1 in place; diag(A^-1) = squared column norms of L^-1     n^3 / 3 flops
-
-The routines are called through SciPy's Cython LAPACK (``scipy.linalg.cython_lapack``, via
-ctypes): SciPy's Python wrappers of them overflow a 32-bit size check above n = 46 340.
-
-RFP layout used (TRANSR='N', UPLO='L'; k = ceil(n / 2), off = 1 if n is even else 0): the
-array viewed C-ordered as (k, n + off) holds in row j the upper part of K's row j,
-``AT[j, j + off:] = K[j, j:]``, and in front of it the lower part of K's row b = k - 1 + off + j
-restricted to columns k..b, ``AT[j, :j + off] = K[b, k:b + 1]``. (Checked against LAPACK's
-``dtrttf`` in the tests.)
+5. diag(A^-1)_i = ||L^-1 e_i||^2: the columns of L^-1 panel by panel, by forward substitution
+   from the panel's own block down (rows above it are zero)                n^3 / 3 flops
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+from scipy.linalg import blas, lapack
 
-from ..errors import BackendError, NotPSDError, ParameterError
+from ..errors import NotPSDError
 from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
 
-#: Bytes of one assembly tile (rows x n float64): large enough for BLAS-3 tiles.
+#: Columns per panel: GEMMs with k = 1024 run at the DGEMM rate; the w x w blocks stay small.
+PANEL = 1024
+#: Bytes of one assembly tile (rows x w float64).
 TILE_BYTES = 256 << 20
-#: LAPACK's 32-bit integers index the packed array: n (n + 1) / 2 must stay below 2^31.
-MAX_PACKED_N = 65535
 _PROBES = 4
 
 
-def packed_bytes(n: int) -> int:
-    """Bytes of the packed array of an n x n symmetric matrix."""
-    return 8 * (n * (n + 1) // 2)
+def packed_bytes(n: int, panel: int | None = None) -> int:
+    """Bytes of the panels of an n x n symmetric matrix."""
+    return 8 * sum((n - c0) * (c1 - c0) for c0, c1 in tiles(n, panel or PANEL))
 
 
-def rfp_layout(n: int):
-    """(k, off): the packed array is viewed as a (k, n + off) C-ordered matrix."""
-    off = 1 if n % 2 == 0 else 0
-    return (n + 1) // 2, off
+class Panels:
+    """Lower triangle of an n x n matrix as column panels (see the module docstring).
+
+    ``blocks[p]`` is a C-ordered (n - c_p, w_p) array; ``starts[p]`` = c_p. Its first w_p rows
+    are the diagonal block (both triangles are filled by assembly; after the factorisation
+    the strict upper part is zero), the rest the rows below.
+    """
+
+    def __init__(self, n: int, panel: int | None = None):
+        self.n = n
+        self.bounds = list(tiles(n, panel or PANEL))
+        self.blocks = [np.empty((n - c0, c1 - c0)) for c0, c1 in self.bounds]
+
+    def diagonal(self):
+        return np.concatenate([np.diagonal(b[:c1 - c0]) for b, (c0, c1)
+                               in zip(self.blocks, self.bounds)])
 
 
-def rfp_diagonal_index(n: int):
-    """(n,) flat positions of A_ii in the packed array."""
-    k, off = rfp_layout(n)
-    width = n + off
-    idx = np.empty(n, dtype=np.int64)
-    top = np.arange(k)
-    idx[:k] = top * width + top + off
-    bottom = np.arange(k, n)
-    rows = bottom - (k - 1 + off)
-    idx[k:] = rows * width + (bottom - k)
-    return idx
-
-
-def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None):
-    """A = K + lam I in RFP (TRANSR='N', UPLO='L'), from an operator's ``block``.
+def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None,
+                    panel: int | None = None):
+    """A = K + lam I in column panels, from an operator's ``block``.
 
     Parameters
     ----------
     op : kernel operator with ``n`` and ``block(i0, i1, j0, j1)`` -> K[i0:i1, j0:j1].
     lam : ridge added to the diagonal.
     probes : (n, p) vectors whose product K V is accumulated from the same tiles, optional.
-    tile : rows per tile (default from TILE_BYTES).
+    tile : rows per assembly tile (default from TILE_BYTES).
 
     Returns
     -------
-    arf : (n (n + 1) / 2,) float64 packed A.
+    panels : Panels.
     abs_row_sums : (n,) sum_j |K_ij| (so ||A||_1 = max + lam).
     KV : (n, p) K @ probes, or None.
     """
     n = op.n
-    k, off = rfp_layout(n)
-    arf = np.empty(n * (n + 1) // 2)
-    AT = arf.reshape(k, n + off)
-    rows = tile or max(1, min(n, TILE_BYTES // (8 * n)))
+    P = Panels(n, panel)
     abs_sums = np.zeros(n)
     KV = None if probes is None else np.zeros((n, probes.shape[1]))
-
-    def account(block, r0, r1, c0, c1):
-        """Row sums and K V for K[r0:r1, c0:c1] = [its diagonal block | the rest], counting
-        each unordered pair once: the rest also stands for its mirror."""
+    for block, (c0, c1) in zip(P.blocks, P.bounds):
+        w = c1 - c0
+        rows = tile or max(1, TILE_BYTES // (8 * w))
+        for r0, r1 in tiles(n - c0, rows):
+            block[r0:r1] = op.block(c0 + r0, c0 + r1, c0, c1)
+        # the diagonal block holds both orders of its pairs; the rows below stand for their
+        # mirrors (columns c0:c1 of the rows above them in K) too
         a = np.abs(block)
-        abs_sums[r0:r1] += a.sum(axis=1)
-        if c0 == r0:  # diagonal block first, then columns r1:c1
-            rest, rest_cols = a[:, r1 - r0:], slice(r1, c1)
-        else:         # columns c0:r0 first, then the diagonal block
-            rest, rest_cols = a[:, :r0 - c0], slice(c0, r0)
-        abs_sums[rest_cols] += rest.sum(axis=0)
+        abs_sums[c0:] += a.sum(axis=1)
+        abs_sums[c0:c1] += a[w:].sum(axis=0)
         if KV is not None:
-            KV[r0:r1] += block @ probes[c0:c1]
-            sub = block[:, r1 - r0:] if c0 == r0 else block[:, :r0 - c0]
-            KV[rest_cols] += sub.T @ probes[r0:r1]
+            KV[c0:] += block @ probes[c0:c1]
+            KV[c0:c1] += block[w:].T @ probes[c1:]
+        idx = np.arange(w)
+        block[idx, idx] += lam
+    return P, abs_sums, KV
 
-    for r0, r1 in tiles(k, rows):  # top rows: K[j, j:n] for j < k
-        block = op.block(r0, r1, r0, n)
-        for j in range(r0, r1):
-            AT[j, j + off:] = block[j - r0, j - r0:]
-        account(block, r0, r1, r0, n)
-    for r0, r1 in tiles(n - k, rows):  # bottom rows: K[b, k:b+1] for b >= k
-        b0, b1 = k + r0, k + r1
-        block = op.block(b0, b1, k, b1)
-        for b in range(b0, b1):
-            j = b - (k - 1 + off)
-            AT[j, :b - k + 1] = block[b - b0, :b - k + 1]
-        account(block, b0, b1, k, b1)
-    arf[rfp_diagonal_index(n)] += lam
-    return arf, abs_sums, KV
+
+def cholesky_panels(P: Panels) -> int:
+    """A = L L^T in place, left-looking by panels; returns 0, or the 1-based column where A
+    stopped being positive definite."""
+    for p, (block, (c0, c1)) in enumerate(zip(P.blocks, P.bounds)):
+        w = c1 - c0
+        for q in range(p):
+            Q, (q0, _) = P.blocks[q], P.bounds[q]
+            # block -= Q[rows >= c0] Q[rows c0:c1]^T, as block^T -= Qd Qs^T on F views
+            _gemm_into(block.T, Q[c0 - q0:c1 - q0].T, Q[c0 - q0:].T, trans_a=1)
+        D = block[:w]
+        c, info = lapack.dpotrf(D.T, lower=0, clean=0, overwrite_a=1)
+        if info != 0:
+            return c0 + info
+        if not np.shares_memory(c, D):
+            D[...] = c.T
+        D[np.triu_indices(w, 1)] = 0.0
+        if block.shape[0] > w:  # rows below: B L11^-T, i.e. L11 Y = B^T on the F view
+            res = blas.dtrsm(1.0, D.T, block[w:].T, side=0, lower=0, trans_a=1,
+                             overwrite_b=1)
+            if not np.shares_memory(res, block):
+                block[w:] = res.T
+    return 0
+
+
+def _gemm_into(c, a, b, *, trans_a=0, trans_b=0):
+    """c <- c - op(a) op(b) in place on F-contiguous views (the transposes of C-ordered
+    blocks); copies back if BLAS did not write in place."""
+    res = blas.dgemm(-1.0, a, b, beta=1.0, c=c, trans_a=trans_a, trans_b=trans_b,
+                     overwrite_c=1)
+    if not np.shares_memory(res, c):
+        c[...] = res
+
+
+def _trsm_into(D, Z, *, transpose: bool):
+    """Z <- L^-1 Z (or L^-T Z) in place; L is the lower triangle of the C-ordered diagonal
+    block D and Z a C-ordered (w, s) block: on the F views, Z^T <- Z^T L^-T (or Z^T L^-1)."""
+    res = blas.dtrsm(1.0, D.T, Z.T, side=1, lower=0, trans_a=int(transpose), overwrite_b=1)
+    if not np.shares_memory(res, Z):
+        Z[...] = res.T
+
+
+def solve_panels(P: Panels, V):
+    """A^-1 V from the factor: forward then back substitution (V (n, s) is not written)."""
+    Z = np.array(V, dtype=np.float64, order="C", copy=True)
+    if Z.ndim == 1:
+        Z = Z.reshape(-1, 1)
+    for block, (c0, c1) in zip(P.blocks, P.bounds):
+        w = c1 - c0
+        _trsm_into(block[:w], Z[c0:c1], transpose=False)
+        if c1 < P.n:  # Z[c1:] -= below @ Z_p
+            _gemm_into(Z[c1:].T, Z[c0:c1].T, block[w:].T)
+    for block, (c0, c1) in zip(reversed(P.blocks), reversed(P.bounds)):
+        w = c1 - c0
+        if c1 < P.n:  # Z_p -= below^T @ Z[c1:]
+            _gemm_into(Z[c0:c1].T, Z[c1:].T, block[w:].T, trans_b=1)
+        _trsm_into(block[:w], Z[c0:c1], transpose=True)
+    return Z
+
+
+def inverse_diagonal(P: Panels):
+    """(n,) diag(A^-1) = squared column norms of L^-1, one panel of columns at a time."""
+    diag = np.empty(P.n)
+    for p, (c0, c1) in enumerate(P.bounds):
+        w = c1 - c0
+        X = np.zeros((P.n - c0, w))
+        X[:w] = np.eye(w)
+        for r in range(p, len(P.blocks)):
+            block, (r0, r1) = P.blocks[r], P.bounds[r]
+            Xr = X[r0 - c0:r1 - c0]
+            _trsm_into(block[:r1 - r0], Xr, transpose=False)
+            if r1 < P.n:  # X[r1:] -= below_r @ X_r
+                _gemm_into(X[r1 - c0:].T, Xr.T, block[r1 - r0:].T)
+        diag[c0:c1] = np.einsum("ij,ij->j", X, X)
+    return diag
 
 
 def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
-                     timer: Timer | None = None, tile: int | None = None) -> KRRFit:
+                     timer: Timer | None = None, tile: int | None = None,
+                     panel: int | None = None) -> KRRFit:
     """Exact KRR fit with A in packed storage (CPU); K_test A^-1 is computed during the fit.
 
     Parameters
@@ -133,16 +187,17 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     op : kernel operator (``n``, ``block``); K is never held densely.
     Y : (n, C) float64 targets.
     lam : float > 0, ridge.
-    K_test : (T, n) test kernel. The factor is overwritten by the inverse before the fit
-        returns, so ``right_solve`` answers only for this same array (T = 0 when None).
+    K_test : (T, n) test kernel; ``right_solve`` answers for this same array (the solve runs
+        inside the fit, so the factor can be released before the fit returns).
     check : run the A.8 checks (inverse residual on 4 probes, lambda_min by subspace
         iteration, kappa from ||A||_1 / lambda_min(A)).
     timer : Timer ("kernel_assembly", "cholesky", "alpha", "right_solve", "checks",
-        "inverse").
+        "inverse_diagonal").
+    tile, panel : rows per assembly tile, columns per panel.
 
     Returns
     -------
-    KRRFit with ``solver="exact"`` and ``diagnostics["storage"] = "packed (RFP)"``.
+    KRRFit with ``solver="exact"`` and ``diagnostics["storage"]``.
 
     Raises
     ------
@@ -150,124 +205,41 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     """
     timer = timer or Timer()
     n = op.n
-    if n > MAX_PACKED_N:
-        raise ParameterError(f"packed exact: n={n} exceeds {MAX_PACKED_N} (LAPACK's 32-bit "
-                             f"indices into the packed array); use solver='nystrom' or 'cg'")
+    panel = panel or PANEL
     probes = np.random.default_rng(1).standard_normal((n, _PROBES)) if check else None
     with timer("kernel_assembly"):
-        arf, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile)
+        P, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile, panel=panel)
     with timer("cholesky"):
-        info = _call("dpftrf", b"N", b"L", n, arf)
+        info = cholesky_panels(P)
     if info != 0:
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): the packed "
                           f"Cholesky failed at column {info}; K has an eigenvalue below -lam. "
                           f"Check the kernel (is it a valid NTK?) or raise lam")
-
-    def solve(V):
-        """A^-1 V into a fresh Fortran-ordered copy (V itself, which may be a transposed
-        view of the caller's K_test, is never written)."""
-        X = np.array(V, dtype=np.float64, order="F")
-        if X.ndim == 1:
-            X = X.reshape(-1, 1, order="F")
-        _call("dpftrs", b"N", b"L", n, X.shape[1], arf, X, n)
-        return X
-
     with timer("alpha"):
-        alpha = np.ascontiguousarray(solve(Y))
+        alpha = solve_panels(P, Y)
     B = None
     if K_test is not None:
         with timer("right_solve"):
-            B = np.ascontiguousarray(solve(np.asarray(K_test).T).T)
-    diagnostics = {"storage": "packed (RFP)", "packed_bytes": packed_bytes(n)}
+            B = np.ascontiguousarray(solve_panels(P, np.asarray(K_test).T).T)
+    diagnostics = {"storage": f"packed lower triangle, {panel}-column panels",
+                   "packed_bytes": packed_bytes(n, panel)}
     if check:
         with timer("checks"):
-            diagnostics.update(_checks(solve, probes, KV, abs_sums, lam))
-    with timer("inverse"):
-        diag_inv, how = _diag_of_inverse(n, arf)
-    diagnostics["diag_inv_method"] = how
-    del arf
+            diagnostics.update(_checks(lambda V: solve_panels(P, V), probes, KV, abs_sums,
+                                       lam))
+    with timer("inverse_diagonal"):
+        diag_inv = inverse_diagonal(P)
+    del P
 
     def right_solve(Kt):
         """(T, n) K_test A^-1, computed during the fit for the K_test given there."""
         if Kt is K_test:
             return B
         raise ValueError("packed exact fit: right_solve answers only for the K_test passed "
-                         "to the fit (the factor is gone)")
+                         "to the fit (the factor is released when the fit returns)")
 
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
                   diagnostics=diagnostics, timings=timer.seconds)
-
-
-def _diag_of_inverse(n: int, arf):
-    """diag(A^-1) from the packed Cholesky factor, destroying it: L^-1 in place by LAPACK
-    ``dtftri`` (n^3 / 3 flops), then (A^-1)_ii = ||L^-1 e_i||^2, the squared norms of the
-    columns of L^-1, read off the RFP layout. Returns (diag, method)."""
-    info = _call("dtftri", b"N", b"L", b"N", n, arf)
-    if info != 0:
-        raise NotPSDError(f"packed triangular inverse failed (LAPACK info={info})")
-    k, off = rfp_layout(n)
-    AT = arf.reshape(k, n + off)
-    diag = np.zeros(n)
-    for j in range(k):
-        row = AT[j]
-        top = row[j + off:]          # column j of L^-1, rows j..n-1
-        diag[j] = top @ top
-        low = row[:j + off]          # row b = k - 1 + off + j of L^-1, columns k..b
-        diag[k:k + j + off] += low * low
-    return diag, "dtftri (L^-1 in packed storage), column norms"
-
-
-# Argument kinds of the LAPACK routines used, as SciPy's Cython LAPACK declares them (every
-# argument by pointer): c = char, i = int, d = double array.
-_SIGNATURES = {"dpftrf": "ccid", "dpftrs": "cciiddi", "dtftri": "cccid"}
-
-
-def _call(name: str, *args) -> int:
-    """Call LAPACK ``name`` through SciPy's Cython LAPACK; returns INFO.
-
-    SciPy's Python wrappers of the RFP routines check n (n + 1) / 2 in 32-bit arithmetic and
-    refuse n > 46 340, although LAPACK itself indexes the packed array correctly up to
-    n (n + 1) / 2 < 2^31; the Cython entry points have no such check. ``args`` are the
-    routine's arguments except the trailing INFO: bytes for chars, ints, float64 arrays
-    (Fortran-ordered where 2-D).
-    """
-    import ctypes
-    func = _cython_lapack(name)
-    keep, ptrs = [], []
-    for kind, a in zip(_SIGNATURES[name], args):
-        if kind == "c":
-            ptrs.append(ctypes.c_char_p(a))
-        elif kind == "i":
-            v = ctypes.c_int(int(a))
-            keep.append(v)
-            ptrs.append(ctypes.byref(v))
-        else:
-            ptrs.append(ctypes.c_void_p(a.ctypes.data))
-    info = ctypes.c_int(0)
-    func(*ptrs, ctypes.byref(info))
-    return info.value
-
-
-@functools.lru_cache(maxsize=None)
-def _cython_lapack(name: str):
-    """A ctypes handle on SciPy's Cython LAPACK routine ``name``."""
-    import ctypes
-
-    import scipy.linalg.cython_lapack as cl
-    try:
-        capsule = cl.__pyx_capi__[name]
-    except (AttributeError, KeyError):
-        raise BackendError(f"packed exact needs LAPACK {name} from scipy.linalg.cython_lapack, "
-                           f"which this SciPy does not expose") from None
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
-    kinds = {"c": ctypes.c_char_p, "i": ctypes.c_void_p, "d": ctypes.c_void_p}
-    argtypes = [kinds[c] for c in _SIGNATURES[name]] + [ctypes.c_void_p]
-    return ctypes.CFUNCTYPE(None, *argtypes)(ptr)
 
 
 def _checks(solve, probes, KV, abs_sums, lam, *, block: int = 8, iters: int = 6) -> dict:
