@@ -28,11 +28,25 @@ def gram(X, X2=None):
     """
     X = as_float_matrix(X, "X")
     if X2 is None:
-        G = X @ X.T
+        G = _self_gram(X)
         return (G + G.T) * 0.5  # exact symmetry regardless of BLAS blocking
     X2 = as_float_matrix(X2, "X2")
     check_cols(X, X2, "X", "X2")
     return X @ X2.T
+
+
+def _self_gram(X):
+    """X X^T; on the CPU above ``SYRK_MAX_N`` rows by row-block GEMMs, because OpenBLAS's
+    threaded SYRK (NumPy's X @ X.T) segfaulted there (see ntkcore.kernels.assembly)."""
+    from .kernels.assembly import GRAM_ROWS, SYRK_MAX_N
+    from .ntk.tiling import tiles
+    n = X.shape[0]
+    if n <= SYRK_MAX_N or backend_for(X).name != "cpu":
+        return X @ X.T
+    G = np.empty((n, n), dtype=X.dtype)
+    for i0, i1 in tiles(n, GRAM_ROWS):
+        G[i0:i1] = X[i0:i1] @ X.T
+    return G
 
 
 def gram_power(X, p: int):

@@ -62,12 +62,14 @@ def test_large_n_gram_path_uses_row_block_gemms(monkeypatch, train_a):
     row-block GEMMs instead of SYRK (OpenBLAS's threaded SYRK segfaulted at n >= 26 000);
     same kernel."""
     monkeypatch.setattr(assembly, "SYRK_MAX_N", 10)
-    monkeypatch.setattr(assembly, "_GRAM_ROWS", 7)
+    monkeypatch.setattr(assembly, "GRAM_ROWS", 7)
     rng = np.random.default_rng(4)
     X = rng.standard_normal((40, 6))
     W = rng.standard_normal((33, 6))
     assert_close(K.relu_ntk_fused(X, W, train_a=train_a, tile=16),
                  relu_ntk_naive(X, W, train_a=train_a), what="row-block Gram")
+    import ntkcore as nc
+    assert_close(nc.gram(X), X @ X.T, what="gram by row blocks")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -137,7 +137,7 @@ def _pairs(n, n2, t, sym):
 #: OpenBLAS 0.3.31's threaded SYRK (NumPy's X @ X.T too) segfaulted on our 2-core machine
 #: from n = 26 000 (n = 20 000 ran).
 SYRK_MAX_N = 16_384
-_GRAM_ROWS = 4096
+GRAM_ROWS = 4096
 
 
 def _gram_into(out, X, Xs, sym):
@@ -145,7 +145,7 @@ def _gram_into(out, X, Xs, sym):
     SYRK_MAX_N rows, row blocks out[i0:i1, i0:] by GEMM, still only the upper part)."""
     if sym and out.flags.c_contiguous and out.shape[0] > SYRK_MAX_N:
         n = out.shape[0]
-        for i0, i1 in tiles(n, _GRAM_ROWS):
+        for i0, i1 in tiles(n, GRAM_ROWS):
             out[i0:i1, i0:] = X[i0:i1] @ X[i0:].T
         return
     if sym and out.flags.c_contiguous:
@@ -167,7 +167,7 @@ def _add_output_layer_cpu(out, X, Xs, W, inv_m, sym, chunk):
     for r0, r1 in tiles(m, chunk):
         H = np.maximum(X @ W[r0:r1].T, 0.0)
         if sym and out.shape[0] > SYRK_MAX_N:  # row-block GEMMs, as in _gram_into
-            for i0, i1 in tiles(out.shape[0], _GRAM_ROWS):
+            for i0, i1 in tiles(out.shape[0], GRAM_ROWS):
                 out[i0:i1, i0:] += inv_m * (H[i0:i1] @ H[i0:].T)
         elif sym:
             syrk = get_blas_funcs("syrk", (H,))

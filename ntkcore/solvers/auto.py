@@ -175,10 +175,14 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             storage = "packed"
         if storage == "packed":
             if packed_exact_bytes(n) > budget:
+                n_fit = int(math.sqrt(2 * budget / 8))
+                alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
+                       else "more memory")
                 raise MemoryBudgetError(
                     f"exact: n={n} needs {_gib(packed_exact_bytes(n))} even in packed storage, "
-                    f"over the {_gib(budget)} budget ({source})",
-                    needed_bytes=packed_exact_bytes(n), budget_bytes=int(budget))
+                    f"over the {_gib(budget)} budget ({source}); about n <= {n_fit} would "
+                    f"fit, or use {alt}",
+                    needed_bytes=packed_exact_bytes(n), budget_bytes=int(budget), n_fit=n_fit)
             opts["storage"] = "packed"
             return "exact", opts, ("solver='exact' requested; packed storage "
                                    f"({_gib(packed_exact_bytes(n))})" + _note(dropped))
