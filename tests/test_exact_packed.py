@@ -137,7 +137,7 @@ def test_auto_picks_packed_between_dense_and_nystrom(monkeypatch):
 
 
 def test_dense_is_not_used_on_the_cpu_above_its_limit():
-    """OpenBLAS's threaded SYRK (inside dpotrf) segfaulted here from n = 26 000: above
+    """SciPy's dpotrf (OpenBLAS's threaded SYRK inside) segfaulted here from n = 16 000: above
     CPU_DENSE_MAX_N the CPU takes the packed solver even when the dense one would fit."""
 
     class Big:  # only the shape and the device are read by the choice

@@ -59,7 +59,7 @@ def test_relu_ntk_fused_matches_naive(backend, n, n2, d, m, tile, train_a):
 @pytest.mark.parametrize("train_a", [False, True])
 def test_large_n_gram_path_uses_row_block_gemms(monkeypatch, train_a):
     """Above SYRK_MAX_N the symmetric Gram matrix (and the output-layer term) come from
-    row-block GEMMs instead of SYRK (OpenBLAS's threaded SYRK segfaulted at n >= 26 000);
+    row-block GEMMs instead of SYRK (OpenBLAS's threaded SYRK segfaulted at large n here);
     same kernel."""
     monkeypatch.setattr(assembly, "SYRK_MAX_N", 10)
     monkeypatch.setattr(assembly, "GRAM_ROWS", 7)

@@ -134,9 +134,9 @@ def _pairs(n, n2, t, sym):
 
 
 #: Above this n the symmetric Gram matrix is built from row-block GEMMs instead of one SYRK:
-#: OpenBLAS 0.3.31's threaded SYRK (NumPy's X @ X.T too) segfaulted on our 2-core machine
-#: from n = 26 000 (n = 20 000 ran).
-SYRK_MAX_N = 16_384
+#: OpenBLAS 0.3.31's threaded SYRK segfaulted on our 2-core machine (NumPy's X @ X.T from
+#: n = 26 000; SciPy's dpotrf, which calls it, from n = 16 000).
+SYRK_MAX_N = 14_000
 GRAM_ROWS = 4096
 
 

@@ -41,8 +41,9 @@ COMFORT = 0.7
 MIN_RANK = 16
 #: auto's rank cap when the user gives none: O(n r^2) flops must stay minutes on a laptop.
 AUTO_MAX_RANK = 8192
-#: Largest n the dense exact solver takes on the CPU (see _dense_allowed).
-CPU_DENSE_MAX_N = 20_000
+#: Largest n the dense exact solver takes on the CPU (see _dense_allowed): its whole pipeline
+#: ran at n = 14 000; SciPy's dpotrf alone ran at 15 000 and segfaulted at 16 000.
+CPU_DENSE_MAX_N = 14_000
 #: Options each solver accepts (besides check / overwrite_k / timer).
 SOLVER_OPTIONS = {
     "exact": ("storage",),
@@ -74,9 +75,9 @@ def _packed_possible(K) -> bool:
 
 
 def _dense_allowed(K, n: int) -> bool:
-    """The dense solver's dpotrf runs OpenBLAS's threaded SYRK, which segfaulted on our
-    2-core machine from n = 26 000 (X @ X.T too); above CPU_DENSE_MAX_N the CPU uses the
-    packed solver, whose products are all panel GEMMs."""
+    """SciPy's dpotrf (OpenBLAS 0.3.31, 2 threads) segfaulted on our 2-core machine from
+    n = 16 000 (NumPy's X @ X.T, a threaded SYRK, from 26 000); above CPU_DENSE_MAX_N the
+    CPU uses the packed solver, whose products are all panel GEMMs and w x w factorisations."""
     return n <= CPU_DENSE_MAX_N or not _on_cpu(K)
 
 
@@ -167,8 +168,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             raise ParameterError("storage='packed' is a CPU solver; K is on the GPU")
         if storage == "dense" and not _dense_allowed(K, n):
             raise ParameterError(f"storage='dense': on the CPU the dense exact solver takes "
-                                 f"n <= {CPU_DENSE_MAX_N} (OpenBLAS's threaded SYRK inside "
-                                 f"dpotrf segfaulted above ~26 000 here); got n={n}; use "
+                                 f"n <= {CPU_DENSE_MAX_N} (OpenBLAS's "
+                                 f"dpotrf segfaulted from n = 16 000 here); got n={n}; use "
                                  f"storage='packed'")
         if storage is None and _packed_possible(K) and (
                 not _dense_allowed(K, n) or need > COMFORT * budget):

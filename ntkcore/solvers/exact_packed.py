@@ -6,8 +6,8 @@ stored, as column panels: panel p holds rows c_p..n-1 of columns c_p..c_p+w-1 (C
 needs 57.6 GB for K and its working copy). CPU only; the caller gives a kernel operator, and
 K is assembled straight into the panels tile by tile. Every n x n-sized product is a GEMM
 between panels (k = w) and every factorisation is of one w x w block, which also keeps the
-work away from OpenBLAS's threaded SYRK: on our 2-core machine that path (inside dpotrf, and
-in X @ X.T) segfaulted for n >= 26 000, and LAPACK's packed (RFP) routines with it.
+work away from OpenBLAS's threaded SYRK: on our 2-core machine SciPy's dpotrf segfaulted from
+n = 16 000 (NumPy's X @ X.T from 26 000), and LAPACK's packed (RFP) dpftrf at 46 000.
 
 Order of work (the diagonal of A^-1 is computed last, after the factor has done everything
 else):
