@@ -6,8 +6,10 @@ else Nystrom.
 
 Memory model (bytes, float64):
 
-- exact: ``EXACT_COPIES`` (2) n x n arrays (K or its materialised copy, and the factor / its
-  triangular inverse), i.e. 16 n^2;
+- exact: ``EXACT_COPIES`` (2) n x n arrays on the CPU (K or its materialised copy, and the
+  factor / its triangular inverse, both in place), i.e. 16 n^2; on the GPU
+  ``EXACT_COPIES_GPU`` (3): CuPy's Cholesky returns a new array, and the triangular inverse
+  is a solve against a new identity, so K, the factor and the inverse coexist (24 n^2);
 - exact in packed storage (CPU): the lower triangle in column panels and one assembly tile,
   about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
@@ -35,6 +37,7 @@ SOLVERS = ("auto", "exact", "nystrom", "cg")
 
 # The exact solver holds K and one n x n working copy (factor, then its inverse).
 EXACT_COPIES = 2
+EXACT_COPIES_GPU = 3
 # "Comfortably": a solver may plan to use at most this share of the budget.
 COMFORT = 0.7
 #: Smallest rank worth running; below it auto refuses rather than return noise.
@@ -54,8 +57,8 @@ SOLVER_OPTIONS = {
 _ALL_OPTIONS = sorted(set().union(*SOLVER_OPTIONS.values()))
 
 
-def exact_bytes(n: int) -> int:
-    return EXACT_COPIES * 8 * n * n
+def exact_bytes(n: int, *, gpu: bool = False) -> int:
+    return (EXACT_COPIES_GPU if gpu else EXACT_COPIES) * 8 * n * n
 
 
 def packed_exact_bytes(n: int) -> int:
@@ -158,7 +161,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
     r_fit = max_rank(n, budget)
-    need = exact_bytes(n)
+    need = exact_bytes(n, gpu=not _on_cpu(K))
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
         storage = opts.get("storage")
@@ -187,15 +190,15 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             opts["storage"] = "packed"
             return "exact", opts, ("solver='exact' requested; packed storage "
                                    f"({_gib(packed_exact_bytes(n))})" + _note(dropped))
-        if need / EXACT_COPIES > budget:
+        if 8 * n * n > budget:
             n_fit = int(math.sqrt(budget / 8))
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                    else "more memory")
             raise MemoryBudgetError(
-                f"exact: n={n} needs at least {_gib(need / EXACT_COPIES)} for one float64 "
+                f"exact: n={n} needs at least {_gib(8 * n * n)} for one float64 "
                 f"n x n array, over the {_gib(budget)} budget ({source}); n <= {n_fit} would "
                 f"fit, or use {alt}",
-                needed_bytes=need // EXACT_COPIES, budget_bytes=int(budget), n_fit=n_fit)
+                needed_bytes=8 * n * n, budget_bytes=int(budget), n_fit=n_fit)
         opts.pop("storage", None)
         return "exact", opts, "solver='exact' requested" + _note(dropped)
     if requested in ("nystrom", "cg"):
