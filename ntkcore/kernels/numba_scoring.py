@@ -78,8 +78,9 @@ def _render(C: int) -> str:
         f"{ind5}s{r} = " + " + ".join(f"r{r}_{c} * v{c}" for c in range(C)) + "\n"
         f"{ind5}u{r} = b{r}[k] * dk\n"
         f"{ind5}o{r}[k] = u{r} * (u{r} * hk - s{r})" for r in range(_QUAD))
-    return _TEMPLATE.format(C=C, QUAD=_QUAD, GROUP=_GROUP, BLOCK=_BLOCK, load_residuals=load_residuals,
-                            alpha_rows=alpha_rows, row_slices=row_slices,
+    return _TEMPLATE.format(C=C, QUAD=_QUAD, GROUP=_GROUP, BLOCK=_BLOCK,
+                            load_residuals=load_residuals, alpha_rows=alpha_rows,
+                            row_slices=row_slices,
                             alpha_loads=alpha_loads, row_scores=row_scores)
 
 

@@ -226,8 +226,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         why = ("" if _dense_allowed(K, n) else
                f"; dense is not used on the CPU above n={CPU_DENSE_MAX_N}")
         return "exact", opts, (f"exact in packed storage: n={n} needs "
-                               f"{_gib(packed_exact_bytes(n))} (dense would need {_gib(need)}{why}), "
-                               f"within {COMFORT:.0%} of the {_gib(budget)} budget ({source}); "
+                               f"{_gib(packed_exact_bytes(n))} (dense would need "
+                               f"{_gib(need)}{why}), within {COMFORT:.0%} of the {_gib(budget)} budget ({source}); "
                                f"about n^3 flops" + _note(dropped))
     opts, dropped = _split_options("nystrom", options)
     if r_fit < MIN_RANK:
