@@ -303,8 +303,12 @@ def test_cuda_sources_compile_with_nvrtc(name, dtype, defines):
     opts = [o.encode() for o in cuda.compile_options(dtype, defines)] + [b"-arch=sm_90"]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, log)
+    # A mutable buffer: NVRTC writes into it. (b" " * size for an empty log, size 1, is
+    # CPython's shared one-byte object; writing into it corrupted every later b" " in the
+    # process, which broke torch.load in the CLI tests that ran afterwards.)
+    buf = bytearray(size)
+    nvrtc.nvrtcGetProgramLog(prog, buf)
     nvrtc.nvrtcDestroyProgram(prog)
+    log = bytes(buf).rstrip(b"\0")
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
     assert b"warning" not in log.lower(), log.decode(errors="replace")
