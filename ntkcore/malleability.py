@@ -404,13 +404,14 @@ def complexity_by_decile(K, alpha, scores, *, n_groups: int = 10, Y=None,
             raise ParameterError("K=None needs Y and lam (K alpha = Y - lam alpha)")
         Y = np.asarray(Y, dtype=np.float64).reshape(alpha.shape)
         K_alpha = Y - lam * alpha
-        K = np.empty((n, n))[:0, :0]  # shape check below is skipped for this route
+        k_shape = None  # no kernel on this route (nothing n x n is allocated)
     else:
         K = np.asarray(K, dtype=np.float64)
         K_alpha = None
-    if (K_alpha is None and K.shape != (n, n)) or S.ndim != 2 or S.shape[1] != n:
+        k_shape = K.shape
+    if (K_alpha is None and k_shape != (n, n)) or S.ndim != 2 or S.shape[1] != n:
         raise ShapeError(f"K, alpha, scores: expected (n, n), (n, C), (T, n) with one n, got "
-                         f"{K.shape}, {alpha.shape}, {S.shape}")
+                         f"{k_shape}, {alpha.shape}, {S.shape}")
     if isinstance(n_groups, bool) or not 1 <= int(n_groups) <= n:
         raise ParameterError(f"n_groups: expected an integer in 1..{n}, got {n_groups!r}")
     c = np.einsum("ic,ic->i", alpha, K @ alpha if K_alpha is None else K_alpha)

@@ -145,3 +145,22 @@ def test_complexity_without_the_kernel_matches_the_kernel_route():
     b = complexity_by_decile(None, alpha, scores, Y=Y, lam=lam)
     np.testing.assert_allclose(b.complexity, a.complexity, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(b.group, a.group)
+
+
+def test_complexity_without_the_kernel_allocates_nothing_n_by_n():
+    """The route ``ntkcore influence`` takes: at n = 60 000 an n x n float64 array (even an
+    untouched np.empty) is 26.8 GiB and failed the run after the solve."""
+    import tracemalloc
+
+    from ntkcore.malleability import complexity_by_decile
+    n, C, T = 4000, 3, 2
+    rng = np.random.default_rng(4)
+    alpha = rng.standard_normal((n, C))
+    Y = np.eye(C)[rng.integers(0, C, n)]
+    scores = rng.standard_normal((T, n))
+    tracemalloc.start()
+    dec = complexity_by_decile(None, alpha, scores, Y=Y, lam=1e-3)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert dec.complexity.shape == (n,)
+    assert peak < 0.05 * 8 * n * n, f"peak {peak / 2**20:.1f} MiB"
