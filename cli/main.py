@@ -45,6 +45,12 @@ def main():
 @click.option("--landmarks", default=None, type=click.Choice(["uniform", "rpcholesky"]),
               help="Nystrom landmark selection.")
 @click.option("--tol", type=float, default=None, help="CG relative tolerance.")
+@click.option("--precision", default=None, type=click.Choice(["float64", "float32"]),
+              help="Exact solver in packed storage (CPU): float32 halves memory and about "
+                   "halves the time; an approximation, float64 is the default.")
+@click.option("--diag-probes", type=int, default=None,
+              help="Exact solver in packed storage (CPU): estimate diag(A^-1) from this many "
+                   "probes (relative error sqrt(2/probes)) instead of n^3/3 flops.")
 @click.option("--show", type=int, default=5, show_default=True,
               help="Test points shown in summary.json and the figure.")
 @click.option("--model", "model_spec", default=None,
@@ -60,15 +66,16 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def influence(dataset, data_root, download, classes, n_train, n_test, dim, arch, width, epochs,
-              preset, lam, device, seed, solver, rank, landmarks, tol, show, model_spec,
-              weights, model_input, out_dir, overwrite, quiet):
+              preset, lam, device, seed, solver, rank, landmarks, tol, precision, diag_probes,
+              show, model_spec, weights, model_input, out_dir, overwrite, quiet):
     """Train the network, build its empirical NTK, and score every training point's
     leave-one-out influence on every test prediction."""
     from ntkcore.experiments.influence_run import run_influence
     from ntkcore.experiments.pipeline import InfluenceConfig
 
-    solver_options = {k: v for k, v in (("rank", rank), ("landmarks", landmarks), ("tol", tol))
-                      if v is not None}
+    solver_options = {k: v for k, v in (("rank", rank), ("landmarks", landmarks), ("tol", tol),
+                                        ("precision", precision),
+                                        ("diag_probes", diag_probes)) if v is not None}
     cfg = InfluenceConfig(dataset=dataset.lower(), data_root=data_root, download=download,
                           classes=classes, n_train=n_train, n_test=n_test, dim=dim, arch=arch,
                           width=width, epochs=epochs, preset=preset, lam=lam, device=device,

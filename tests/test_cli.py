@@ -100,10 +100,17 @@ def test_corrupt_file_is_reported(tmp_path):
     (["--classes", "0"], "class"),
     (["--width", "0"], "width"),
     (["--n-train", "999999"], "n_train"),
+    (["--diag-probes", "1"], "diag_probes"),
 ])
 def test_bad_input_one_line_nonzero_exit(tmp_path, args, needle):
     r = invoke("influence", "--out", tmp_path / "o", *TINY, *args)  # args last: they win
     one_line_error(r, needle)
+
+
+def test_bad_solver_options_fail_before_training(tmp_path):
+    r = invoke("influence", "--out", tmp_path / "o", *TINY, "--diag-probes", "0")
+    one_line_error(r, "diag_probes")
+    assert not (tmp_path / "o" / "model.pt").exists()
 
 
 def test_too_large_for_memory_prints_estimate_and_fitting_n(tmp_path):
@@ -161,6 +168,8 @@ def test_bad_model_spec_is_one_line(tmp_path):
     (["--solver", "nystrom", "--rank", "60", "--landmarks", "uniform"], "nystrom"),
     (["--solver", "cg", "--tol", "1e-8", "--rank", "60"], "cg"),
     (["--solver", "auto"], "nystrom"),  # exact does not fit the 1 MB budget below
+    (["--solver", "exact", "--precision", "float32", "--diag-probes", "64"],
+     "exact[float32, diag from 64 probes]"),
 ])
 def test_approximate_solvers_from_the_cli(tmp_path, args, solver):
     out = tmp_path / "o"

@@ -79,6 +79,8 @@ class InfluenceConfig(DataOptions):
         if self.device not in DEVICES:
             raise ParameterError(f"device: expected one of {DEVICES}, got {self.device!r}")
         self.resolved_epochs()
+        from ..solvers.auto import check_solver_options
+        check_solver_options(self.solver, self.solver_options)
         return self
 
     def resolved_epochs(self) -> int:

@@ -24,12 +24,14 @@ def fit_function(name: str):
 def _exact_adapter(exact_fit):
     """The exact solver: dense storage (operators materialised after auto's check), or packed
     storage (``storage="packed"``: CPU, K assembled straight into half the memory)."""
-    def fit(K, Y, lam, *, storage: str | None = None, K_test=None, **kw):
+    def fit(K, Y, lam, *, storage: str | None = None, K_test=None, precision: str = "float64",
+            diag_probes: int | None = None, seed: int = 0, **kw):
         if storage == "packed":
             from .exact_packed import packed_exact_fit
             from .landmarks import as_operator
             fit = packed_exact_fit(as_operator(K), Y, lam, K_test=K_test,
-                                   check=kw.get("check", True), timer=kw.get("timer"))
+                                   check=kw.get("check", True), timer=kw.get("timer"),
+                                   precision=precision, diag_probes=diag_probes, seed=seed)
             fit.diagnostics["symmetry_rel"] = 0.0  # one triangle is all that is stored
             return fit
         if not hasattr(K, "ndim"):

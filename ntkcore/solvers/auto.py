@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..backend import backend_for
 from ..errors import MemoryBudgetError, ParameterError
 from .landmarks import DEFAULT_BLOCK
@@ -49,7 +51,7 @@ AUTO_MAX_RANK = 8192
 CPU_DENSE_MAX_N = 14_000
 #: Options each solver accepts (besides check / overwrite_k / timer).
 SOLVER_OPTIONS = {
-    "exact": ("storage",),
+    "exact": ("storage", "precision", "diag_probes", "seed"),
     "nystrom": ("rank", "landmarks", "seed", "diag_correction"),
     "cg": ("rank", "landmarks", "seed", "diag_correction", "tol", "atol", "maxiter", "probes",
            "progress"),
@@ -61,10 +63,13 @@ def exact_bytes(n: int, *, gpu: bool = False) -> int:
     return (EXACT_COPIES_GPU if gpu else EXACT_COPIES) * 8 * n * n
 
 
-def packed_exact_bytes(n: int) -> int:
-    """The packed exact solver: its panels, one assembly tile and one panel of L^-1."""
-    from .exact_packed import PANEL, TILE_BYTES, packed_bytes
-    return packed_bytes(n) + min(TILE_BYTES, 8 * n * PANEL) + 8 * n * min(n, PANEL)
+def packed_exact_bytes(n: int, precision: str = "float64") -> int:
+    """The packed exact solver: its panels (float64 or float32), one float64 assembly tile
+    and one float64 panel of L^-1."""
+    from .exact_packed import PANEL, PRECISIONS, TILE_BYTES, packed_bytes
+    itemsize = np.dtype(PRECISIONS[precision]).itemsize
+    return (packed_bytes(n, itemsize=itemsize) + min(TILE_BYTES, 8 * n * PANEL)
+            + 8 * n * min(n, PANEL))
 
 
 def _on_cpu(K) -> bool:
@@ -82,6 +87,25 @@ def _dense_allowed(K, n: int) -> bool:
     n = 16 000 (NumPy's X @ X.T, a threaded SYRK, from 26 000); above CPU_DENSE_MAX_N the
     CPU uses the packed solver, whose products are all panel GEMMs and w x w factorisations."""
     return n <= CPU_DENSE_MAX_N or not _on_cpu(K)
+
+
+def _packed_approximations(opts) -> list:
+    """Validate the packed solver's approximation options; one phrase for each one asked."""
+    from .exact_packed import PRECISIONS
+    out = []
+    precision = opts.get("precision", "float64")
+    if precision not in PRECISIONS:
+        raise ParameterError(f"precision: expected one of {tuple(PRECISIONS)}, got "
+                             f"{precision!r}")
+    if precision != "float64":
+        out.append(f"precision={precision} (approximate)")
+    probes = opts.get("diag_probes")
+    if probes is not None:
+        if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 2:
+            raise ParameterError(f"diag_probes: expected an integer >= 2, got {probes!r}")
+        out.append(f"diag(A^-1) estimated from {probes} probes (relative standard error "
+                   f"{math.sqrt(2 / probes):.2g})")
+    return out
 
 
 def nystrom_bytes(n: int, rank: int) -> int:
@@ -124,6 +148,25 @@ def _note(dropped):
     return f" ({', '.join(dropped)} not used by this solver)" if dropped else ""
 
 
+def check_solver_options(requested: str, options: dict) -> dict:
+    """Validate a solver name and its options before any work (the data is not needed);
+    returns the options without ``None`` values.
+
+    Raises
+    ------
+    ParameterError : unknown solver or option, or a bad precision / diag_probes value.
+    """
+    if requested not in SOLVERS:
+        raise ParameterError(f"solver: expected one of {SOLVERS}, got {requested!r}")
+    unknown = sorted(k for k in options if k not in _ALL_OPTIONS)
+    if unknown:
+        raise ParameterError(f"solver options: expected names among {_ALL_OPTIONS}, got "
+                             f"{unknown}")
+    options = {k: v for k, v in options.items() if v is not None}
+    _packed_approximations(options)
+    return options
+
+
 def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None = None,
                   **options):
     """Pick the solver for A = K + lam I and say why.
@@ -151,13 +194,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     ParameterError : unknown solver or option.
     MemoryBudgetError : the request cannot fit the budget (message names what would).
     """
-    if requested not in SOLVERS:
-        raise ParameterError(f"solver: expected one of {SOLVERS}, got {requested!r}")
-    unknown = sorted(k for k in options if k not in _ALL_OPTIONS)
-    if unknown:
-        raise ParameterError(f"solver options: expected names among {_ALL_OPTIONS}, got "
-                             f"{unknown}")
-    options = {k: v for k, v in options.items() if v is not None}
+    options = check_solver_options(requested, options)
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
     r_fit = max_rank(n, budget)
@@ -169,6 +206,16 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             raise ParameterError(f"storage: expected 'dense' or 'packed', got {storage!r}")
         if storage == "packed" and not _packed_possible(K):
             raise ParameterError("storage='packed' is a CPU solver; K is on the GPU")
+        approx = _packed_approximations(opts)
+        if approx:
+            if not _packed_possible(K):
+                raise ParameterError(f"{' and '.join(approx)}: options of the packed exact "
+                                     f"solver, which runs on the CPU; K is on the GPU (where "
+                                     f"float64 runs at the float32 rate)")
+            if storage == "dense":
+                raise ParameterError(f"{' and '.join(approx)}: options of packed storage; "
+                                     f"got storage='dense'")
+            storage = "packed"
         if storage == "dense" and not _dense_allowed(K, n):
             raise ParameterError(f"storage='dense': on the CPU the dense exact solver takes "
                                  f"n <= {CPU_DENSE_MAX_N} (OpenBLAS's "
@@ -178,18 +225,21 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                 not _dense_allowed(K, n) or need > COMFORT * budget):
             storage = "packed"
         if storage == "packed":
-            if packed_exact_bytes(n) > budget:
-                n_fit = int(math.sqrt(2 * budget / 8))
+            precision = opts.get("precision", "float64")
+            need_packed = packed_exact_bytes(n, precision)
+            if need_packed > budget:
+                n_fit = int(math.sqrt(2 * budget / (4 if precision == "float32" else 8)))
                 alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                        else "more memory")
                 raise MemoryBudgetError(
-                    f"exact: n={n} needs {_gib(packed_exact_bytes(n))} even in packed storage, "
-                    f"over the {_gib(budget)} budget ({source}); about n <= {n_fit} would "
-                    f"fit, or use {alt}",
-                    needed_bytes=packed_exact_bytes(n), budget_bytes=int(budget), n_fit=n_fit)
+                    f"exact: n={n} needs {_gib(need_packed)} even in {precision} packed "
+                    f"storage, over the {_gib(budget)} budget ({source}); about n <= {n_fit} "
+                    f"would fit, or use {alt}",
+                    needed_bytes=need_packed, budget_bytes=int(budget), n_fit=n_fit)
             opts["storage"] = "packed"
             return "exact", opts, ("solver='exact' requested; packed storage "
-                                   f"({_gib(packed_exact_bytes(n))})" + _note(dropped))
+                                   f"({_gib(need_packed)})" + "".join(f", {a}" for a in approx)
+                                   + _note(dropped))
         if 8 * n * n > budget:
             n_fit = int(math.sqrt(budget / 8))
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
@@ -213,7 +263,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         opts["rank"] = rank
         return requested, opts, f"solver={requested!r} requested (rank {rank})" + _note(dropped)
     # auto
-    if options.get("storage") is not None:  # a storage only the exact solver has: exact
+    if any(options.get(k) is not None for k in ("storage", "precision", "diag_probes")):
+        # options only the exact solver has: exact
         return choose_solver(K, lam, requested="exact", memory_budget=memory_budget, **options)
     if need <= COMFORT * budget and _dense_allowed(K, n):
         opts, dropped = _split_options("exact", options)
@@ -227,8 +278,10 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                f"; dense is not used on the CPU above n={CPU_DENSE_MAX_N}")
         return "exact", opts, (f"exact in packed storage: n={n} needs "
                                f"{_gib(packed_exact_bytes(n))} (dense would need "
-                               f"{_gib(need)}{why}), within {COMFORT:.0%} of the {_gib(budget)} budget ({source}); "
-                               f"about n^3 flops" + _note(dropped))
+                               f"{_gib(need)}{why}), within {COMFORT:.0%} of the "
+                               f"{_gib(budget)} budget ({source}); "
+                               f"about n^3 flops (3x faster, approximate: precision='float32', "
+                               f"diag_probes=1024)" + _note(dropped))
     opts, dropped = _split_options("nystrom", options)
     if r_fit < MIN_RANK:
         raise MemoryBudgetError(

@@ -21,6 +21,15 @@ else):
    iteration on A^-1 (6 steps of 8 vectors); kappa from ||A||_1 / lambda_min(A)
 5. diag(A^-1)_i = ||L^-1 e_i||^2: the columns of L^-1 panel by panel, by forward substitution
    from the panel's own block down (rows above it are zero)                n^3 / 3 flops
+   or, with ``diag_probes=s``, the unbiased estimate mean_k (L^-T z_k)_i^2 over s Gaussian
+   probes (E[w w^T] = L^-T L^-1 = A^-1 for w = L^-T z), one back substitution each: s n^2
+   flops, relative standard error sqrt(2 / s) in every entry whatever A is.
+
+``precision="float32"`` stores the panels and runs every step in float32 (half the memory,
+about twice the GEMM rate on a CPU); the answers are returned in float64. This is an opt-in
+approximation (DESIGN, "Precision": float64 is the default because kappa(A) reaches 1e7 and
+more): the factor is that of K + lam I rounded to float32, so solves carry about
+kappa * 6e-8 relative error; bench/RESULTS.md measures its influence error against float64.
 """
 
 from __future__ import annotations
@@ -31,17 +40,22 @@ from scipy.linalg import blas, lapack
 from ..errors import NotPSDError
 from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
+from .diag_estimate import summarize_stderr
 
 #: Columns per panel: GEMMs with k = 1024 run at the DGEMM rate; the w x w blocks stay small.
 PANEL = 1024
+#: Storage precisions the packed solver offers (see the module docstring).
+PRECISIONS = {"float64": np.float64, "float32": np.float32}
+#: Probe columns solved at once by the diag(A^-1) estimator.
+PROBE_BLOCK = 256
 #: Bytes of one assembly tile (rows x w float64).
 TILE_BYTES = 256 << 20
 _PROBES = 4
 
 
-def packed_bytes(n: int, panel: int | None = None) -> int:
-    """Bytes of the panels of an n x n symmetric matrix."""
-    return 8 * sum((n - c0) * (c1 - c0) for c0, c1 in tiles(n, panel or PANEL))
+def packed_bytes(n: int, panel: int | None = None, itemsize: int = 8) -> int:
+    """Bytes of the panels of an n x n symmetric matrix (``itemsize`` bytes per entry)."""
+    return itemsize * sum((n - c0) * (c1 - c0) for c0, c1 in tiles(n, panel or PANEL))
 
 
 class Panels:
@@ -52,10 +66,11 @@ class Panels:
     the strict upper part is zero), the rest the rows below.
     """
 
-    def __init__(self, n: int, panel: int | None = None):
+    def __init__(self, n: int, panel: int | None = None, dtype=np.float64):
         self.n = n
+        self.dtype = np.dtype(dtype)
         self.bounds = list(tiles(n, panel or PANEL))
-        self.blocks = [np.empty((n - c0, c1 - c0)) for c0, c1 in self.bounds]
+        self.blocks = [np.empty((n - c0, c1 - c0), dtype=self.dtype) for c0, c1 in self.bounds]
 
     def diagonal(self):
         return np.concatenate([np.diagonal(b[:c1 - c0]) for b, (c0, c1)
@@ -63,7 +78,7 @@ class Panels:
 
 
 def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None,
-                    panel: int | None = None):
+                    panel: int | None = None, dtype=np.float64):
     """A = K + lam I in column panels, from an operator's ``block``.
 
     Parameters
@@ -72,6 +87,7 @@ def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None,
     lam : ridge added to the diagonal.
     probes : (n, p) vectors whose product K V is accumulated from the same tiles, optional.
     tile : rows per assembly tile (default from TILE_BYTES).
+    dtype : storage precision of the panels (float64, or float32: the tiles are rounded).
 
     Returns
     -------
@@ -80,9 +96,10 @@ def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None,
     KV : (n, p) K @ probes, or None.
     """
     n = op.n
-    P = Panels(n, panel)
+    P = Panels(n, panel, dtype)
     abs_sums = np.zeros(n)
     KV = None if probes is None else np.zeros((n, probes.shape[1]))
+    V = None if probes is None else probes.astype(P.dtype)
     for block, (c0, c1) in zip(P.blocks, P.bounds):
         w = c1 - c0
         rows = tile or max(1, TILE_BYTES // (8 * w))
@@ -91,11 +108,11 @@ def assemble_packed(op, lam: float, probes=None, *, tile: int | None = None,
         # the diagonal block holds both orders of its pairs; the rows below stand for their
         # mirrors (columns c0:c1 of the rows above them in K) too
         a = np.abs(block)
-        abs_sums[c0:] += a.sum(axis=1)
-        abs_sums[c0:c1] += a[w:].sum(axis=0)
+        abs_sums[c0:] += a.sum(axis=1, dtype=np.float64)
+        abs_sums[c0:c1] += a[w:].sum(axis=0, dtype=np.float64)
         if KV is not None:
-            KV[c0:] += block @ probes[c0:c1]
-            KV[c0:c1] += block[w:].T @ probes[c1:]
+            KV[c0:] += block @ V[c0:c1]
+            KV[c0:c1] += block[w:].T @ V[c1:]
         idx = np.arange(w)
         block[idx, idx] += lam
     return P, abs_sums, KV
@@ -111,15 +128,16 @@ def cholesky_panels(P: Panels) -> int:
             # block -= Q[rows >= c0] Q[rows c0:c1]^T, as block^T -= Qd Qs^T on F views
             _gemm_into(block.T, Q[c0 - q0:c1 - q0].T, Q[c0 - q0:].T, trans_a=1)
         D = block[:w]
-        c, info = lapack.dpotrf(D.T, lower=0, clean=0, overwrite_a=1)
+        potrf = lapack.get_lapack_funcs("potrf", dtype=P.dtype)
+        c, info = potrf(D.T, lower=0, clean=0, overwrite_a=1)
         if info != 0:
             return c0 + info
         if not np.shares_memory(c, D):
             D[...] = c.T
         D[np.triu_indices(w, 1)] = 0.0
         if block.shape[0] > w:  # rows below: B L11^-T, i.e. L11 Y = B^T on the F view
-            res = blas.dtrsm(1.0, D.T, block[w:].T, side=0, lower=0, trans_a=1,
-                             overwrite_b=1)
+            res = _trsm(D)(1.0, D.T, block[w:].T, side=0, lower=0, trans_a=1,
+                           overwrite_b=1)
             if not np.shares_memory(res, block):
                 block[w:] = res.T
     return 0
@@ -128,30 +146,45 @@ def cholesky_panels(P: Panels) -> int:
 def _gemm_into(c, a, b, *, trans_a=0, trans_b=0):
     """c <- c - op(a) op(b) in place on F-contiguous views (the transposes of C-ordered
     blocks); copies back if BLAS did not write in place."""
-    res = blas.dgemm(-1.0, a, b, beta=1.0, c=c, trans_a=trans_a, trans_b=trans_b,
-                     overwrite_c=1)
+    gemm = blas.get_blas_funcs("gemm", dtype=c.dtype)
+    res = gemm(-1.0, a, b, beta=1.0, c=c, trans_a=trans_a, trans_b=trans_b, overwrite_c=1)
     if not np.shares_memory(res, c):
         c[...] = res
+
+
+def _trsm(D):
+    return blas.get_blas_funcs("trsm", dtype=D.dtype)
 
 
 def _trsm_into(D, Z, *, transpose: bool):
     """Z <- L^-1 Z (or L^-T Z) in place; L is the lower triangle of the C-ordered diagonal
     block D and Z a C-ordered (w, s) block: on the F views, Z^T <- Z^T L^-T (or Z^T L^-1)."""
-    res = blas.dtrsm(1.0, D.T, Z.T, side=1, lower=0, trans_a=int(transpose), overwrite_b=1)
+    res = _trsm(D)(1.0, D.T, Z.T, side=1, lower=0, trans_a=int(transpose), overwrite_b=1)
     if not np.shares_memory(res, Z):
         Z[...] = res.T
 
 
 def solve_panels(P: Panels, V):
-    """A^-1 V from the factor: forward then back substitution (V (n, s) is not written)."""
-    Z = np.array(V, dtype=np.float64, order="C", copy=True)
+    """A^-1 V from the factor: forward then back substitution (V (n, s) is not written).
+    Computed and returned in the panels' precision."""
+    Z = np.array(V, dtype=P.dtype, order="C", copy=True)
     if Z.ndim == 1:
         Z = Z.reshape(-1, 1)
+    return back_substitute(P, forward_substitute(P, Z))
+
+
+def forward_substitute(P: Panels, Z):
+    """Z <- L^-1 Z in place; Z is a C-ordered (n, s) array of the panels' dtype."""
     for block, (c0, c1) in zip(P.blocks, P.bounds):
         w = c1 - c0
         _trsm_into(block[:w], Z[c0:c1], transpose=False)
         if c1 < P.n:  # Z[c1:] -= below @ Z_p
             _gemm_into(Z[c1:].T, Z[c0:c1].T, block[w:].T)
+    return Z
+
+
+def back_substitute(P: Panels, Z):
+    """Z <- L^-T Z in place; Z is a C-ordered (n, s) array of the panels' dtype."""
     for block, (c0, c1) in zip(reversed(P.blocks), reversed(P.bounds)):
         w = c1 - c0
         if c1 < P.n:  # Z_p -= below^T @ Z[c1:]
@@ -165,7 +198,7 @@ def inverse_diagonal(P: Panels):
     diag = np.empty(P.n)
     for p, (c0, c1) in enumerate(P.bounds):
         w = c1 - c0
-        X = np.zeros((P.n - c0, w))
+        X = np.zeros((P.n - c0, w), dtype=P.dtype)
         X[:w] = np.eye(w)
         for r in range(p, len(P.blocks)):
             block, (r0, r1) = P.blocks[r], P.bounds[r]
@@ -173,13 +206,47 @@ def inverse_diagonal(P: Panels):
             _trsm_into(block[:r1 - r0], Xr, transpose=False)
             if r1 < P.n:  # X[r1:] -= below_r @ X_r
                 _gemm_into(X[r1 - c0:].T, Xr.T, block[r1 - r0:].T)
-        diag[c0:c1] = np.einsum("ij,ij->j", X, X)
+        diag[c0:c1] = np.einsum("ij,ij->j", X, X, dtype=np.float64)
     return diag
+
+
+def estimated_inverse_diagonal(P: Panels, probes: int, *, seed: int = 0,
+                               block: int = PROBE_BLOCK):
+    """Unbiased estimate of diag(A^-1) from ``probes`` Gaussian probes and its standard error.
+
+    With A = L L^T and z ~ N(0, I), w = L^-T z has E[w w^T] = L^-T L^-1 = A^-1, so
+    mean_k w_k^2 estimates diag(A^-1) entry by entry. Each entry is (A^-1)_ii times a
+    chi-square with ``probes`` degrees of freedom over ``probes``: always positive, relative
+    standard error sqrt(2 / probes) whatever the off-diagonal of A^-1 (Hutchinson's
+    z * A^-1 z has variance sum_{j != i} (A^-1)_ij^2 instead, unbounded relative to
+    (A^-1)_ii). Cost: one back substitution per probe, probes * n^2 flops.
+
+    Returns
+    -------
+    estimate : (n,) float64.
+    stderr : (n,) float64, sample standard deviation over the probes / sqrt(probes).
+    """
+    rng = np.random.default_rng(seed)
+    total = np.zeros(P.n)
+    total_sq = np.zeros(P.n)
+    for s0, s1 in tiles(probes, block):
+        # probes drawn one after another (rows of the stream), so the estimate does not
+        # depend on how many are solved at once
+        Z = np.ascontiguousarray(rng.standard_normal((s1 - s0, P.n), dtype=P.dtype).T)
+        W = back_substitute(P, Z)
+        W *= W
+        total += W.sum(axis=1, dtype=np.float64)
+        W *= W
+        total_sq += W.sum(axis=1, dtype=np.float64)
+    estimate = total / probes
+    var = np.maximum(total_sq / probes - estimate ** 2, 0.0) * probes / max(probes - 1, 1)
+    return estimate, np.sqrt(var / probes)
 
 
 def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
                      timer: Timer | None = None, tile: int | None = None,
-                     panel: int | None = None) -> KRRFit:
+                     panel: int | None = None, precision: str = "float64",
+                     diag_probes: int | None = None, seed: int = 0) -> KRRFit:
     """Exact KRR fit with A in packed storage (CPU); K_test A^-1 is computed during the fit.
 
     Parameters
@@ -194,41 +261,66 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     timer : Timer ("kernel_assembly", "cholesky", "alpha", "right_solve", "checks",
         "inverse_diagonal").
     tile, panel : rows per assembly tile, columns per panel.
+    precision : "float64" (exact) or "float32" (opt-in approximation: panels and every step in
+        float32, half the memory; results returned as float64).
+    diag_probes : None for the exact diag(A^-1) (n^3 / 3 flops), or a number s >= 2 of
+        Gaussian probes for the unbiased estimate of :func:`estimated_inverse_diagonal`
+        (s n^2 flops, relative standard error sqrt(2 / s), reported).
+    seed : seed of the diag(A^-1) probes.
 
     Returns
     -------
-    KRRFit with ``solver="exact"`` and ``diagnostics["storage"]``.
+    KRRFit with ``solver`` "exact" (float64, exact diagonal) or a label naming the
+    approximations, e.g. "exact[float32, diag from 1024 probes]"; ``diagnostics["storage"]``,
+    ``["precision"]`` and, with probes, ``["diag_inv_estimator"]`` and the standard errors.
 
     Raises
     ------
-    NotPSDError : K + lam I is not positive definite.
+    NotPSDError : K + lam I is not positive definite (in the chosen precision).
     """
     timer = timer or Timer()
     n = op.n
     panel = panel or PANEL
+    dtype = np.dtype(PRECISIONS[precision])
     probes = np.random.default_rng(1).standard_normal((n, _PROBES)) if check else None
     with timer("kernel_assembly"):
-        P, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile, panel=panel)
+        P, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile, panel=panel,
+                                          dtype=dtype)
     with timer("cholesky"):
         info = cholesky_panels(P)
     if info != 0:
+        hint = ("" if precision == "float64" else
+                "; in float32 rounding alone can do this when kappa(A) is near 1e7: use "
+                "precision='float64'")
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): the packed "
-                          f"Cholesky failed at column {info}; K has an eigenvalue below -lam. "
-                          f"Check the kernel (is it a valid NTK?) or raise lam")
+                          f"Cholesky ({precision}) failed at column {info}; K has an eigenvalue "
+                          f"below -lam. Check the kernel (is it a valid NTK?) or raise lam"
+                          + hint)
+
+    def solve(V):
+        return solve_panels(P, V).astype(np.float64, copy=False)
+
     with timer("alpha"):
-        alpha = solve_panels(P, Y)
+        alpha = solve(Y)
     B = None
     if K_test is not None:
         with timer("right_solve"):
-            B = np.ascontiguousarray(solve_panels(P, np.asarray(K_test).T).T)
+            B = np.ascontiguousarray(solve(np.asarray(K_test).T).T)
     diagnostics = {"storage": f"packed lower triangle, {panel}-column panels",
-                   "packed_bytes": packed_bytes(n, panel)}
+                   "packed_bytes": packed_bytes(n, panel, dtype.itemsize),
+                   "precision": precision}
     if check:
         with timer("checks"):
-            diagnostics.update(_checks(lambda V: solve_panels(P, V), probes, KV, abs_sums,
-                                       lam))
+            diagnostics.update(_checks(solve, probes, KV, abs_sums, lam, dtype=dtype))
     with timer("inverse_diagonal"):
-        diag_inv = inverse_diagonal(P)
+        if diag_probes is None:
+            diag_inv = inverse_diagonal(P)
+        else:
+            diag_inv, stderr = estimated_inverse_diagonal(P, diag_probes, seed=seed)
+            diagnostics["diag_inv_estimator"] = (
+                f"{diag_probes} Gaussian probes, mean of (L^-T z)^2; relative standard error "
+                f"sqrt(2/{diag_probes}) = {np.sqrt(2 / diag_probes):.3g} per entry")
+            diagnostics.update(summarize_stderr(diag_inv, stderr))
     del P
 
     def right_solve(Kt):
@@ -238,12 +330,23 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
         raise ValueError("packed exact fit: right_solve answers only for the K_test passed "
                          "to the fit (the factor is released when the fit returns)")
 
-    return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
-                  diagnostics=diagnostics, timings=timer.seconds)
+    return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve,
+                  solver=solver_label(precision, diag_probes), diagnostics=diagnostics,
+                  timings=timer.seconds)
 
 
-def _checks(solve, probes, KV, abs_sums, lam, *, block: int = 8, iters: int = 6) -> dict:
-    """A.8 from solves with the factor: inverse residual, lambda_min(K), kappa(A) estimate."""
+def solver_label(precision: str = "float64", diag_probes: int | None = None) -> str:
+    """"exact", or "exact[...]" naming the approximations that were asked for."""
+    parts = ([] if precision == "float64" else [precision]) + (
+        [] if diag_probes is None else [f"diag from {diag_probes} probes"])
+    return f"exact[{', '.join(parts)}]" if parts else "exact"
+
+
+def _checks(solve, probes, KV, abs_sums, lam, *, dtype=np.float64, block: int = 8,
+            iters: int = 6) -> dict:
+    """A.8 from solves with the factor: inverse residual, lambda_min(K), kappa(A) estimate.
+    In float32 the lambda_min estimate cannot resolve eigenvalues below eps32 ||A||; that
+    resolution is reported so the PSD verdict can say "inconclusive" instead of failing."""
     back = solve(KV + lam * probes)
     residual = float(np.linalg.norm(back - probes) / np.linalg.norm(probes))
     n = probes.shape[0]
@@ -253,7 +356,9 @@ def _checks(solve, probes, KV, abs_sums, lam, *, block: int = 8, iters: int = 6)
     H = V.T @ solve(V)
     lam_min_A = 1.0 / float(np.linalg.eigvalsh((H + H.T) * 0.5)[-1])
     anorm = float(abs_sums.max()) + lam
-    return {"inverse_residual_probe": residual,
+    extra = {} if np.dtype(dtype) == np.float64 else {
+        "lambda_min_resolution": float(np.finfo(dtype).eps * anorm)}
+    return {**extra, "inverse_residual_probe": residual,
             "inverse_residual_estimator": f"{probes.shape[1]} random probes",
             "lambda_min_K_estimate": lam_min_A - lam,
             "lambda_min_estimator": f"{iters} subspace iterations (block {block}) on A^-1",
