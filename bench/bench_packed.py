@@ -16,9 +16,15 @@ Measured in one run:
   difference of the scores;
 - ``--nystrom-ranks``: Nystrom influence at those ranks scored against the packed exact
   result with bench_approx's metrics (Spearman, top-10 % overlap, flip rate).
+- ``--fast PRECISION:PROBES,...``: the packed solver's opt-in approximations (``float32``
+  panels and/or diag(A^-1) from PROBES Gaussian probes; empty PROBES = exact diagonal), run
+  *before* the exact one (a fresh process, nothing else resident) and scored against it with
+  the same metrics; floor = (n^2 d / 2 + n^3 / 3 + 2 n^2 (T + C) + PROBES n^2, or n^3 / 3 for
+  the exact diagonal) flops at the GEMM rate of their precision measured here.
 
     python bench/bench_packed.py --n 10000 --dense
     python bench/bench_packed.py --n 60000 --nystrom-ranks 4000   # all of Fashion-MNIST
+    python bench/bench_packed.py --n 60000 --fast float32:1024     # the 10-minute setting
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_approx import add_problem_args, init_w, load, metrics, run  # noqa: E402
 
 from ntkcore.solvers.operator import ReluNTKOperator  # noqa: E402
+
+
+def _fast_configs(text):
+    """"float32:1024,float64:" -> [("float32", 1024), ("float64", None)]."""
+    out = []
+    for item in filter(None, text.split(",")):
+        precision, _, probes = item.partition(":")
+        out.append((precision, int(probes) if probes else None))
+    return out
 
 
 def gemm_rate(dtype, size=4096, repeat=3):
@@ -62,12 +77,17 @@ def main(argv=None):
     p.add_argument("--dense", action="store_true", help="also run the dense exact path")
     p.add_argument("--nystrom-ranks", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[])
+    p.add_argument("--fast", type=_fast_configs, default=[],
+                   help="comma-separated PRECISION:PROBES, e.g. float32:1024,float64:1024")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "argv": sys.argv[1:],
            "date": time.strftime("%Y-%m-%d %H:%M")}
     r64 = gemm_rate(np.float64)
     print(f"DGEMM rate: {r64 / 1e9:.1f} GFLOP/s (4096^3, best of 3)")
+    r32 = gemm_rate(np.float32) if args.fast else None
+    if r32:
+        print(f"SGEMM rate: {r32 / 1e9:.1f} GFLOP/s (4096^3, best of 3)")
     X, Xt, Y, Yt = load(args.n, args.n_test)
     n, d = X.shape
     T, C, m = Xt.shape[0], Y.shape[1], args.width
@@ -76,6 +96,23 @@ def main(argv=None):
     t0 = time.perf_counter()
     Kt = op.cross(Xt)
     t_kt = time.perf_counter() - t0
+    fast = []
+    for precision, probes in args.fast:
+        rss0 = rss_gib("VmRSS:")
+        approx, t_fast = run(f"{precision}:{probes}", op, Y, Kt, Yt, args.lam, solver="exact",
+                             precision=precision, diag_probes=probes)
+        flops = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + (
+            n ** 3 / 3 if probes is None else probes * n * n)
+        rate = r32 if precision == "float32" else r64
+        fast.append((approx, {"config": approx.solver, "time": t_fast,
+                              "floor_s": flops / rate, "ratio_floor": t_fast * rate / flops,
+                              "rss_growth_gib": rss_gib() - rss0, "stages": approx.timings,
+                              "checks": approx.diagnostics.get("checks"),
+                              "diag_stderr": approx.diagnostics.get(
+                                  "diag_inv_rel_stderr_median")}))
+        print(f"{approx.solver}: {t_fast:.1f} s, floor {flops / rate:.1f} s -> "
+              f"{t_fast * rate / flops:.2f}x; stages "
+              + ", ".join(f"{k} {v:.1f}" for k, v in approx.timings.items()), flush=True)
     rss0 = rss_gib("VmRSS:")
     res, t_packed = run("packed", op, Y, Kt, Yt, args.lam, solver="exact", storage="packed")
     growth = rss_gib() - rss0
@@ -99,6 +136,12 @@ def main(argv=None):
         print(f"dense exact: {t_dense:.1f} s; packed / dense {t_packed / t_dense:.2f}; "
               f"max |scores diff| / max |score| {diff:.1e}", flush=True)
         del dense
+    for approx, row in fast:
+        row.update(metrics(approx, res), time_over_exact=row["time"] / t_packed)
+        print(f"{row['config']} against exact: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    out["fast"] = [row for _, row in fast]
+    del fast
     rows = []
     for r in args.nystrom_ranks:
         approx, t_ny = run(f"nystrom {r}", op, Y, Kt, Yt, args.lam, solver="nystrom", rank=r,
