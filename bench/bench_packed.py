@@ -9,7 +9,7 @@ Measured in one run:
 - packed: ``loo_influence(op, ..., solver="exact", storage="packed")`` wall time, stage times
   and peak RSS growth;
 - floor: the float64 flops it cannot avoid, at the DGEMM rate measured here: the lower
-  triangle of X X^T (n^2 d / 2), Cholesky n^3 / 3, solves 2 n^2 (T + C), the columns of
+  triangle of X X^T (n^2 / 2 dot products of 2 d flops: n^2 d), Cholesky n^3 / 3, solves 2 n^2 (T + C), the columns of
   L^-1 for diag(A^-1) n^3 / 3. The pattern counts (popcount, integer work) are not counted,
   so the floor is a little low;
 - ``--dense``: the dense exact path on the same data (needs 16 n^2 bytes), and the largest
@@ -19,7 +19,7 @@ Measured in one run:
 - ``--fast PRECISION:PROBES,...``: the packed solver's opt-in approximations (``float32``
   panels and/or diag(A^-1) from PROBES Gaussian probes; empty PROBES = exact diagonal), run
   *before* the exact one (a fresh process, nothing else resident) and scored against it with
-  the same metrics; floor = (n^2 d / 2 + n^3 / 3 + 2 n^2 (T + C) + PROBES n^2, or n^3 / 3 for
+  the same metrics; floor = (n^2 d + n^3 / 3 + 2 n^2 (T + C) + PROBES n^2, or n^3 / 3 for
   the exact diagonal) flops at the GEMM rate of their precision measured here.
 
     python bench/bench_packed.py --n 10000 --dense
@@ -101,7 +101,7 @@ def main(argv=None):
         rss0 = rss_gib("VmRSS:")
         approx, t_fast = run(f"{precision}:{probes}", op, Y, Kt, Yt, args.lam, solver="exact",
                              precision=precision, diag_probes=probes)
-        flops = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + (
+        flops = n * n * d + n ** 3 / 3 + 2 * n * n * (T + C) + (
             n ** 3 / 3 if probes is None else probes * n * n)
         rate = r32 if precision == "float32" else r64
         fast.append((approx, {"config": approx.solver, "time": t_fast,
@@ -116,7 +116,7 @@ def main(argv=None):
     rss0 = rss_gib("VmRSS:")
     res, t_packed = run("packed", op, Y, Kt, Yt, args.lam, solver="exact", storage="packed")
     growth = rss_gib() - rss0
-    f64 = n * n * d / 2 + n ** 3 / 3 + 2 * n * n * (T + C) + n ** 3 / 3
+    f64 = n * n * d + n ** 3 / 3 + 2 * n * n * (T + C) + n ** 3 / 3
     floor = f64 / r64
     out.update({"n": n, "T": T, "C": C, "d": d, "m": m, "gflops64": r64 / 1e9,
                 "time_K_test": t_kt, "time_packed": t_packed,
