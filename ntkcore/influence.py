@@ -176,10 +176,12 @@ def _a8_verdicts(d: dict) -> dict:
         out["well_conditioned"] = bool(d["cond_A_estimate"] < A8_COND_MAX)
     if "lambda_min_K_estimate" in d and d.get("lambda_min_K_rel_lower_bound", -1) <= -A8_TAU:
         # The rigorous bound is too weak to decide; the subspace-iteration estimate decides,
-        # unless it lies within the rounding of a float32 factor (then it cannot).
+        # unless it lies within the rounding of a float32 factor, either side of zero (then
+        # its sign means nothing).
         est = d["lambda_min_K_estimate"]
-        out["psd"] = (True if est > -A8_TAU else
-                      "inconclusive" if est > -d.get("lambda_min_resolution", 0.0) else False)
+        res = d.get("lambda_min_resolution", 0.0)
+        out["psd"] = (False if est <= -max(res, A8_TAU) else
+                      True if est > res or res == 0.0 else "inconclusive")
         return _with_inverse(out, d)
     if "lambda_min_K_rel_lower_bound" in d:
         # Cholesky of K + lam I succeeded; a lower bound above -tau proves PSD to tolerance,

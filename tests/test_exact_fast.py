@@ -111,6 +111,8 @@ def test_float32_psd_verdict_is_inconclusive_within_its_rounding():
                                "inverse_accurate": False}
     assert _a8_verdicts({**d, "lambda_min_K_estimate": -1e-5})["psd"] is False
     assert _a8_verdicts({**d, "lambda_min_K_estimate": 1e-3})["psd"] is True
+    # within the rounding on the positive side proves nothing either
+    assert _a8_verdicts({**d, "lambda_min_K_estimate": 1e-8})["psd"] == "inconclusive"
     # float64 (no resolution reported): a negative estimate fails as before
     assert _a8_verdicts({"lambda_min_K_estimate": -1e-8, "cond_A_estimate": 1.0})["psd"] is False
 
