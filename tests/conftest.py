@@ -32,6 +32,43 @@ def _gpu():
 requires_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with CuPy")
 
 
+def _sim_skip_reason():
+    """Why the CUDA simulator (tests/simgpu) cannot stand in for a GPU here, or None."""
+    if _gpu():
+        return "a real GPU is present: the 'cuda' params run there instead"
+    from simgpu.kernels import compiler
+    return None if compiler() else "no C++ compiler (g++) for the CUDA simulator"
+
+
+requires_sim = pytest.mark.skipif(_sim_skip_reason() is not None,
+                                  reason=str(_sim_skip_reason()))
+
+# Backends a kernel or GPU-path test runs on: the CPU, a real GPU where one exists, and else
+# the CUDA simulator (CuPy stand-in + the .cu sources compiled for the CPU; tests/simgpu).
+BACKENDS = ["cpu", pytest.param("cuda", marks=requires_gpu),
+            pytest.param("cuda-sim", marks=requires_sim)]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Indirect ``backend`` param: "cpu" | "cuda"; "cuda-sim" installs the simulator and
+    gives "cuda" (ntkcore then takes its GPU code paths on the stand-in)."""
+    if request.param == "cuda-sim":
+        from simgpu import cupy_shim
+        cupy_shim.install(monkeypatch)
+        return "cuda"
+    return request.param
+
+
+@pytest.fixture
+def sim_cupy(monkeypatch):
+    """The CuPy stand-in, installed (for tests of GPU paths that need no real GPU)."""
+    if _sim_skip_reason() is not None:
+        pytest.skip(_sim_skip_reason())
+    from simgpu import cupy_shim
+    return cupy_shim.install(monkeypatch)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -12,11 +12,8 @@ from ntkcore import kernels as K
 from ntkcore.backend import Backend
 from ntkcore.kernels import assembly, cuda
 
-from conftest import assert_close, requires_gpu
+from conftest import BACKENDS, assert_close
 from reference import loo_influence_bruteforce, relu_ntk_infinite_naive, relu_ntk_naive
-
-BACKENDS = ["cpu", pytest.param("cuda", marks=requires_gpu)]
-
 
 def _to(backend, *arrays):
     xp = Backend(backend).xp
@@ -42,7 +39,7 @@ ENTK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("n,n2,d,m,tile,train_a", ENTK_CASES)
 def test_relu_ntk_fused_matches_naive(backend, n, n2, d, m, tile, train_a):
     rng = np.random.default_rng(n * 1000 + m)
@@ -72,7 +69,7 @@ def test_large_n_gram_path_uses_row_block_gemms(monkeypatch, train_a):
     assert_close(nc.gram(X), X @ X.T, what="gram by row blocks")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_relu_ntk_fused_writes_every_entry_of_out(backend):
     """A NaN-poisoned ``out`` must come back fully written (no tile left out)."""
     rng = np.random.default_rng(5)
@@ -87,7 +84,7 @@ def test_relu_ntk_fused_writes_every_entry_of_out(backend):
     assert_close(out, relu_ntk_naive(X, W), what="poisoned out")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_packed_patterns_are_the_signs_with_zero_padding(backend):
     rng = np.random.default_rng(2)
     X = rng.standard_normal((9, 4))
@@ -102,7 +99,7 @@ def test_packed_patterns_are_the_signs_with_zero_padding(backend):
 
 
 # ----------------------------------------------------------------------------- kernel 3
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("n,n2,tile", [(13, None, None), (150, None, 64), (13, 4, 5), (1, None, None)])
 def test_relu_ntk_infinite_fused_matches_naive(backend, n, n2, tile):
     rng = np.random.default_rng(n)
@@ -140,7 +137,7 @@ def _scores_reference(B, dinv, alpha, R):
     return U * (U / 2 * np.sum(alpha ** 2, axis=1)[None, :] - R @ alpha.T)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("T,n,C", [(7, 1000, 3), (1, 1, 1), (20, 513, 10), (9, 2000, 1),
                                    (6, 4100, 4), (5, 300, 33)])
 def test_influence_scores_fused_matches_formula(backend, T, n, C):
@@ -170,7 +167,7 @@ def test_fused_scores_equal_loo_by_refitting(rng):
                  what="fused vs refitting")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("T,n,C,k", [(6, 1000, 3, 5), (3, 700, 2, 16), (4, 300, 1, 1),
                                      (2, 40, 3, 100), (3, 600, 4, 17),
                                      (6, 300_000, 2, 3), (5, 500, 33, 5)])
