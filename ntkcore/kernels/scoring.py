@@ -156,8 +156,8 @@ def _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx
     for t0, t1 in tiles(T, rows):
         chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
         cuda.influence_scores(B[t0:t1], dinv, half_sq, alphaT, R[t0:t1], chunk)
-        hi = xp.argsort(-chunk, axis=1)[:, :k]
-        lo = xp.argsort(chunk, axis=1)[:, :k]
+        hi = xp.argsort(-chunk, axis=1, kind="stable")[:, :k]  # CuPy's only kind
+        lo = xp.argsort(chunk, axis=1, kind="stable")[:, :k]
         hi_idx[t0:t1] = hi
         lo_idx[t0:t1] = lo
         hi_val[t0:t1] = xp.take_along_axis(chunk, hi, axis=1)
