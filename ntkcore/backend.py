@@ -79,7 +79,11 @@ class Backend:
     def cholesky(self, A, *, overwrite: bool = False):
         """Lower Cholesky factor L of SPD ``A`` (L L^T = A). Raises LinAlgError when not SPD."""
         if self.name == "cuda":
-            return _cupy().linalg.cholesky(A)
+            # CuPy's default (linalg="ignore") returns cuSOLVER's partial factor, finite and
+            # wrong, when A is not positive definite: ask for potrf's devInfo to be checked.
+            import cupyx  # noqa: PLC0415 - optional, heavy; beside cupy
+            with cupyx.errstate(linalg="raise"):
+                return _cupy().linalg.cholesky(A)
         import scipy.linalg as sla
         return sla.cholesky(A, lower=True, overwrite_a=overwrite, check_finite=False)
 

@@ -90,7 +90,8 @@ def _cholesky(be: Backend, A, lam):
                           f"eigenvalue below -lam. Check the kernel (is it a valid NTK?) or "
                           f"raise lam") from None
     if be.name == "cuda" and not bool(be.xp.isfinite(L[-1, -1])):
-        # cuSOLVER reports failure through NaN in the factor rather than raising.
+        # potrf's devInfo is checked (Backend.cholesky), but a NaN pivot need not set it:
+        # NaN then reaches the last entry of the factor.
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}); raise lam")
     return L
 
