@@ -187,12 +187,13 @@ def full(args):
 
 
 def gpu_scale(args):
-    """n = 1 000 000 synthetic points, d = 784, 100 test points, on one GPU (CuPy)."""
+    """n = 1 000 000 synthetic points (--scale-n), d = 784, 100 test points, on one GPU."""
     from ntkcore.backend import gpu_available
     if not gpu_available():
         raise SystemExit("--gpu-scale needs CuPy and a CUDA GPU (owed: not run on this machine)")
     import cupy as cp
-    ds = nc.load_dataset("synthetic", classes="10", n_train=1_000_000, n_test=100, dim=784)
+    n, T = args.scale_n, args.scale_test
+    ds = nc.load_dataset("synthetic", classes="10", n_train=n, n_test=T, dim=784)
     X = cp.asarray(ds.preprocess(ds.pixels_train))
     Xt = cp.asarray(ds.preprocess(ds.pixels_test))
     Y = cp.asarray(np.eye(10)[ds.y_train])
@@ -205,8 +206,9 @@ def gpu_scale(args):
     res = nc.loo_influence(op, Y, Kt, Yt, lam=args.lam, solver="nystrom", rank=args.full_rank)
     cp.cuda.Stream.null.synchronize()
     dt = time.perf_counter() - t0
-    print(f"gpu-scale: n=1e6 d=784 T=100 rank={args.full_rank}: {dt:.1f} s; {res.timings}")
-    return {"time_total": dt, "timings": res.timings, "rank": args.full_rank}
+    print(f"gpu-scale: n={n} d=784 T={T} rank={args.full_rank}: {dt:.1f} s; {res.timings}")
+    return {"time_total": dt, "timings": res.timings, "rank": args.full_rank, "n": n, "T": T,
+            "device": cp.cuda.runtime.getDeviceProperties(0)["name"], "cupy": cp.__version__}
 
 
 def add_problem_args(p):
@@ -234,6 +236,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true")
     p.add_argument("--full-rank", type=int, default=4000)
     p.add_argument("--gpu-scale", action="store_true")
+    p.add_argument("--scale-n", type=int, default=1_000_000, help="--gpu-scale training points")
+    p.add_argument("--scale-test", type=int, default=100, help="--gpu-scale test points")
     p.add_argument("--skip-table", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -1,0 +1,162 @@
+"""ntkcore's GPU code paths, run on the CUDA simulator (tests/simgpu) where there is no GPU.
+
+The stand-in refuses implicit host copies and host/device mixing as CuPy does, so these runs
+check that the public API keeps device arrays on the device and returns them; results are
+compared with the CPU path (itself tested against tests/reference.py). bench/gpu_check.py's
+correctness section runs here too, so the script the GPU run depends on is exercised in CI.
+Skipped where a real GPU exists: there the 'cuda' params of test_kernels.py run instead.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import ntkcore as nc
+from ntkcore import errors
+
+from conftest import assert_close
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+
+def _problem(n=120, T=9, C=3, d=7, m=50, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    Xt = rng.standard_normal((T, d))
+    W = rng.standard_normal((m, d))
+    Y = np.eye(C)[rng.integers(0, C, n)]
+    Yt = np.eye(C)[rng.integers(0, C, T)]
+    return X, Xt, W, Y, Yt
+
+
+@pytest.mark.parametrize("solver,options,rtol", [
+    ("exact", {}, 1e-10),
+    ("nystrom", {"rank": 120, "landmarks": "uniform"}, 1e-6),  # full rank: exact up to K_rr
+    ("cg", {"tol": 1e-10, "probes": 4096}, None),
+])
+def test_loo_influence_on_device_arrays_matches_the_cpu(sim_cupy, solver, options, rtol):
+    cp = sim_cupy
+    X, Xt, W, Y, Yt = _problem()
+    lam = 1e-1
+    cpu = nc.loo_influence(nc.relu_ntk(X, W), Y, nc.relu_ntk(Xt, W, X), Yt, lam=lam,
+                           solver=solver, top_k=5, **options)
+    Xd, Wd = cp.asarray(X), cp.asarray(W)
+    gpu = nc.loo_influence(nc.relu_ntk(Xd, Wd), cp.asarray(Y), nc.relu_ntk(cp.asarray(Xt), Wd, Xd),
+                           cp.asarray(Yt), lam=lam, solver=solver, top_k=5, **options)
+    for name in ("scores", "alpha", "predictions", "loo_residuals", "diag_inv", "top_helpful"):
+        assert isinstance(getattr(gpu, name), cp.ndarray), f"{name} left the device"
+    assert gpu.solver == cpu.solver
+    assert_close(gpu.predictions.get(), cpu.predictions, rtol=1e-10, what="predictions")
+    if rtol is None:  # CG's diagonal is a stochastic estimate: the same seed, the same probes
+        rtol = 1e-6
+    assert_close(gpu.scores.get(), cpu.scores, rtol=rtol, what=f"{solver} scores")
+
+
+@pytest.mark.parametrize("solver", ["nystrom", "cg"])
+def test_matrix_free_operator_on_the_device(sim_cupy, solver):
+    """The solvers' eNTK operator assembles tiles on the device and never forms n x n."""
+    from ntkcore.solvers.operator import ReluNTKOperator
+    cp = sim_cupy
+    X, Xt, W, Y, Yt = _problem(n=150, seed=1)
+    opts = {"rank": 40, "tol": 1e-8} if solver == "cg" else {"rank": 40}
+    cpu = nc.loo_influence(ReluNTKOperator(X, W, tile=64), Y, nc.relu_ntk(Xt, W, X), Yt,
+                           lam=1e-1, solver=solver, **opts)
+    Xd, Wd = cp.asarray(X), cp.asarray(W)
+    gpu = nc.loo_influence(ReluNTKOperator(Xd, Wd, tile=64), cp.asarray(Y),
+                           nc.relu_ntk(cp.asarray(Xt), Wd, Xd), cp.asarray(Yt), lam=1e-1,
+                           solver=solver, **opts)
+    assert isinstance(gpu.scores, cp.ndarray)
+    assert_close(gpu.predictions.get(), cpu.predictions, rtol=1e-8, what="predictions")
+    assert_close(gpu.scores.get(), cpu.scores, rtol=1e-6, what=f"{solver} scores")
+
+
+def test_an_indefinite_kernel_on_the_device_is_not_psd_error(sim_cupy):
+    """CuPy's cholesky returns a finite partial factor by default; ntkcore must not score it."""
+    cp = sim_cupy
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((40, 40))
+    K = G + G.T  # eigenvalues of both signs
+    with pytest.raises(errors.NotPSDError, match="not positive definite"):
+        nc.loo_influence(cp.asarray(K), cp.asarray(rng.standard_normal((40, 2))),
+                         cp.asarray(rng.standard_normal((3, 40))),
+                         cp.asarray(rng.standard_normal((3, 2))), lam=1e-3, solver="exact")
+
+
+def test_device_memory_planning_refuses_up_front_and_auto_falls_back(sim_cupy):
+    cp = sim_cupy
+    X, Xt, W, Y, Yt = _problem(n=2000, seed=3)
+    Xd, Wd = cp.asarray(X), cp.asarray(W)
+    cp.free_bytes = 2000 * 2000 * 8 // 2  # the 2000 x 2000 eNTK does not fit; rank 200 does
+    with pytest.raises(errors.MemoryBudgetError, match="2000x2000.*nystrom"):
+        nc.relu_ntk(Xd, Wd)
+    from ntkcore.solvers.operator import ReluNTKOperator
+    name, _, reason = nc.solvers.auto.choose_solver(ReluNTKOperator(Xd, Wd), 1e-3)
+    assert name == "nystrom" and "free cuda memory" in reason
+
+
+def test_cli_influence_on_the_simulated_gpu_matches_the_cpu_run(sim_cupy, tmp_path):
+    """The quickstart job with --device cuda: same training, same scores as --device cpu."""
+    from click.testing import CliRunner
+
+    from ntkcore.cli.main import main
+    args = ["influence", "--dataset", "digits", "--n-train", "300", "--n-test", "40",
+            "--epochs", "5"]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        res = CliRunner().invoke(main, args + ["--device", device, "--out", str(out)])
+        assert res.exit_code == 0, res.output[-2000:]
+        outs[device] = out
+    summary = json.loads((outs["cuda"] / "summary.json").read_text())
+    assert summary["device"] == "cuda"
+    a, b = (np.load(outs[d] / "influence.npz") for d in ("cpu", "cuda"))
+    assert_close(b["scores"], a["scores"], rtol=1e-8, what="CLI scores, cuda vs cpu")
+    np.testing.assert_array_equal(b["top_helpful"], a["top_helpful"])
+
+
+def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeypatch):
+    """bench/gpu_check.py's section 1 (what the GPU run reports first), at smaller T."""
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "ROWS", [])
+    monkeypatch.setattr(gpu_check, "SCORING_CASES", ((1, 1, 1), (20, 700, 10), (9, 2049, 3)))
+    rng = np.random.default_rng(4)
+    for fn in (gpu_check.check_pack, gpu_check.check_entk, gpu_check.check_infinite,
+               gpu_check.check_scoring, gpu_check.check_pipeline):
+        gpu_check.run_section("correct", fn, sim_cupy, rng)
+    verdicts = [row[-1] for row in gpu_check.ROWS]
+    assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
+
+
+def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path):
+    """Every section of the script runs (timings under the simulator mean nothing)."""
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "ROWS", [])
+    monkeypatch.setattr(gpu_check, "NOTES", [])
+    monkeypatch.setattr(gpu_check, "QUICK", dict(n=300, d=32, m=64, T=40, C=3, cpu_n=200,
+                                                 cpu_d=16, cpu_T=20, cpu_nn=500, gemm=128))
+    for name in ("check_pack", "check_entk", "check_infinite", "check_scoring",
+                 "check_pipeline"):
+        monkeypatch.setattr(gpu_check, name, lambda cp, rng: None)  # covered above
+    out = tmp_path / "gpu_check.md"
+    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600"])
+    text = out.read_text()
+    assert "SIMULATED GPU" in text
+    errors_ = [r for r in gpu_check.ROWS if r[1] == "ERROR"]
+    assert not errors_, errors_
+    assert rc == 0, text
+    for what in ("fused eNTK (ours)", "ours: relu_ntk x2 + loo_influence(exact)",
+                 "plain CuPy chain", "relu_ntk n=200"):
+        assert what in text, f"{what!r} missing from the table"
+
+
+def test_bench_approx_gpu_scale_runs_at_toy_size(sim_cupy, tmp_path):
+    """The 1 000 000-point GPU benchmark's code path (issue 4), at n = 3000 on the simulator."""
+    import bench_approx
+    out = tmp_path / "scale.json"
+    bench_approx.main(["--gpu-scale", "--scale-n", "3000", "--scale-test", "20",
+                       "--full-rank", "100", "--width", "64", "--json", str(out)])
+    res = json.loads(out.read_text())["gpu_scale"]
+    assert res["n"] == 3000 and res["rank"] == 100 and res["time_total"] > 0
