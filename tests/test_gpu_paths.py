@@ -10,6 +10,7 @@ Skipped where a real GPU exists: there the 'cuda' params of test_kernels.py run 
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -160,3 +161,25 @@ def test_bench_approx_gpu_scale_runs_at_toy_size(sim_cupy, tmp_path):
                        "--full-rank", "100", "--width", "64", "--json", str(out)])
     res = json.loads(out.read_text())["gpu_scale"]
     assert res["n"] == 3000 and res["rank"] == 100 and res["time_total"] > 0
+
+
+@pytest.mark.parametrize("solver,options", [("exact", {}), ("nystrom", {"rank": 50}),
+                                            ("cg", {"rank": 50, "tol": 1e-6})])
+def test_solvers_on_the_device_move_o_n_bytes_not_o_n_squared(sim_cupy, solver, options):
+    """Host <-> device traffic inside loo_influence: vectors and probe blocks, never a
+    kernel-sized (n x n or T x n) array; measured, at n = 400, in the stand-in's counters."""
+    from ntkcore.solvers.operator import ReluNTKOperator
+    cp = sim_cupy
+    n, T = 400, 30
+    X, Xt, W, Y, Yt = _problem(n=n, T=T, seed=1)
+    Xd, Wd, Yd, Ytd, Xtd = (cp.asarray(a) for a in (X, W, Y, Yt, Xt))
+    K = nc.relu_ntk(Xd, Wd) if solver == "exact" else ReluNTKOperator(Xd, Wd)
+    Kt = nc.relu_ntk(Xtd, Wd, Xd)
+    before = cp.traffic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the low-rank approximations warn of their error
+        nc.loo_influence(K, Yd, Kt, Ytd, lam=1e-1, solver=solver, top_k=5, **options)
+    moved = {k: cp.traffic[k] - before[k] for k in before}
+    probes = 64 * n * 8  # cg's Rademacher probes are drawn on the host (one upload)
+    assert moved["to_host"] < 16 * n * 8, moved
+    assert moved["to_device"] < (probes if solver == "cg" else 0) + 8 * n * 8, moved

@@ -150,6 +150,38 @@ def test_influence_scores_fused_matches_formula(backend, T, n, C):
     assert_close(_host(Bd), ref, what="scores written over B")
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_float32_kernels_match_the_float64_references(backend):
+    """The float32 builds (NTK_REAL=float on the GPU): eNTK, arc-cosine NTK and scores, in
+    float32 in and out, within float32 rounding of the float64 references."""
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((130, 9))
+    W = rng.standard_normal((70, 9))
+    X2 = rng.standard_normal((21, 9))
+    f32 = [a.astype(np.float32) for a in (X, W, X2)]
+    Xd, Wd, X2d = _to(backend, *f32)
+    for out, ref, what in (
+            (K.relu_ntk_fused(Xd, Wd, tile=64), relu_ntk_naive(*f32[:2]), "eNTK"),
+            (K.relu_ntk_fused(Xd, Wd, X2d, train_a=True, tile=64),
+             relu_ntk_naive(*f32, train_a=True), "eNTK cross, train_a")):
+        assert out.dtype == np.float32, what
+        assert_close(_host(out), ref, dtype=np.float32, what=f"float32 {what}")
+    out = K.relu_ntk_infinite_fused(Xd, None, tile=64)
+    assert out.dtype == np.float32
+    # acos near +-1 turns float32 rounding of cos into ~sqrt(eps32) ~ 3e-4 of angle
+    assert_close(_host(out), relu_ntk_infinite_naive(f32[0]), rtol=1e-3,
+                 dtype=np.float32, what="float32 arc-cosine NTK")
+    B, dinv, alpha, R = (a.astype(np.float32) for a in _scoring_problem(rng, 5, 700, 3))
+    ref = _scores_reference(*(a.astype(np.float64) for a in (B, dinv, alpha, R)))
+    Bd, dd, ad, Rd = _to(backend, B, dinv, alpha, R)
+    got = K.influence_scores_fused(Bd, dd, ad, Rd)
+    assert got.dtype == np.float32
+    assert_close(_host(got), ref, dtype=np.float32, what="float32 scores")
+    top = K.influence_topk_fused(Bd, dd, ad, Rd, 4)
+    assert_close(_host(top.helpful_scores), np.sort(ref, axis=1)[:, ::-1][:, :4],
+                 dtype=np.float32, what="float32 top-4 values")
+
+
 def test_fused_scores_equal_loo_by_refitting(rng):
     """End to end: scores from (B, diag(A^-1), alpha, residuals) vs refitting without each
     point [Def 3.3]; 1e-8 because the refits solve systems of condition ~1e3."""

@@ -33,6 +33,8 @@ import scipy.linalg
 import scipy.linalg.lapack
 
 GUARD = 64           # guard bytes before and after each allocation
+# host <-> device traffic since the shim was made: bytes each way and scalar reads (syncs)
+TRAFFIC = {"to_device": 0, "to_host": 0, "scalar_reads": 0}
 GUARD_BYTE = 0x5A
 _guarded = weakref.WeakValueDictionary()  # id(buffer) -> buffer with guard bytes
 
@@ -77,6 +79,12 @@ def check_guards(arrays, what):
             if (base[:GUARD] != GUARD_BYTE).any() or (base[-GUARD:] != GUARD_BYTE).any():
                 raise AssertionError(f"{what}: wrote outside an allocation (guard bytes "
                                      f"changed) of an array of shape {a.shape}")
+
+
+def _upload(x):
+    host = np.asarray(x)
+    TRAFFIC["to_device"] += host.nbytes
+    return host
 
 
 def _is_host_array(x):
@@ -177,6 +185,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     data = property(lambda self: _Pointer(self._a))
 
     def get(self, stream=None, order="C", out=None):
+        TRAFFIC["to_host"] += self._a.nbytes
         return np.array(self._a, order=order)
 
     def __array__(self, *args, **kwargs):
@@ -215,17 +224,22 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     def __iter__(self):
         return (_wrap(v) for v in self._a)
 
+    def _scalar(self, kind):
+        TRAFFIC["scalar_reads"] += 1
+        TRAFFIC["to_host"] += self._a.itemsize
+        return kind(self._a)
+
     def __float__(self):
-        return float(self._a)
+        return self._scalar(float)
 
     def __int__(self):
-        return int(self._a)
+        return self._scalar(int)
 
     def __bool__(self):
-        return bool(self._a)
+        return self._scalar(bool)
 
     def __complex__(self):
-        return complex(self._a)
+        return self._scalar(complex)
 
     def __repr__(self):
         return f"sim_cupy.{self._a!r}"
@@ -392,7 +406,7 @@ class Shim(types.ModuleType):
     def asarray(self, a, dtype=None, order=None):
         if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
-        host = a._a if isinstance(a, ndarray) else np.asarray(a)
+        host = a._a if isinstance(a, ndarray) else _upload(a)
         out = _alloc(host.shape, dtype or host.dtype, fill=0)
         out[...] = host
         return ndarray(out)
@@ -400,13 +414,18 @@ class Shim(types.ModuleType):
     def array(self, obj, dtype=None, copy=True, order="K", subok=False, ndmin=0):
         if not copy:
             return self.asarray(obj, dtype=dtype)
-        host = obj._a if isinstance(obj, ndarray) else np.asarray(obj)
+        host = obj._a if isinstance(obj, ndarray) else _upload(obj)
         out = _alloc(host.shape, dtype or host.dtype, fill=0)
         out[...] = host
         return ndarray(out)
 
     def asnumpy(self, a, stream=None, order="C", out=None):
         return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+    @property
+    def traffic(self):
+        """Host <-> device traffic so far: {"to_device", "to_host": bytes, "scalar_reads"}."""
+        return dict(TRAFFIC)
 
     def empty(self, shape, dtype=float, order="C"):
         return ndarray(_alloc(shape, dtype))
