@@ -154,3 +154,15 @@ def test_packed_fit_labels_and_seeds_its_probes():
     assert np.array_equal(a.diag_inv, b.diag_inv) and not np.array_equal(a.diag_inv, c.diag_inv)
     assert a.solver == "exact[diag from 16 probes]"
     assert solver_label() == "exact" and solver_label("float32") == "exact[float32]"
+
+
+def test_a_seed_without_diag_probes_is_reported_as_unused():
+    """The exact solver draws only diag_probes' probes: a seed alone is named as unused."""
+    from ntkcore.solvers.auto import choose_solver
+    K = np.eye(50)
+    for requested in ("exact", "auto"):
+        name, opts, reason = choose_solver(K, 1e-3, requested=requested, seed=3)
+        assert name == "exact" and "seed" not in opts
+        assert "(seed not used by this solver)" in reason
+    name, opts, reason = choose_solver(K, 1e-3, requested="exact", seed=3, diag_probes=8)
+    assert opts["seed"] == 3 and "seed not used" not in reason

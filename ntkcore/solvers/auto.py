@@ -140,8 +140,11 @@ def _budget(K, memory_budget):
 def _split_options(name, options):
     """(options for ``name``, names dropped because ``name`` does not use them)."""
     keep = {k: v for k, v in options.items() if k in SOLVER_OPTIONS[name]}
-    dropped = sorted(k for k in options if k not in SOLVER_OPTIONS[name])
-    return keep, dropped
+    dropped = [k for k in options if k not in SOLVER_OPTIONS[name]]
+    if name == "exact" and "seed" in keep and "diag_probes" not in keep:
+        del keep["seed"]  # the exact solver draws nothing but diag_probes' probes
+        dropped.append("seed")
+    return keep, sorted(dropped)
 
 
 def _note(dropped):

@@ -236,7 +236,7 @@ extern "C" int ntk_sim_launch(void (*fn)(void**), void** args, unsigned int gx,
         return -1;
     }
     fibers.assign(nthreads, Fiber());
-    stacks.assign(nthreads * kStack, 0);
+    if (stacks.size() < nthreads * kStack) stacks.resize(nthreads * kStack);  // kept: no re-zeroing
     entry_fn = fn;
     entry_args = args;
     dynamic_shared = dyn_shared;
