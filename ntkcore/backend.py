@@ -92,6 +92,10 @@ class Backend:
         """Solve op(L) X = B with op = identity (trans=0) or transpose (trans=1)."""
         if self.name == "cuda":
             from cupyx.scipy.linalg import solve_triangular
+            if L.flags.c_contiguous and not L.flags.f_contiguous:
+                # cuBLAS trsm reads Fortran order, and CuPy copies a C-order L to get it (one
+                # more n x n array); L^T is a free F-order view of the opposite triangle.
+                L, lower, trans = L.T, not lower, 1 - trans
             return solve_triangular(L, B, lower=lower, trans=trans, overwrite_b=overwrite_b)
         import scipy.linalg as sla
         return sla.solve_triangular(L, B, lower=lower, trans=trans, overwrite_b=overwrite_b,

@@ -183,3 +183,30 @@ def test_solvers_on_the_device_move_o_n_bytes_not_o_n_squared(sim_cupy, solver, 
     probes = 64 * n * 8  # cg's Rademacher probes are drawn on the host (one upload)
     assert moved["to_host"] < 16 * n * 8, moved
     assert moved["to_device"] < (probes if solver == "cg" else 0) + 8 * n * 8, moved
+
+
+@pytest.mark.parametrize("overwrite_k,extra", [(False, 2), (True, 1)])
+def test_exact_solver_device_memory_peak(sim_cupy, overwrite_k, extra):
+    """Device memory the exact solver holds beyond K, in n x n arrays: the Cholesky copy and
+    L^-1 (CuPy's cholesky always copies; trsm gets F-ordered views, so CuPy adds no copy of
+    L or of the identity). With overwrite_k, L^-1 is built in K's memory. auto's GPU memory
+    model (EXACT_COPIES_GPU x 8 n^2) must cover K plus this peak."""
+    import gc
+
+    from ntkcore.solvers.auto import EXACT_COPIES_GPU
+    from ntkcore.solvers.exact import exact_fit
+    from simgpu import cupy_shim
+    cp = sim_cupy
+    n, T = 1000, 100
+    X, Xt, W, Y, Yt = _problem(n=n, T=T, seed=1)
+    Xd, Wd = cp.asarray(X), cp.asarray(W)
+    Kt = nc.relu_ntk(cp.asarray(Xt), Wd, Xd)
+    K = nc.relu_ntk(Xd, Wd)
+    gc.collect()
+    base = cupy_shim.MEMORY["live"]
+    cupy_shim.reset_peak()
+    fit = exact_fit(K, cp.asarray(Y), 1e-1, overwrite_k=overwrite_k)
+    fit.right_solve(Kt)
+    peak = (cupy_shim.MEMORY["peak"] - base) / (8 * n * n)
+    assert extra <= peak <= extra + 0.05, peak  # + O(n T) and O(n C) vectors
+    assert 1 + extra <= EXACT_COPIES_GPU  # its n x n arrays; O(n T) is budgeted apart

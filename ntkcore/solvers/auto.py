@@ -8,8 +8,10 @@ Memory model (bytes, float64):
 
 - exact: ``EXACT_COPIES`` (2) n x n arrays on the CPU (K or its materialised copy, and the
   factor / its triangular inverse, both in place), i.e. 16 n^2; on the GPU
-  ``EXACT_COPIES_GPU`` (3): CuPy's Cholesky returns a new array, and the triangular inverse
-  is a solve against a new identity, so K, the factor and the inverse coexist (24 n^2);
+  ``EXACT_COPIES_GPU`` (3): CuPy's Cholesky factors a new copy, so K, the working copy of
+  K + lam I and the factor coexist, then K, the factor and its inverse (a trsm in place in an
+  F-ordered identity) (24 n^2; 16 n^2 with ``overwrite_k``, where the inverse is built in K's
+  memory; held by tests/test_gpu_paths.py on the CUDA simulator's allocation counter);
 - exact in packed storage (CPU): the lower triangle in column panels and one assembly tile,
   about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the

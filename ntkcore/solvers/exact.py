@@ -53,7 +53,8 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         Z = be.solve_triangular(L, Y, lower=True)
         alpha = be.solve_triangular(L, Z, lower=True, trans=1)
     with timer("triangular_inverse"):
-        Linv = _tri_inv(be, L)  # overwrites L on the CPU
+        # overwrites L on the CPU; on the GPU, K's memory when it may be overwritten
+        Linv = _tri_inv(be, L, scratch=K if overwrite_k else None)
         del L
         diag_inv = xp.einsum("ij,ij->j", Linv, Linv)
 
@@ -96,8 +97,10 @@ def _cholesky(be: Backend, A, lam):
     return L
 
 
-def _tri_inv(be: Backend, L):
-    """L^-1 for lower-triangular L (LAPACK trtri on the CPU, in place)."""
+def _tri_inv(be: Backend, L, scratch=None):
+    """L^-1 for lower-triangular L: LAPACK trtri in place on the CPU; on the GPU one trsm
+    L X = I, in place in an F-ordered identity (no copy by CuPy), built in ``scratch`` (an
+    n x n C-ordered array that may be destroyed, e.g. the factored K) when given."""
     if be.name == "cpu":
         from scipy.linalg import lapack
         Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
@@ -105,8 +108,14 @@ def _tri_inv(be: Backend, L):
             raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
         return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
     xp = be.xp
-    return be.solve_triangular(L, xp.eye(L.shape[0], dtype=L.dtype), lower=True,
-                               overwrite_b=True)
+    n = L.shape[0]
+    usable = (scratch is not None and scratch.shape == L.shape and scratch.dtype == L.dtype
+              and scratch.flags.c_contiguous)
+    eye = scratch.T if usable else xp.empty((n, n), dtype=L.dtype, order="F")
+    eye.fill(0)
+    idx = xp.arange(n)
+    eye[idx, idx] = 1
+    return be.solve_triangular(L, eye, lower=True, overwrite_b=True)
 
 
 def _right_apply(be: Backend, K_test, Linv):

@@ -35,6 +35,32 @@ import scipy.linalg.lapack
 GUARD = 64           # guard bytes before and after each allocation
 # host <-> device traffic since the shim was made: bytes each way and scalar reads (syncs)
 TRAFFIC = {"to_device": 0, "to_host": 0, "scalar_reads": 0}
+# device memory held by live arrays (each underlying buffer counted once) and its peak
+MEMORY = {"live": 0, "peak": 0}
+_held = {}  # id(buffer) -> weakref.finalize releasing its bytes
+
+
+def _track(a):
+    """Count the buffer under ``a`` as device memory until it is freed."""
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    if id(base) in _held or base.nbytes == 0:
+        return
+    nbytes = base.nbytes
+    MEMORY["live"] += nbytes
+    MEMORY["peak"] = max(MEMORY["peak"], MEMORY["live"])
+    key = id(base)
+    _held[key] = weakref.finalize(base, _release, key, nbytes)
+
+
+def _release(key, nbytes):
+    MEMORY["live"] -= nbytes
+    _held.pop(key, None)
+
+
+def reset_peak():
+    MEMORY["peak"] = MEMORY["live"]
 GUARD_BYTE = 0x5A
 _guarded = weakref.WeakValueDictionary()  # id(buffer) -> buffer with guard bytes
 
@@ -51,13 +77,17 @@ REAL = None  # set by make_shim(): the real CuPy module, or None
 
 
 # ----------------------------------------------------------------------------- arrays
-def _alloc(shape, dtype, fill=None):
+def _alloc(shape, dtype, fill=None, order="C"):
+    if order == "F":
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        return _alloc(shape[::-1], dtype, fill).T
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (
         (int(shape),) if not isinstance(shape, tuple) else shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     buf = np.full(nbytes + 2 * GUARD, GUARD_BYTE, dtype=np.uint8)
     _guarded[id(buf)] = buf
+    _track(buf)
     a = buf[GUARD:GUARD + nbytes].view(dtype).reshape(shape)
     if fill is None:
         if dtype.kind in "fc":
@@ -171,6 +201,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __init__(self, a):
         self._a = a
+        _track(a)
 
     # attributes CuPy arrays have
     shape = property(lambda self: self._a.shape)
@@ -303,22 +334,36 @@ def errstate(*, linalg=None, **others):
         _LINALG_MODE.update(old)
 
 
+def _device_copy(a, order):
+    out = _alloc(a.shape, a.dtype, fill=0, order=order)
+    out[...] = a
+    return out
+
+
 def _cholesky(a):
-    """cuSOLVER potrf as CuPy calls it: the partial factor on failure unless linalg='raise'."""
-    A = a._a
-    potrf = (scipy.linalg.lapack.dpotrf if A.dtype == np.float64 else
+    """cuSOLVER potrf as CuPy 14 calls it: on a new C-order copy of ``a`` (the input is never
+    overwritten), the partial factor on failure unless linalg='raise'."""
+    x = _device_copy(a._a, "C")
+    potrf = (scipy.linalg.lapack.dpotrf if x.dtype == np.float64 else
              scipy.linalg.lapack.spotrf)
-    c, info = potrf(A, lower=True, clean=True)
+    c, info = potrf(x, lower=True, clean=True)
     if info != 0 and _LINALG_MODE["linalg"] == "raise":
         raise np.linalg.LinAlgError(f"Error reported by potrf in cuSOLVER. devInfo = {info}.")
-    return ndarray(np.tril(c))
+    x[...] = np.tril(c)
+    return ndarray(x)
 
 
 def _solve_triangular(a, b, trans=0, lower=False, unit_diagonal=False, overwrite_b=False,
                       check_finite=False):
-    out = scipy.linalg.solve_triangular(a._a, b._a, trans=trans, lower=lower,
-                                        unit_diagonal=unit_diagonal, check_finite=False)
-    return ndarray(np.ascontiguousarray(out))
+    """cupyx.scipy.linalg.solve_triangular as in CuPy 14: ``a`` is copied to Fortran order
+    unless it is already F-contiguous; ``b`` is copied to Fortran order unless overwrite_b and
+    F-contiguous; the solution is returned in (that) ``b``, F-ordered."""
+    A = a._a if a._a.flags.f_contiguous else _device_copy(a._a, "F")
+    B = b._a if overwrite_b and b._a.flags.f_contiguous else _device_copy(b._a, "F")
+    trans = {"N": 0, "T": 1, "C": 2}.get(trans, trans)
+    B[...] = scipy.linalg.solve_triangular(A, B, trans=trans, lower=lower,
+                                           unit_diagonal=unit_diagonal, check_finite=False)
+    return ndarray(B)
 
 
 class _Generator:
@@ -428,17 +473,17 @@ class Shim(types.ModuleType):
         return dict(TRAFFIC)
 
     def empty(self, shape, dtype=float, order="C"):
-        return ndarray(_alloc(shape, dtype))
+        return ndarray(_alloc(shape, dtype, order=order))
 
     def zeros(self, shape, dtype=float, order="C"):
-        return ndarray(_alloc(shape, dtype, fill=0))
+        return ndarray(_alloc(shape, dtype, fill=0, order=order))
 
     def ones(self, shape, dtype=float, order="C"):
-        return ndarray(_alloc(shape, dtype, fill=1))
+        return ndarray(_alloc(shape, dtype, fill=1, order=order))
 
     def full(self, shape, fill_value, dtype=None, order="C"):
         dtype = np.result_type(fill_value) if dtype is None else dtype
-        return ndarray(_alloc(shape, dtype, fill=fill_value))
+        return ndarray(_alloc(shape, dtype, fill=fill_value, order=order))
 
     def empty_like(self, a, dtype=None, order="K", subok=None, shape=None):
         return self.empty(a.shape if shape is None else shape, dtype or a.dtype)
