@@ -131,9 +131,12 @@ def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeyp
     assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
 
 
-def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path):
-    """Every section of the script runs (timings under the simulator mean nothing)."""
+@pytest.mark.parametrize("free_bytes", [8 << 30, 2_000_000])
+def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path, free_bytes):
+    """Every section of the script runs (timings under the simulator mean nothing); with
+    little free memory, (b) compares with the plain chain at the n where that chain fits."""
     import gpu_check
+    sim_cupy.free_bytes = free_bytes
     monkeypatch.setattr(gpu_check, "ROWS", [])
     monkeypatch.setattr(gpu_check, "NOTES", [])
     monkeypatch.setattr(gpu_check, "QUICK", dict(n=300, d=32, m=64, T=40, C=3, cpu_n=200,
@@ -149,8 +152,9 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path)
     assert not errors_, errors_
     assert rc == 0, text
     for what in ("fused eNTK (ours)", "ours: relu_ntk x2 + loo_influence(exact)",
-                 "plain CuPy chain", "relu_ntk n=200"):
+                 "plain CuPy chain", "ours / plain chain", "relu_ntk n=200"):
         assert what in text, f"{what!r} missing from the table"
+    assert ("ours at n=" in text) == (free_bytes < 8 << 30)
 
 
 def test_bench_approx_gpu_scale_runs_at_toy_size(sim_cupy, tmp_path):
