@@ -1,7 +1,10 @@
 """Influence malleability metrics [Def 3.4, eq. 4; A.4.2; Def C.10] and the Figure 4 grouping.
 
-All functions take NumPy (or array-like) scores and return Python floats / NumPy arrays; no
-torch. Scores follow :func:`ntkcore.loo_influence`: positive = helpful.
+The score metrics (high_influence_set, flip_rate, spearman, topk_stability) take NumPy or CuPy
+scores and compute where they live, a (T, n) pair all rows at once; they return Python floats
+for 1-D input and arrays on the inputs' device for 2-D input. The other functions are
+host-side (NumPy in, floats / NumPy out). No torch. Scores follow :func:`ntkcore.loo_influence`:
+positive = helpful.
 
 - :func:`high_influence_set`  H_tau = {i : I_i > quantile(I, 1 - tau)}            [Def 3.4]
 - :func:`flip_rate`           |{i in H_tau : sign(I_orig_i) != sign(I_adv_i)}| / |H_tau| [eq. 4]
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
 __all__ = ["high_influence_set", "flip_rate", "spearman", "topk_stability",
@@ -34,27 +38,35 @@ __all__ = ["high_influence_set", "flip_rate", "spearman", "topk_stability",
 
 # --------------------------------------------------------------------------- validation
 
-def _vector(a, name: str) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim != 1:
-        raise ShapeError(f"{name}: expected a 1-D array of scores (n,), got shape {a.shape}")
+def _scores(a, name: str, xp, *, ndims=(1, 2)):
+    """``a`` as float64 on its own device, (n,) or (T, n), non-empty and finite."""
+    a = xp.asarray(a, dtype=np.float64)
+    if a.ndim not in ndims:
+        want = "(n,)" if ndims == (1,) else "(n,) or (T, n)"
+        raise ShapeError(f"{name}: expected scores of shape {want}, got {tuple(a.shape)}")
     if a.size == 0:
         raise EmptySelectionError(f"{name}: expected at least one score, got an empty array")
-    if not np.isfinite(a).all():
+    if not bool(xp.isfinite(a).all()):
         raise NonFiniteError(f"{name}: expected finite scores, got NaN or Inf")
     return a
 
 
 def _pair(a, b, names=("a", "b")):
-    """Validate two score arrays of the same shape: (n,) or (T, n) (rows = test points)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim not in (1, 2):
-        raise ShapeError(f"{names[0]}: expected shape (n,) or (T, n), got {a.shape}")
+    """Two score arrays of one shape, (n,) or (T, n) (rows = test points), on one device;
+    returns (a, b) as (T, n) rows, whether the input was 1-D, and the array module."""
+    xp = backend_for(a, b).xp
+    a = _scores(a, names[0], xp)
+    b = _scores(b, names[1], xp)
     if a.shape != b.shape:
         raise ShapeError(f"{names[0]} and {names[1]}: expected the same shape (one score per "
-                         f"training slot), got {a.shape} and {b.shape}")
-    return a, b
+                         f"training slot), got {tuple(a.shape)} and {tuple(b.shape)}")
+    one_d = a.ndim == 1
+    return (a[None, :], b[None, :]) if one_d else (a, b), one_d, xp
+
+
+def _result(values, one_d: bool):
+    """A float for 1-D input, else the (T,) array on the input's device."""
+    return float(values[0]) if one_d else values
 
 
 def _check_tau(tau) -> float:
@@ -65,12 +77,27 @@ def _check_tau(tau) -> float:
 
 # --------------------------------------------------------------------------- Def 3.4
 
-def high_influence_set(I, tau: float = 0.1) -> np.ndarray:
+def _high_influence_mask(A, tau: float, xp):
+    """(T, n) mask of H_tau for each row of A [Def 3.4]; every row must select something."""
+    q = xp.quantile(A, 1.0 - tau, axis=1, keepdims=True)
+    mask = A > q
+    count = mask.sum(axis=1)
+    empty = xp.flatnonzero(count == 0)
+    if empty.size:
+        t = int(empty[0])
+        where = f" (row {t})" if A.shape[0] > 1 else ""
+        raise EmptySelectionError(
+            f"I: no score exceeds its {1 - tau:.3g}-quantile {float(q[t, 0]):.6g}{where} (all "
+            f"scores tied?), so the high-influence set is empty")
+    return mask, count
+
+
+def high_influence_set(I, tau: float = 0.1):
     """Indices of the high-influence set H_tau = {i : I_i > quantile(I, 1 - tau)} [Def 3.4].
 
     Parameters
     ----------
-    I : (n,) array of influence scores (positive = helpful).
+    I : (n,) array of influence scores (positive = helpful), NumPy or CuPy.
     tau : float in (0, 1), default 0.1
         Selection threshold (0.1 = top 10 %). The quantile is NumPy's default (linear
         interpolation), and the inequality is strict, exactly as in Def 3.4; with n = 1000 and
@@ -78,27 +105,17 @@ def high_influence_set(I, tau: float = 0.1) -> np.ndarray:
 
     Returns
     -------
-    (|H|,) int64 indices, ascending.
+    (|H|,) int64 indices, ascending, on I's device.
 
     Raises
     ------
     EmptySelectionError
         No score exceeds the quantile (e.g. all scores tied).
     """
-    I = _vector(I, "I")
-    tau = _check_tau(tau)
-    q = np.quantile(I, 1.0 - tau)
-    H = np.flatnonzero(I > q)
-    if H.size == 0:
-        raise EmptySelectionError(
-            f"I: no score exceeds its {1 - tau:.3g}-quantile {q:.6g} (all scores tied?), so the "
-            f"high-influence set is empty")
-    return H
-
-
-def _flip_rate_1d(a, b, tau):
-    H = high_influence_set(a, tau)
-    return float(np.mean(np.sign(a[H]) != np.sign(b[H])))
+    xp = backend_for(I).xp
+    I = _scores(I, "I", xp, ndims=(1,))
+    mask, _ = _high_influence_mask(I[None, :], _check_tau(tau), xp)
+    return xp.flatnonzero(mask[0])
 
 
 def flip_rate(I_orig, I_adv, tau: float = 0.1):
@@ -110,7 +127,7 @@ def flip_rate(I_orig, I_adv, tau: float = 0.1):
 
     Parameters
     ----------
-    I_orig, I_adv : (n,) or (T, n) arrays
+    I_orig, I_adv : (n,) or (T, n) arrays, NumPy or CuPy (computed where they live)
         Original and perturbed scores of the same training slots (``I_adv[..., i]`` is the score
         of whatever occupies slot i after the intervention, e.g. the adversarial version of
         point i). A (T, n) pair is scored row by row (one test point per row).
@@ -118,43 +135,37 @@ def flip_rate(I_orig, I_adv, tau: float = 0.1):
 
     Returns
     -------
-    float in [0, 1] for 1-D input; (T,) array for 2-D input.
+    float in [0, 1] for 1-D input; (T,) array for 2-D input (on the inputs' device).
     """
-    a, b = _pair(I_orig, I_adv, ("I_orig", "I_adv"))
-    if a.ndim == 1:
-        return _flip_rate_1d(a, _vector(b, "I_adv"), tau)
-    return np.array([_flip_rate_1d(a[t], _vector(b[t], "I_adv"), tau)
-                     for t in range(a.shape[0])])
+    tau = _check_tau(tau)
+    (A, B), one_d, xp = _pair(I_orig, I_adv, ("I_orig", "I_adv"))
+    mask, count = _high_influence_mask(A, tau, xp)
+    flips = ((xp.sign(A) != xp.sign(B)) & mask).sum(axis=1)
+    return _result(flips / count, one_d)
 
 
 # --------------------------------------------------------------------------- ranks
 
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, tied values sharing the mean of their ranks (scipy's method='average')."""
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    n = a.size
-    # start of each run of equal values in sorted order
-    new = np.empty(n, dtype=bool)
-    new[0] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], n)  # exclusive
-    run_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = np.repeat(run_rank, ends - starts)
+def _average_ranks(A, xp):
+    """Row-wise ranks 1..n of (T, n) A, tied values sharing the mean of their ranks (scipy's
+    method='average'), without a Python loop over rows.
+
+    Within each sorted row, runs of equal values get run numbers 1, 2, ...; with the row
+    offset t (n + 1) added they form one ascending key over all rows, so two searchsorted
+    calls give every entry's run start and end at once.
+    """
+    T, n = A.shape
+    order = xp.argsort(A, axis=1, kind="stable")
+    S = xp.take_along_axis(A, order, axis=1)
+    new_run = xp.ones((T, n), dtype=bool)
+    new_run[:, 1:] = S[:, 1:] != S[:, :-1]
+    key = (xp.cumsum(new_run, axis=1) + (xp.arange(T) * (n + 1))[:, None]).ravel()
+    row_start = (xp.arange(T) * n)[:, None]
+    first = xp.searchsorted(key, key, side="left").reshape(T, n) - row_start  # run start
+    stop = xp.searchsorted(key, key, side="right").reshape(T, n) - row_start  # run end, excl.
+    ranks = xp.empty((T, n), dtype=np.float64)
+    ranks[xp.arange(T)[:, None], order] = (first + 1 + stop) / 2.0  # mean of first+1..stop
     return ranks
-
-
-def _spearman_1d(a, b):
-    ra = _average_ranks(a)
-    rb = _average_ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    if den == 0.0:
-        return float("nan")  # a constant input has no ranking (scipy also returns nan)
-    return float(np.clip((ra @ rb) / den, -1.0, 1.0))
 
 
 def spearman(a, b):
@@ -166,21 +177,23 @@ def spearman(a, b):
 
     Parameters
     ----------
-    a, b : (n,) or (T, n) arrays (rows scored separately)
+    a, b : (n,) or (T, n) arrays, NumPy or CuPy (rows scored separately, all at once)
 
     Returns
     -------
     float in [-1, 1] (NaN when either input is constant or n < 2); (T,) array for 2-D input.
     """
-    a, b = _pair(a, b)
-    if a.ndim == 1:
-        a, b = _vector(a, "a"), _vector(b, "b")
-        return _spearman_1d(a, b) if a.size > 1 else float("nan")
-    return np.array([spearman(a[t], b[t]) for t in range(a.shape[0])])
-
-
-def _top_k(a, k):
-    return np.argsort(-a, kind="mergesort")[:k]
+    (A, B), one_d, xp = _pair(a, b)
+    ra = _average_ranks(A, xp)
+    rb = _average_ranks(B, xp)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    num = (ra * rb).sum(axis=1)
+    den = xp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # a constant input has no ranking: NaN, as scipy returns
+        rho = xp.where(den > 0, xp.clip(num / den, -1.0, 1.0), xp.nan)
+    return _result(rho, one_d)
 
 
 def topk_stability(a, b, k: int):
@@ -191,21 +204,23 @@ def topk_stability(a, b, k: int):
 
     Parameters
     ----------
-    a, b : (n,) or (T, n) arrays over the same training slots.
+    a, b : (n,) or (T, n) arrays over the same training slots, NumPy or CuPy.
     k : int, 1 <= k <= n
 
     Returns
     -------
-    float in [0, 1]; (T,) array for 2-D input.
+    float in [0, 1]; (T,) array for 2-D input (on the inputs' device).
     """
-    a, b = _pair(a, b)
-    n = a.shape[-1]
+    (A, B), one_d, xp = _pair(a, b)
+    T, n = A.shape
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ParameterError(f"k: expected an integer in 1..{n}, got {k!r}")
-    if a.ndim == 2:
-        return np.array([topk_stability(a[t], b[t], k) for t in range(a.shape[0])])
-    a, b = _vector(a, "a"), _vector(b, "b")
-    return len(np.intersect1d(_top_k(a, k), _top_k(b, k))) / k
+    rows = xp.arange(T)[:, None]
+    in_a = xp.zeros((T, n), dtype=bool)
+    in_b = xp.zeros((T, n), dtype=bool)
+    in_a[rows, xp.argsort(-A, axis=1, kind="stable")[:, :k]] = True
+    in_b[rows, xp.argsort(-B, axis=1, kind="stable")[:, :k]] = True
+    return _result((in_a & in_b).sum(axis=1) / k, one_d)
 
 
 # --------------------------------------------------------------------------- Def C.10

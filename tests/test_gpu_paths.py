@@ -214,3 +214,49 @@ def test_exact_solver_device_memory_peak(sim_cupy, overwrite_k, extra):
     peak = (cupy_shim.MEMORY["peak"] - base) / (8 * n * n)
     assert extra <= peak <= extra + 0.05, peak  # + O(n T) and O(n C) vectors
     assert 1 + extra <= EXACT_COPIES_GPU  # its n x n arrays; O(n T) is budgeted apart
+
+
+def test_every_public_array_function_takes_device_arrays(sim_cupy):
+    """'Every public function accepts CuPy arrays and returns CuPy arrays' (issue 3): each
+    array function of ntkcore's API on device arrays against the same call on host arrays."""
+    cp = sim_cupy
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((40, 6))
+    X2 = rng.standard_normal((9, 6))
+    W = rng.standard_normal((30, 6))
+    a = rng.integers(0, 6, (5, 40)) + 0.1 * rng.standard_normal((5, 40)).round(1)  # ties
+    b = rng.integers(0, 6, (5, 40)) - 2.0
+    B, dinv = rng.standard_normal((5, 40)), rng.random(40) + 0.5
+    alpha, R = rng.standard_normal((40, 3)), rng.standard_normal((5, 3))
+    calls = {
+        "gram": lambda m, A, A2: nc.gram(A, A2),
+        "gram_power": lambda m, A, A2: nc.gram_power(A, 3),
+        "relu_ntk": lambda m, A, A2: nc.relu_ntk(A, m.asarray(W), A2),
+        "relu_ntk_infinite": lambda m, A, A2: nc.relu_ntk_infinite(A, A2),
+        "attention_features": lambda m, A, A2: nc.attention_features(A),
+        "influence_scores": lambda m, A, A2: nc.influence_scores(
+            *(m.asarray(v) for v in (B, dinv, alpha, R))),
+    }
+    for name, call in calls.items():
+        host = call(np, X, X2)
+        dev = call(cp, cp.asarray(X), cp.asarray(X2))
+        assert isinstance(dev, cp.ndarray), f"{name} returned {type(dev)}"
+        assert_close(dev.get(), host, rtol=1e-12, what=name)
+    metrics = {"spearman": lambda m, x, y: nc.spearman(m.asarray(x), m.asarray(y)),
+               "flip_rate": lambda m, x, y: nc.flip_rate(m.asarray(x), m.asarray(y)),
+               "topk_stability": lambda m, x, y: nc.topk_stability(m.asarray(x),
+                                                                   m.asarray(y), 4)}
+    for name, call in metrics.items():
+        host, dev = call(np, a, b), call(cp, a, b)  # (T, n): a (T,) array on the device
+        assert isinstance(dev, cp.ndarray), f"{name} returned {type(dev)}"
+        np.testing.assert_allclose(dev.get(), host, rtol=1e-12, err_msg=name)
+        host, dev = call(np, a[0], b[0]), call(cp, a[0], b[0])  # (n,): a float
+        assert isinstance(dev, float) and dev == pytest.approx(host, rel=1e-12), name
+    H = nc.malleability.high_influence_set(cp.asarray(a[1]), 0.2)
+    assert isinstance(H, cp.ndarray)
+    np.testing.assert_array_equal(H.get(), nc.malleability.high_influence_set(a[1], 0.2))
+    host, dev = nc.spectrum(X), nc.spectrum(cp.asarray(X))
+    for field in ("eigenvalues",):
+        got = getattr(dev, field)
+        got = got.get() if isinstance(got, cp.ndarray) else got
+        assert_close(got, getattr(host, field), rtol=1e-10, what=f"spectrum.{field}")

@@ -56,6 +56,26 @@ def test_spearman_matches_scipy_with_ties():
         assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
 
 
+def test_row_metrics_equal_their_one_row_values_with_ties():
+    """(T, n) input is computed for all rows at once (one sort, one searchsorted): each row
+    must equal scipy / the 1-D call on that row, ties and a constant row included."""
+    rng = np.random.default_rng(7)
+    A = rng.integers(0, 5, (12, 30)).astype(float)
+    B = rng.integers(0, 5, (12, 30)).astype(float)
+    A[3] = 2.0  # constant row: rho is NaN
+    rho = spearman(A, B)
+    for t in range(12):
+        want = np.nan if t == 3 else stats.spearmanr(A[t], B[t]).statistic
+        np.testing.assert_allclose(rho[t], want, atol=1e-12)
+    A[3] = np.arange(30.0)
+    for k in (1, 7, 30):
+        np.testing.assert_array_equal(topk_stability(A, B, k),
+                                      [topk_stability(A[t], B[t], k) for t in range(12)])
+    A, B = A + rng.standard_normal(A.shape), B + rng.standard_normal(B.shape) - 2
+    np.testing.assert_array_equal(flip_rate(A, B, tau=0.2),
+                                  [flip_rate(A[t], B[t], tau=0.2) for t in range(12)])
+
+
 def test_spearman_known_values_and_reference_formula():
     x = np.arange(10.0)
     assert spearman(x, x ** 3) == 1.0
