@@ -3,7 +3,8 @@
 A = K + lam I = L L^T.  alpha = A^-1 Y by two triangular solves.  diag(A^-1) from the
 triangular inverse: A^-1 = L^-T L^-1, so (A^-1)_ii is the squared norm of column i of L^-1
 (no general inverse of A is ever formed).  K_test A^-1 = (K_test L^-T) L^-1 by two triangular
-multiplies.  Flops: n^3/3 (potrf) + n^3/3 (trtri) + 2 T n^2 (two trmm) + O(n^2 C).
+multiplies (CPU) or two triangular solves with L (GPU).  Flops: n^3/3 (potrf) + n^3/3 (trtri;
+on the GPU by block rows in GEMMs, ``tri_inverse``) + 2 T n^2 (two trmm / trsm) + O(n^2 C).
 """
 
 from __future__ import annotations
@@ -53,15 +54,22 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         Z = be.solve_triangular(L, Y, lower=True)
         alpha = be.solve_triangular(L, Z, lower=True, trans=1)
     with timer("triangular_inverse"):
-        # overwrites L on the CPU; on the GPU, K's memory when it may be overwritten
+        # CPU: trtri in place of L. GPU: by block rows in GEMMs, into K's memory when it may
+        # be overwritten; L is kept for the right solves.
         Linv = _tri_inv(be, L, scratch=K if overwrite_k else None)
-        del L
         diag_inv = xp.einsum("ij,ij->j", Linv, Linv)
+    if be.name == "cpu":
+        del L  # its memory is Linv's
 
-    def right_solve(K_test):
-        """(T, n) K_test A^-1 = (K_test L^-T) L^-1."""
-        with timer("right_solve"):
-            return _right_apply(be, K_test, Linv)
+        def right_solve(K_test):
+            """(T, n) K_test A^-1 = (K_test L^-T) L^-1 by two trmm (2 T n^2 flops)."""
+            with timer("right_solve"):
+                return _right_apply(be, K_test, Linv)
+    else:
+        def right_solve(K_test):
+            """(T, n) K_test A^-1 = (A^-1 K_test^T)^T by two trsm with L (2 T n^2 flops)."""
+            with timer("right_solve"):
+                return _right_solve_gpu(be, K_test, L)
 
     if check and not overwrite_k:
         with timer("checks"):
@@ -73,6 +81,8 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
     elif check:
         diagnostics["inverse_residual_probe"] = None
         diagnostics["inverse_residual_estimator"] = "not measured: K was factored in place"
+    if be.name == "cuda":
+        del Linv  # only diag(A^-1) and the checks read it; the right solves use L
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
                   diagnostics=diagnostics, timings=timer.seconds)
 
@@ -98,35 +108,36 @@ def _cholesky(be: Backend, A, lam):
 
 
 def _tri_inv(be: Backend, L, scratch=None):
-    """L^-1 for lower-triangular L: LAPACK trtri in place on the CPU; on the GPU one trsm
-    L X = I, in place in an F-ordered identity (no copy by CuPy), built in ``scratch`` (an
-    n x n C-ordered array that may be destroyed, e.g. the factored K) when given."""
+    """L^-1 for lower-triangular L: LAPACK trtri in place on the CPU; on the GPU by block rows
+    in GEMMs (n^3/3 flops, not the n^3 of a trsm against I), into ``scratch`` (an n x n
+    array that may be destroyed, e.g. the factored K) when given."""
     if be.name == "cpu":
         from scipy.linalg import lapack
         Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
         if info != 0:
             raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
         return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
-    xp = be.xp
-    n = L.shape[0]
+    from .tri_inverse import tri_inv_blocked
     usable = (scratch is not None and scratch.shape == L.shape and scratch.dtype == L.dtype
               and scratch.flags.c_contiguous)
-    eye = scratch.T if usable else xp.empty((n, n), dtype=L.dtype, order="F")
-    eye.fill(0)
-    idx = xp.arange(n)
-    eye[idx, idx] = 1
-    return be.solve_triangular(L, eye, lower=True, overwrite_b=True)
+    return tri_inv_blocked(be, L, out=scratch if usable else None)
+
+
+def _right_solve_gpu(be: Backend, K_test, L):
+    """(T, n) K_test A^-1 as (L^-T (L^-1 K_test^T))^T: two cuBLAS trsm on the full L, whose
+    F-ordered views CuPy passes without a copy (one copy of K_test^T is the right-hand side)."""
+    Z = be.solve_triangular(L, K_test.T, lower=True)
+    Z = be.solve_triangular(L, Z, lower=True, trans=1, overwrite_b=True)
+    return Z.T
 
 
 def _right_apply(be: Backend, K_test, Linv):
-    """K_test L^-T L^-1 using triangular multiplies (BLAS trmm on the CPU)."""
-    if be.name == "cpu":
-        from scipy.linalg import blas
-        # trmm computes alpha * op(A) * B or B * op(A) with side=1 (right).
-        Z = blas.dtrmm(1.0, Linv, np.asarray(K_test, order="F"), side=1, lower=1, trans_a=1)
-        return np.ascontiguousarray(blas.dtrmm(1.0, Linv, Z, side=1, lower=1, trans_a=0,
-                                               overwrite_b=1))
-    return (K_test @ Linv.T) @ Linv
+    """K_test L^-T L^-1 by two BLAS trmm (CPU)."""
+    from scipy.linalg import blas
+    # trmm computes alpha * op(A) * B or B * op(A) with side=1 (right).
+    Z = blas.dtrmm(1.0, Linv, np.asarray(K_test, order="F"), side=1, lower=1, trans_a=1)
+    return np.ascontiguousarray(blas.dtrmm(1.0, Linv, Z, side=1, lower=1, trans_a=0,
+                                           overwrite_b=1))
 
 
 # Up to this n the A.8 checks use the exact spectrum (eigvalsh costs ~3x the Cholesky here).
@@ -153,7 +164,10 @@ def _lambda_min_estimate(be: Backend, Linv, lam, *, block: int = 8, iters: int =
     xp = be.xp
     n = Linv.shape[0]
     V = xp.asarray(np.random.default_rng(2).standard_normal((n, min(block, n))))
-    apply = (lambda B: _right_apply(be, B.T, Linv).T)  # A^-1 B (A^-1 symmetric)
+    if be.name == "cpu":
+        apply = (lambda B: _right_apply(be, B.T, Linv).T)  # A^-1 B by trmm (A^-1 symmetric)
+    else:
+        apply = (lambda B: Linv.T @ (Linv @ B))
     for _ in range(iters):
         V, _ = xp.linalg.qr(apply(V))
     H = V.T @ apply(V)

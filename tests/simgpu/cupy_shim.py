@@ -182,6 +182,27 @@ def _device_fn(fn, namespace, name):
     return call
 
 
+def _matmul(a, b, out=None, **kwargs):
+    """CuPy 14's 2-D matmul: an operand that is neither C- nor F-contiguous is copied, and an
+    ``out`` that is not C-contiguous gets a temporary result copied into it (the copies are
+    device allocations and count in MEMORY)."""
+    A, B = (_unwrap(x, "matmul") for x in (a, b))
+    if kwargs:
+        raise TypeError(f"matmul: unsupported arguments {sorted(kwargs)}")
+    ops = [x if x.ndim != 2 or x.flags.c_contiguous or x.flags.f_contiguous
+           else _device_copy(x, "C") for x in (A, B)]
+    if out is None:
+        return _wrap(np.matmul(*ops))
+    target = out[0] if isinstance(out, tuple) else out
+    if target._a.flags.c_contiguous:
+        np.matmul(*ops, out=target._a)
+    else:
+        tmp = _alloc(target.shape, target.dtype)
+        np.matmul(*ops, out=tmp)
+        target._a[...] = tmp
+    return target
+
+
 def _stable_kind(kind):
     """CuPy sorts are always stable and accept no other kind."""
     if kind not in (None, "stable"):
@@ -225,6 +246,8 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         out = kwargs.get("out")
+        if ufunc is np.matmul and method == "__call__":
+            return _matmul(*inputs, **kwargs)
         a = _unwrap(list(inputs), ufunc.__name__)
         kw = {k: _unwrap(v, ufunc.__name__) for k, v in kwargs.items()}
         result = getattr(ufunc, method)(*a, **kw)
@@ -493,6 +516,9 @@ class Shim(types.ModuleType):
 
     def full_like(self, a, fill_value, dtype=None, order="K", subok=None, shape=None):
         return self.full(a.shape if shape is None else shape, fill_value, dtype or a.dtype)
+
+    def matmul(self, a, b, out=None, **kwargs):
+        return _matmul(a, b, out=out, **kwargs)
 
     def argsort(self, a, axis=-1, kind=None):
         return a.argsort(axis=axis, kind=kind)
