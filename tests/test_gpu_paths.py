@@ -116,6 +116,9 @@ def test_cli_influence_on_the_simulated_gpu_matches_the_cpu_run(sim_cupy, tmp_pa
         outs[device] = out
     summary = json.loads((outs["cuda"] / "summary.json").read_text())
     assert summary["device"] == "cuda"
+    # the kernel stage ran on the (simulated) GPU; torch here has no CUDA, so training ran on
+    # the CPU, as it does wherever CuPy sits beside a CPU-only torch
+    assert summary["training_device"] == "cpu"
     a, b = (np.load(outs[d] / "influence.npz") for d in ("cpu", "cuda"))
     assert_close(b["scores"], a["scores"], rtol=1e-8, what="CLI scores, cuda vs cpu")
     np.testing.assert_array_equal(b["top_helpful"], a["top_helpful"])
@@ -267,3 +270,14 @@ def test_every_public_array_function_takes_device_arrays(sim_cupy):
         got = getattr(dev, field)
         got = got.get() if isinstance(got, cp.ndarray) else got
         assert_close(got, getattr(host, field), rtol=1e-10, what=f"spectrum.{field}")
+
+
+def test_training_device_follows_the_run(sim_cupy):
+    """--device cuda trains on the GPU only where torch has CUDA; here (CPU torch) the CPU."""
+    import torch
+
+    from ntkcore.experiments.pipeline import torch_device
+    assert torch_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert torch_device("cuda") == torch.device(want)
+    assert torch_device("auto") == torch.device(want)  # the simulator counts as a GPU

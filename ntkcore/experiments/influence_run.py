@@ -48,7 +48,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
 
     t0 = time.perf_counter()
     model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
-                                     seed=cfg.seed, progress=progress)
+                                     seed=cfg.seed, progress=progress, device=be.name)
     timings["training"] = time.perf_counter() - t0
     _save_model(model, out / "model.pt")
     stages.done()
@@ -93,6 +93,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
         "config": config_dict(cfg),
         "versions": versions(),
         "device": be.name,
+        "training_device": str(next(model.parameters()).device),
         "data": {"name": ds.name, "source": ds.source, "classes": list(ds.classes),
                  "class_names": list(ds.class_names), "n_train": ds.n_train,
                  "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary},
@@ -159,7 +160,8 @@ def _save_model(model, path):
 
     from .output import atomic_write_bytes
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    # host tensors, so the file loads on a machine without the GPU it was trained on
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

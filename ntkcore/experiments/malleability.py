@@ -205,7 +205,7 @@ class _Scorer:
         if s["retrain"]:
             model, _ = train_network(ds, self.model.arch, s["width"], epochs=s["epochs"],
                                      lam=s["lam"], seed=s["seed"], adv_eps=self.adv_eps,
-                                     progress=False)
+                                     progress=False, device=s["device"])
             self.trainings += 1
             res, _ = kernel_influence(model, ds, lam=s["lam"], device=s["device"],
                                       X_test=X_test, Y_test=Y_test, check=False)
@@ -405,7 +405,8 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
             log(f"[{mode}] {ARCH_LABEL[arch]}: training width {s['width']}, {s['epochs']} epochs")
             t0 = time.perf_counter()
             model, tr = train_network(ds, arch, s["width"], epochs=s["epochs"], lam=s["lam"],
-                                      seed=s["seed"], adv_eps=adv_eps, progress=progress)
+                                      seed=s["seed"], adv_eps=adv_eps, progress=progress,
+                                      device=s["device"])
             t_train = time.perf_counter() - t0
             r = evaluate_model(model, ds, s, sel, adv_eps=adv_eps, progress=progress, log=log)
             r["timings"]["training"] = t_train

@@ -99,9 +99,20 @@ def load_data(cfg: InfluenceConfig):
                         download=cfg.download, dim=cfg.dim)
 
 
+def torch_device(device: str = "cpu"):
+    """The torch device for training on ``device`` ("auto" | "cpu" | "cuda"): the GPU when
+    the run uses it and torch sees it, else the CPU (CuPy beside a CPU-only torch trains on
+    the CPU)."""
+    import torch
+
+    from ..backend import resolve_device
+    on_gpu = resolve_device(device) == "cuda" and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
 def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1e-3,
                   seed: int = 42, adv_eps: float | None = None, progress: bool = True,
-                  X_train=None):
+                  X_train=None, device: str = "cpu"):
     """Build and train the paper's architecture on ``dataset`` [A.1, A.3].
 
     Parameters
@@ -114,6 +125,9 @@ def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1
     adv_eps : PGD adversarial training budget (Table 4), or None.
     X_train : (n, d) preprocessed training rows, default ``dataset.X_train`` (pass perturbed
         rows to retrain after an intervention).
+    device : "auto" | "cpu" | "cuda", the device of the run; the GPU trains where torch has
+        CUDA (see :func:`torch_device`), and frees torch's cached GPU memory afterwards so the
+        kernel stage (CuPy) can plan with it.
 
     Returns
     -------
@@ -123,7 +137,8 @@ def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1
 
     X = dataset.X_train if X_train is None else X_train
     n_out = 1 if dataset.binary else dataset.n_classes
-    model = make_model(arch, X, width, n_out, seed=seed)
+    dev = torch_device(device)
+    model = make_model(arch, X, width, n_out, seed=seed, device=dev)
     y = dataset.Y_train if dataset.binary else dataset.y_train
     if adv_eps is None:
         result = train(model, X, y, epochs=epochs, lam=lam, seed=seed, progress=progress)
@@ -131,6 +146,10 @@ def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1
         pixels = dataset.pixels_train
         result = train(model, pixels, y, epochs=epochs, lam=lam, seed=seed, progress=progress,
                        preprocess=dataset.preprocess, adv_eps=adv_eps)
+    if dev.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return model, result
 
 
