@@ -166,3 +166,23 @@ def test_a_seed_without_diag_probes_is_reported_as_unused():
         assert "(seed not used by this solver)" in reason
     name, opts, reason = choose_solver(K, 1e-3, requested="exact", seed=3, diag_probes=8)
     assert opts["seed"] == 3 and "seed not used" not in reason
+
+
+@pytest.mark.parametrize("n", [60, 2100])  # exact spectrum / subspace estimate of lambda_min
+def test_factoring_k_in_place_keeps_every_a8_check(n):
+    """overwrite_k reads what the A.8 checks need from K before factoring it: the same
+    diagnostics as without it (the probes are seeded)."""
+    from ntkcore.solvers.exact import exact_fit
+    rng = np.random.default_rng(n)
+    G = rng.standard_normal((n, 40))
+    K = G @ G.T / 40
+    Y = rng.standard_normal((n, 2))
+    kept = exact_fit(K.copy(), Y, 1e-2)
+    inplace = exact_fit(K.copy(), Y, 1e-2, overwrite_k=True)
+    assert inplace.diagnostics["inverse_residual_probe"] is not None
+    for key, value in kept.diagnostics.items():
+        if isinstance(value, float):
+            assert inplace.diagnostics[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+        else:
+            assert inplace.diagnostics[key] == value, key
+    np.testing.assert_allclose(inplace.diag_inv, kept.diag_inv, rtol=1e-12)

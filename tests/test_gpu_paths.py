@@ -281,3 +281,17 @@ def test_training_device_follows_the_run(sim_cupy):
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert torch_device("cuda") == torch.device(want)
     assert torch_device("auto") == torch.device(want)  # the simulator counts as a GPU
+
+
+def test_auto_counts_one_array_less_for_an_operator_on_the_device(sim_cupy):
+    """A kernel operator is materialised by the solver and factored in place: on the GPU the
+    exact solver then needs 2 n x n arrays, not 3, and auto plans with that."""
+    from ntkcore.solvers.auto import choose_solver
+    from ntkcore.solvers.operator import ReluNTKOperator
+    cp = sim_cupy
+    n = 1000
+    X, _, W, _, _ = _problem(n=n, seed=8)
+    op = ReluNTKOperator(cp.asarray(X), cp.asarray(W))
+    budget = int(2.5 * 8 * n * n / 0.7)  # 2 arrays fit within 70 %, 3 do not
+    assert choose_solver(op, 1e-3, memory_budget=budget)[0] == "exact"
+    assert choose_solver(cp.asarray(np.eye(n)), 1e-3, memory_budget=budget)[0] == "nystrom"

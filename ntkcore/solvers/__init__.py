@@ -44,6 +44,7 @@ def _exact_adapter(exact_fit):
             # Mirrored tiles make K symmetric by construction; measure it anyway (A.8).
             from .._validate import check_square_symmetric
             asym = check_square_symmetric(K, "K")
+            kw["overwrite_k"] = True  # the materialised K is ours: factor it in place
             fit = exact_fit(K, Y, lam, **kw)
             fit.diagnostics["symmetry_rel"] = asym
             return fit

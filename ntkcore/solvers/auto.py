@@ -11,7 +11,8 @@ Memory model (bytes, float64):
   ``EXACT_COPIES_GPU`` (3): CuPy's Cholesky factors a new copy, so K, the working copy of
   K + lam I and the factor coexist, then K, the factor and its inverse (a trsm in place in an
   F-ordered identity) (24 n^2; 16 n^2 with ``overwrite_k``, where the inverse is built in K's
-  memory; held by tests/test_gpu_paths.py on the CUDA simulator's allocation counter);
+  memory, as for a kernel operator, which the solver materialises and factors in place; held
+  by tests/test_gpu_paths.py on the CUDA simulator's allocation counter);
 - exact in packed storage (CPU): the lower triangle in column panels and one assembly tile,
   about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
@@ -61,8 +62,11 @@ SOLVER_OPTIONS = {
 _ALL_OPTIONS = sorted(set().union(*SOLVER_OPTIONS.values()))
 
 
-def exact_bytes(n: int, *, gpu: bool = False) -> int:
-    return (EXACT_COPIES_GPU if gpu else EXACT_COPIES) * 8 * n * n
+def exact_bytes(n: int, *, gpu: bool = False, private: bool = False) -> int:
+    """Bytes of the dense exact solver; ``private``: K is an operator the solver materialises
+    itself and factors in place (one n x n array fewer on the GPU)."""
+    copies = (EXACT_COPIES_GPU - (1 if private else 0)) if gpu else EXACT_COPIES
+    return copies * 8 * n * n
 
 
 def packed_exact_bytes(n: int, precision: str = "float64") -> int:
@@ -203,7 +207,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
     r_fit = max_rank(n, budget)
-    need = exact_bytes(n, gpu=not _on_cpu(K))
+    need = exact_bytes(n, gpu=not _on_cpu(K), private=not hasattr(K, "ndim"))
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
         storage = opts.get("storage")
