@@ -4,6 +4,10 @@
 #                              exact influence at n = 50 000 vs the flop floor and plain CuPy
 #   2. bench_approx --gpu-scale issue 4: Nystrom influence, 1 000 000 points x 100 test points
 #   3. bench_entk --device cuda issue 6: generic eNTK vs torch.func on the GPU
+#   4. bench_cli_gpu            issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact):
+#                              kernel stage vs training. Not in the default STEPS (the three
+#                              above fill the device tool's 10-minute command limit); run it
+#                              as its own call: STEPS="cli_shape" sh bench/gpu_owed.sh
 # Each step has its own time limit, so one hang cannot take the others' results with it;
 # STEPS picks a subset (default: all three, in this order of priority). Generating the 1e6
 # synthetic points on the host took 53 s and 18 GB on the 2-core dev machine, inside step 2's
@@ -29,3 +33,4 @@ step() {  # step NAME SECONDS COMMAND...
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
 step entk_gpu 60 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 2
+step cli_shape 240 "$py" bench/bench_cli_gpu.py --json "$out/cli_shape.json"

@@ -295,3 +295,14 @@ def test_auto_counts_one_array_less_for_an_operator_on_the_device(sim_cupy):
     budget = int(2.5 * 8 * n * n / 0.7)  # 2 arrays fit within 70 %, 3 do not
     assert choose_solver(op, 1e-3, memory_budget=budget)[0] == "exact"
     assert choose_solver(cp.asarray(np.eye(n)), 1e-3, memory_budget=budget)[0] == "nystrom"
+
+
+def test_bench_cli_gpu_runs_at_toy_size(sim_cupy, tmp_path):
+    """The script behind issue 3's CLI target (kernel stage vs training) runs end to end."""
+    import bench_cli_gpu
+    out = tmp_path / "cli.json"
+    summary = bench_cli_gpu.main(["--n-train", "200", "--n-test", "20", "--dim", "32",
+                                  "--width", "64", "--epochs", "2", "--json", str(out)])
+    assert summary["device"] == "cuda" and summary["solver"] == "exact"
+    res = json.loads(out.read_text())
+    assert res["ratio"] > 0 and res["summary_timings"]["training"] > 0
