@@ -77,6 +77,20 @@ def test_matrix_free_operator_on_the_device(sim_cupy, solver):
     assert_close(gpu.scores.get(), cpu.scores, rtol=1e-6, what=f"{solver} scores")
 
 
+def test_device_a8_checks_agree_with_the_exact_spectrum(sim_cupy):
+    """The GPU's conditioning check (block power iterations by GEMMs with L and L^-1) against
+    the exact spectrum the CPU path computes at this n."""
+    cp = sim_cupy
+    X, Xt, W, Y, Yt = _problem(n=500, seed=2)
+    cpu = nc.loo_influence(nc.relu_ntk(X, W), Y, nc.relu_ntk(Xt, W, X), Yt, lam=1e-3)
+    Xd, Wd = cp.asarray(X), cp.asarray(W)
+    gpu = nc.loo_influence(nc.relu_ntk(Xd, Wd), cp.asarray(Y), nc.relu_ntk(cp.asarray(Xt), Wd, Xd),
+                           cp.asarray(Yt), lam=1e-3)
+    assert gpu.diagnostics["cond_A_estimate"] == pytest.approx(cpu.diagnostics["cond_A"],
+                                                               rel=1e-3)
+    assert gpu.diagnostics["inverse_residual_probe"] < 1e-10
+
+
 def test_an_indefinite_kernel_on_the_device_is_not_psd_error(sim_cupy):
     """CuPy's cholesky returns a finite partial factor by default; ntkcore must not score it."""
     cp = sim_cupy
