@@ -42,6 +42,15 @@ extern "C" __global__ void early_exit_ballot(unsigned int* out, int active)
     if (threadIdx.x == 0) out[0] = b;
 }
 
+// block 0 writes its shared array, later blocks only read theirs: garbage on a GPU
+extern "C" __global__ void stale_shared(real_t* out)
+{
+    __shared__ real_t s[32];
+    if (blockIdx.x == 0) s[threadIdx.x] = (real_t)1;
+    __syncthreads();
+    out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+
 extern "C" __global__ void write_at(real_t* out, long long where)
 {
     if (threadIdx.x == 0) out[where] = (real_t)1;
@@ -78,6 +87,15 @@ def test_a_warp_collective_with_exited_lanes_is_an_error(sim_cupy, module):
     assert int(out[0]) == 0xFFFFFFFF
     with pytest.raises(RuntimeError, match="lane 20 has exited"):
         k((1,), (32,), (out, np.int32(20)))
+
+
+def test_shared_memory_a_block_did_not_write_reads_as_garbage(sim_cupy, module):
+    """Every block starts with its shared arrays poisoned (all bits set: NaN), not with what
+    the previous block left there."""
+    out = sim_cupy.zeros(64)
+    module.get_function("stale_shared")((2,), (32,), (out,))
+    got = out.get()
+    assert (got[:32] == 1).all() and np.isnan(got[32:]).all()
 
 
 def test_an_out_of_bounds_write_is_caught(sim_cupy, module):

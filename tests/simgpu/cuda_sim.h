@@ -51,6 +51,9 @@ struct Fiber {
     uint64_t put, got;   // value offered to / received from a warp collective
 };
 
+struct SharedArray { void* p; size_t bytes; };
+static std::vector<SharedArray> shared_arrays;  // __shared__ arrays seen in this launch
+
 static std::vector<Fiber> fibers;
 static std::vector<char> stacks;
 static const size_t kStack = 256 * 1024;
@@ -60,6 +63,7 @@ static void (*entry_fn)(void**);
 static void** entry_args;
 static char message[512];
 static unsigned char* dynamic_shared;
+static size_t dynamic_bytes;
 
 static void fiber_main() {
     entry_fn(entry_args);
@@ -145,6 +149,9 @@ static int release_warps(size_t nthreads) {
 }
 
 static int run_block(size_t nthreads) {
+    // Shared memory starts every block as garbage (all bits set: NaN for reals), so a read
+    // of an element this block never wrote gives a wrong result instead of the last block's.
+    for (const SharedArray& a : shared_arrays) memset(a.p, 0xFF, a.bytes);
     for (size_t k = 0; k < nthreads; ++k) {
         Fiber& f = fibers[k];
         f.state = RUNNING;
@@ -191,6 +198,15 @@ static int run_block(size_t nthreads) {
 
 }  // namespace ntk_sim
 
+// Inserted after each __shared__ declaration by kernels.py: the first thread to reach it in
+// a launch registers (and poisons) the array; later blocks are poisoned by run_block.
+static inline void ntk_sim_register_shared(void* p, size_t bytes) {
+    for (const ntk_sim::SharedArray& a : ntk_sim::shared_arrays)
+        if (a.p == p) return;
+    ntk_sim::shared_arrays.push_back({p, bytes});
+    memset(p, 0xFF, bytes);
+}
+
 static inline void __syncthreads() { ntk_sim::wait_here(ntk_sim::AT_SYNCTHREADS); }
 
 static inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
@@ -224,7 +240,8 @@ using std::fma;
 // Run kernel thunk ``fn(args)`` over grid x block; 0 on success, else -1 with a message.
 extern "C" int ntk_sim_launch(void (*fn)(void**), void** args, unsigned int gx,
                               unsigned int gy, unsigned int gz, unsigned int bx,
-                              unsigned int by, unsigned int bz, unsigned char* dyn_shared) {
+                              unsigned int by, unsigned int bz, unsigned char* dyn_shared,
+                              size_t dyn_bytes) {
     using namespace ntk_sim;
     const size_t nthreads = (size_t)bx * by * bz;
     if (nthreads == 0 || nthreads > 1024) {
@@ -235,11 +252,13 @@ extern "C" int ntk_sim_launch(void (*fn)(void**), void** args, unsigned int gx,
         snprintf(message, sizeof message, "grid.y/z of %u/%u exceeds 65535", gy, gz);
         return -1;
     }
+    shared_arrays.clear();
     fibers.assign(nthreads, Fiber());
     if (stacks.size() < nthreads * kStack) stacks.resize(nthreads * kStack);  // kept: no re-zeroing
     entry_fn = fn;
     entry_args = args;
     dynamic_shared = dyn_shared;
+    dynamic_bytes = dyn_bytes;
     gridDim = {gx, gy, gz};
     blockDim = {bx, by, bz};
     for (unsigned int z = 0; z < gz; ++z)

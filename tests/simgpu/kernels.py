@@ -1,8 +1,9 @@
 """``RawModule`` for the CuPy stand-in: ntkcore's .cu sources compiled by g++ and run on the CPU.
 
-The source is compiled unchanged except for one rewrite (``extern __shared__ T name[];``, the
-dynamic shared memory, becomes a pointer to a per-launch buffer), with ``cuda_sim.h``
-force-included for the CUDA built-ins. For every ``extern "C" __global__`` kernel a thunk
+The source is compiled unchanged except for two rewrites: ``extern __shared__ T name[];``, the
+dynamic shared memory, becomes a pointer to a per-launch buffer, and every shared array is
+registered where it is declared, so that each block starts with it poisoned (all bits set).
+``cuda_sim.h`` is force-included for the CUDA built-ins. For every ``extern "C" __global__`` kernel a thunk
 ``ntk_sim_call_<name>(void** args)`` is generated from its parameter list, so a launch passes
 the arguments exactly as typed in the source. Before the launch every argument is checked
 against its parameter: a pointer needs a device array of the pointee's dtype, ``long long``
@@ -29,6 +30,7 @@ HEADER = os.path.join(HERE, "cuda_sim.h")
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?'
                      r'(\w+)\s*\(([^)]*)\)', re.S)
 _DYN_SHARED = re.compile(r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"(__shared__\s+[\w ]+?\s+(\w+)\s*(?:\[[^\];]*\])+\s*;)")
 _SCALARS = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32,
             "double": np.float64, "float": np.float32}
 _CTYPES = {np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
@@ -62,7 +64,9 @@ def _build(code: str, options: tuple):
     defines = dict(o[2:].split("=", 1) for o in options if o.startswith("-D"))
     real = defines.get("NTK_REAL", "double")
     kernels = {name: _parse_params(params, real) for name, params in _KERNEL.findall(code)}
-    body = _DYN_SHARED.sub(r"\1* \2 = (\1*)ntk_sim::dynamic_shared;", code)
+    body = _DYN_SHARED.sub(r"\1* \2 = (\1*)ntk_sim::dynamic_shared; "
+                           r"ntk_sim_register_shared(\2, ntk_sim::dynamic_bytes);", code)
+    body = _STATIC_SHARED.sub(r"\1 ntk_sim_register_shared(\2, sizeof(\2));", body)
     thunks = []
     for name, params in kernels.items():
         args = ", ".join(f"*({ctype}*)a[{k}]" for k, (ctype, _, _) in enumerate(params))
@@ -135,7 +139,7 @@ class SimKernel:
         launch = self._lib.ntk_sim_launch
         launch.restype = ctypes.c_int
         rc = launch(self._thunk, argv, *(ctypes.c_uint(int(v)) for v in g + b),
-                    ctypes.c_void_p(dyn.ctypes.data))
+                    ctypes.c_void_p(dyn.ctypes.data), ctypes.c_size_t(int(shared_mem)))
         if rc != 0:
             self._lib.ntk_sim_message.restype = ctypes.c_char_p
             raise RuntimeError(f"{self.name}: {self._lib.ntk_sim_message().decode()}")
