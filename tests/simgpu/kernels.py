@@ -60,6 +60,14 @@ def _parse_params(text, real):
 
 
 @functools.lru_cache(maxsize=None)
+def _accepts(flag: str) -> bool:
+    """Whether the C++ compiler takes ``flag`` (GCC >= 12 for -ftrivial-auto-var-init)."""
+    proc = subprocess.run([compiler(), flag, "-x", "c++", "-fsyntax-only", "-"],
+                          input="int main() { return 0; }", capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
 def _build(code: str, options: tuple):
     defines = dict(o[2:].split("=", 1) for o in options if o.startswith("-D"))
     real = defines.get("NTK_REAL", "double")
@@ -72,7 +80,12 @@ def _build(code: str, options: tuple):
         args = ", ".join(f"*({ctype}*)a[{k}]" for k, (ctype, _, _) in enumerate(params))
         thunks.append(f'extern "C" void ntk_sim_call_{name}(void** a) {{ {name}({args}); }}')
     src = body + "\n" + "\n".join(thunks) + "\n"
-    key = hashlib.sha256((src + repr(options) + open(HEADER).read()).encode()).hexdigest()[:16]
+    # locals a kernel reads before writing hold a fixed non-zero pattern, not a lucky 0
+    poison = (["-ftrivial-auto-var-init=pattern"]
+              if _accepts("-ftrivial-auto-var-init=pattern") else [])
+    flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-w", *poison, "-include", HEADER,
+             *(o for o in options if o.startswith("-D"))]
+    key = hashlib.sha256((src + repr(flags) + open(HEADER).read()).encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), f"ntkcore-cudasim-{os.getuid()}")
     os.makedirs(folder, exist_ok=True)
     lib = os.path.join(folder, f"{key}.so")
@@ -80,9 +93,7 @@ def _build(code: str, options: tuple):
         cpp = os.path.join(folder, f"{key}.cpp")
         with open(cpp, "w") as fh:
             fh.write(src)
-        cmd = [compiler(), "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-w",
-               "-include", HEADER, *(o for o in options if o.startswith("-D")), cpp,
-               "-o", lib + ".tmp"]
+        cmd = [compiler(), *flags, cpp, "-o", lib + ".tmp"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"simulated NVRTC (g++) failed:\n{proc.stderr[-4000:]}")
