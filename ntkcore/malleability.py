@@ -1,7 +1,8 @@
 """Influence malleability metrics [Def 3.4, eq. 4; A.4.2; Def C.10] and the Figure 4 grouping.
 
 The score metrics (high_influence_set, flip_rate, spearman, topk_stability) take NumPy or CuPy
-scores and compute where they live, a (T, n) pair all rows at once; they return Python floats
+scores and compute where they live, a (T, n) pair in chunks of rows (no Python loop per row,
+temporaries bounded by ``ROW_CHUNK_ENTRIES``); they return Python floats
 for 1-D input and arrays on the inputs' device for 2-D input. The other functions are
 host-side (NumPy in, floats / NumPy out). No torch. Scores follow :func:`ntkcore.loo_influence`:
 positive = helpful.
@@ -69,6 +70,19 @@ def _result(values, one_d: bool):
     return float(values[0]) if one_d else values
 
 
+# Entries of a (rows, n) chunk scored at once: the row metrics hold about ten arrays of the
+# chunk's size (sort order, ranks, run keys, ...), so this bounds them near 300 MB.
+ROW_CHUNK_ENTRIES = 1 << 22
+
+
+def _by_rows(fn, A, B, xp):
+    """``fn(A[rows], B[rows], first_row)`` over chunks of rows, results concatenated."""
+    T, n = A.shape
+    step = max(1, ROW_CHUNK_ENTRIES // max(n, 1))
+    parts = [fn(A[t0:t0 + step], B[t0:t0 + step], t0) for t0 in range(0, T, step)]
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts)
+
+
 def _check_tau(tau) -> float:
     if isinstance(tau, bool) or not (0.0 < float(tau) < 1.0):
         raise ParameterError(f"tau: expected a value in (0, 1), got {tau!r}")
@@ -77,15 +91,16 @@ def _check_tau(tau) -> float:
 
 # --------------------------------------------------------------------------- Def 3.4
 
-def _high_influence_mask(A, tau: float, xp):
-    """(T, n) mask of H_tau for each row of A [Def 3.4]; every row must select something."""
+def _high_influence_mask(A, tau: float, xp, first_row: int = 0, rows: int = 1):
+    """(T, n) mask of H_tau for each row of A [Def 3.4]; every row must select something
+    (``first_row`` / ``rows``: where A sits in the caller's rows, for the message)."""
     q = xp.quantile(A, 1.0 - tau, axis=1, keepdims=True)
     mask = A > q
     count = mask.sum(axis=1)
     empty = xp.flatnonzero(count == 0)
     if empty.size:
         t = int(empty[0])
-        where = f" (row {t})" if A.shape[0] > 1 else ""
+        where = f" (row {first_row + t})" if rows > 1 else ""
         raise EmptySelectionError(
             f"I: no score exceeds its {1 - tau:.3g}-quantile {float(q[t, 0]):.6g}{where} (all "
             f"scores tied?), so the high-influence set is empty")
@@ -139,9 +154,11 @@ def flip_rate(I_orig, I_adv, tau: float = 0.1):
     """
     tau = _check_tau(tau)
     (A, B), one_d, xp = _pair(I_orig, I_adv, ("I_orig", "I_adv"))
-    mask, count = _high_influence_mask(A, tau, xp)
-    flips = ((xp.sign(A) != xp.sign(B)) & mask).sum(axis=1)
-    return _result(flips / count, one_d)
+
+    def rows(A, B, t0):
+        mask, count = _high_influence_mask(A, tau, xp, t0, rows=0 if one_d else 2)
+        return ((xp.sign(A) != xp.sign(B)) & mask).sum(axis=1) / count
+    return _result(_by_rows(rows, A, B, xp), one_d)
 
 
 # --------------------------------------------------------------------------- ranks
@@ -177,23 +194,25 @@ def spearman(a, b):
 
     Parameters
     ----------
-    a, b : (n,) or (T, n) arrays, NumPy or CuPy (rows scored separately, all at once)
+    a, b : (n,) or (T, n) arrays, NumPy or CuPy (rows scored separately, in chunks of rows)
 
     Returns
     -------
     float in [-1, 1] (NaN when either input is constant or n < 2); (T,) array for 2-D input.
     """
     (A, B), one_d, xp = _pair(a, b)
-    ra = _average_ranks(A, xp)
-    rb = _average_ranks(B, xp)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    num = (ra * rb).sum(axis=1)
-    den = xp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # a constant input has no ranking: NaN, as scipy returns
-        rho = xp.where(den > 0, xp.clip(num / den, -1.0, 1.0), xp.nan)
-    return _result(rho, one_d)
+
+    def rows(A, B, t0):
+        ra = _average_ranks(A, xp)
+        rb = _average_ranks(B, xp)
+        ra -= ra.mean(axis=1, keepdims=True)
+        rb -= rb.mean(axis=1, keepdims=True)
+        num = (ra * rb).sum(axis=1)
+        den = xp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # a constant input has no ranking: NaN, as scipy returns
+            return xp.where(den > 0, xp.clip(num / den, -1.0, 1.0), xp.nan)
+    return _result(_by_rows(rows, A, B, xp), one_d)
 
 
 def topk_stability(a, b, k: int):
@@ -212,15 +231,18 @@ def topk_stability(a, b, k: int):
     float in [0, 1]; (T,) array for 2-D input (on the inputs' device).
     """
     (A, B), one_d, xp = _pair(a, b)
-    T, n = A.shape
+    n = A.shape[1]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ParameterError(f"k: expected an integer in 1..{n}, got {k!r}")
-    rows = xp.arange(T)[:, None]
-    in_a = xp.zeros((T, n), dtype=bool)
-    in_b = xp.zeros((T, n), dtype=bool)
-    in_a[rows, xp.argsort(-A, axis=1, kind="stable")[:, :k]] = True
-    in_b[rows, xp.argsort(-B, axis=1, kind="stable")[:, :k]] = True
-    return _result((in_a & in_b).sum(axis=1) / k, one_d)
+
+    def rows(A, B, t0):
+        idx = xp.arange(A.shape[0])[:, None]
+        in_a = xp.zeros(A.shape, dtype=bool)
+        in_b = xp.zeros(A.shape, dtype=bool)
+        in_a[idx, xp.argsort(-A, axis=1, kind="stable")[:, :k]] = True
+        in_b[idx, xp.argsort(-B, axis=1, kind="stable")[:, :k]] = True
+        return (in_a & in_b).sum(axis=1) / k
+    return _result(_by_rows(rows, A, B, xp), one_d)
 
 
 # --------------------------------------------------------------------------- Def C.10

@@ -56,10 +56,13 @@ def test_spearman_matches_scipy_with_ties():
         assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
 
 
-def test_row_metrics_equal_their_one_row_values_with_ties():
+@pytest.mark.parametrize("chunk", [1 << 22, 61])  # one chunk; chunks of 2 rows (n = 30)
+def test_row_metrics_equal_their_one_row_values_with_ties(monkeypatch, chunk):
     """(T, n) input is computed for all rows at once (one sort, one searchsorted): each row
     must equal scipy / the 1-D call on that row, ties and a constant row included."""
     rng = np.random.default_rng(7)
+    import ntkcore.malleability as mall
+    monkeypatch.setattr(mall, "ROW_CHUNK_ENTRIES", chunk)
     A = rng.integers(0, 5, (12, 30)).astype(float)
     B = rng.integers(0, 5, (12, 30)).astype(float)
     A[3] = 2.0  # constant row: rho is NaN
@@ -74,6 +77,9 @@ def test_row_metrics_equal_their_one_row_values_with_ties():
     A, B = A + rng.standard_normal(A.shape), B + rng.standard_normal(B.shape) - 2
     np.testing.assert_array_equal(flip_rate(A, B, tau=0.2),
                                   [flip_rate(A[t], B[t], tau=0.2) for t in range(12)])
+    A[5] = 1.0  # all tied: H is empty, and the message names the row whatever the chunking
+    with pytest.raises(EmptySelectionError, match=r"\(row 5\)"):
+        flip_rate(A, B)
 
 
 def test_spearman_known_values_and_reference_formula():
