@@ -244,6 +244,29 @@ def check_scoring(cp, rng):
                 "equal, <= 1e-12", "PASS" if ok and err <= 1e-12 else "FAIL")
 
 
+TRI_INV_CASES = ((5000, None), (777, 100))  # (n, block rows; None = the solver's default)
+
+
+def check_tri_inverse(cp, rng):
+    """The exact solver's GPU triangular inverse (block rows in GEMMs) vs LAPACK trtri."""
+    from scipy.linalg import lapack
+
+    from ntkcore.backend import Backend
+    from ntkcore.solvers.tri_inverse import tri_inv_blocked
+    for n, block in TRI_INV_CASES:
+        G = rng.standard_normal((n, n + 16))
+        L = np.linalg.cholesky(G @ G.T / n + 0.1 * np.eye(n))
+        ref, info = lapack.dtrtri(L.copy(), lower=1)
+        out = cp.full((n, n), np.nan)
+        X = tri_inv_blocked(Backend("cuda"), cp.asarray(L), out=out, block=block)
+        got = X.get()
+        err = rel_err(got, ref)
+        upper_zero = not np.triu(got, 1).any()
+        add("correct", f"tri_inv_blocked n={n} block={block or 'default'}",
+            f"{err:.1e}{'' if upper_zero else ' UPPER-NONZERO'}", "LAPACK dtrtri", "",
+            "<= 1e-12", "PASS" if err <= 1e-12 and upper_zero and info == 0 else "FAIL")
+
+
 def check_pipeline(cp, rng):
     """ntkcore.loo_influence on CuPy inputs vs the same call on NumPy inputs."""
     import ntkcore as nc
@@ -554,7 +577,8 @@ def main(argv=None):
     rng = np.random.default_rng(int(time.time()))  # fresh inputs every run
     if cp is not None:
         if "correct" not in skip:
-            for fn in (check_pack, check_entk, check_infinite, check_scoring, check_pipeline):
+            for fn in (check_pack, check_entk, check_infinite, check_scoring,
+                       check_tri_inverse, check_pipeline):
                 run_section("correct", fn, cp, rng)
         if "entk" not in skip:
             run_section("(a) eNTK", bench_entk, cp, sz, args.budget_s)

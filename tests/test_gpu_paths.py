@@ -143,9 +143,10 @@ def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeyp
     import gpu_check
     monkeypatch.setattr(gpu_check, "ROWS", [])
     monkeypatch.setattr(gpu_check, "SCORING_CASES", ((1, 1, 1), (20, 700, 10), (9, 2049, 3)))
+    monkeypatch.setattr(gpu_check, "TRI_INV_CASES", ((700, 256), (300, 64)))
     rng = np.random.default_rng(4)
     for fn in (gpu_check.check_pack, gpu_check.check_entk, gpu_check.check_infinite,
-               gpu_check.check_scoring, gpu_check.check_pipeline):
+               gpu_check.check_scoring, gpu_check.check_tri_inverse, gpu_check.check_pipeline):
         gpu_check.run_section("correct", fn, sim_cupy, rng)
     verdicts = [row[-1] for row in gpu_check.ROWS]
     assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
@@ -162,7 +163,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path,
     monkeypatch.setattr(gpu_check, "QUICK", dict(n=300, d=32, m=64, T=40, C=3, cpu_n=200,
                                                  cpu_d=16, cpu_T=20, cpu_nn=500, gemm=128))
     for name in ("check_pack", "check_entk", "check_infinite", "check_scoring",
-                 "check_pipeline"):
+                 "check_tri_inverse", "check_pipeline"):
         monkeypatch.setattr(gpu_check, name, lambda cp, rng: None)  # covered above
     out = tmp_path / "gpu_check.md"
     rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600"])
