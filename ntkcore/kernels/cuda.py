@@ -20,10 +20,10 @@ import numpy as np
 
 from ..backend import Backend
 
-SOURCES = {
-    "entk": "entk_tile.cu",
-    "influence": "influence_score.cu",
-    "infinite": "ntk_infinite.cu",
+SOURCES = {  # name -> the files that make up its source, in order
+    "entk": ("tile_common.cuh", "entk_tile.cu"),
+    "influence": ("influence_score.cu",),
+    "infinite": ("tile_common.cuh", "ntk_infinite.cu"),
 }
 _CTYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
 TILE = 64          # output tile edge of entk_tile / arccos_tile (NTK_TILE in the sources)
@@ -37,8 +37,9 @@ def _cp():
 
 
 def source(name: str) -> str:
-    """Text of one kernel source (``name`` a key of SOURCES)."""
-    return resources.files("ntkcore.kernels").joinpath(SOURCES[name]).read_text()
+    """Text of one kernel source (``name`` a key of SOURCES): its files joined in order."""
+    here = resources.files("ntkcore.kernels")
+    return "\n".join(here.joinpath(f).read_text() for f in SOURCES[name])
 
 
 def compile_options(dtype, defines=()) -> tuple:

@@ -8,17 +8,11 @@
 // once, multiplies the pattern counts in, and writes the result into the output (and, for a
 // symmetric K, its transpose through a shared-memory staging tile so both writes coalesce).
 //
-// Compiled by NVRTC through cupy.RawModule with -DNTK_REAL=double|float. No headers needed.
-// Integer parameters are 64-bit (the Python side passes numpy.int64) to avoid size mismatch.
+// Compiled by NVRTC through cupy.RawModule with -DNTK_REAL=double|float, after the prelude
+// tile_common.cuh (real_t, NTK_TILE, NTK_TX, store_mirrored_tile), which cuda.source() puts
+// in front. Integer parameters are 64-bit (the Python side passes numpy.int64).
 
-#ifndef NTK_REAL
-#define NTK_REAL double
-#endif
-typedef NTK_REAL real_t;
-
-#define NTK_TILE 64   // output tile edge
 #define NTK_KW 16     // pattern words staged in shared memory per step
-#define NTK_TX 16     // threads per block: NTK_TX x NTK_TX, each 4 x 4 outputs
 
 // ---------------------------------------------------------------------------------------
 // pack_signs: P[r, w] = bits of 1[Z[r, 32 w + b] > 0], one warp per (row, word) via ballot.
@@ -112,12 +106,5 @@ entk_tile(const real_t* __restrict__ G, long long ldg,
             if (mirror) st[jl][il] = v;
         }
     }
-    if (mirror) {
-        __syncthreads();
-        for (int e = tid; e < NTK_TILE * NTK_TILE; e += NTK_TX * NTK_TX) {
-            const int jl = e / NTK_TILE, il = e - jl * NTK_TILE;
-            const long long i = r0 + il, j = c0 + jl;
-            if (i < ni && j < nj && (!diag || j > i)) outT[j * ldo + i] = st[jl][il];
-        }
-    }
+    if (mirror) store_mirrored_tile(st, outT, ldo, r0, c0, ni, nj, diag, tid);
 }

@@ -4,15 +4,8 @@
 //
 // zero where a norm is zero; on the diagonal of a symmetric K exactly g / 2. Same tiling and mirroring as entk_tile.cu: G is a contiguous
 // scratch tile from cuBLAS, out/outT are the destination and (symmetric K) its transpose.
-// Compiled by NVRTC through cupy.RawModule with -DNTK_REAL=double|float.
-
-#ifndef NTK_REAL
-#define NTK_REAL double
-#endif
-typedef NTK_REAL real_t;
-
-#define NTK_TILE 64
-#define NTK_TX 16
+// Compiled by NVRTC through cupy.RawModule with -DNTK_REAL=double|float, after the prelude
+// tile_common.cuh (real_t, NTK_TILE, NTK_TX, store_mirrored_tile) that cuda.source() adds.
 
 extern "C" __global__ void __launch_bounds__(256)
 arccos_tile(const real_t* __restrict__ G, long long ldg,
@@ -53,12 +46,5 @@ arccos_tile(const real_t* __restrict__ G, long long ldg,
             if (mirror) st[jl][il] = v;
         }
     }
-    if (mirror) {
-        __syncthreads();
-        for (int e = tid; e < NTK_TILE * NTK_TILE; e += NTK_TX * NTK_TX) {
-            const int jl = e / NTK_TILE, il = e - jl * NTK_TILE;
-            const long long i = r0 + il, j = c0 + jl;
-            if (i < ni && j < nj && (!diag || j > i)) outT[j * ldo + i] = st[jl][il];
-        }
-    }
+    if (mirror) store_mirrored_tile(st, outT, ldo, r0, c0, ni, nj, diag, tid);
 }
