@@ -6,6 +6,10 @@ nothing.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from .backend import is_gpu_array
 from .errors import NonFiniteError, NotSymmetricError, ParameterError, ShapeError
 
@@ -18,6 +22,13 @@ def _xp(a):
     return numpy
 
 
+def is_kernel_operator(K) -> bool:
+    """True for a kernel operator (``shape``, ``diag()``, ``columns(idx)``, see
+    solvers.operator); anything else is read as an array."""
+    return all(callable(getattr(K, f, None)) for f in ("diag", "columns")) \
+        and hasattr(K, "shape") and not hasattr(K, "ndim")
+
+
 def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False):
     """Return ``a`` as a floating array of ``ndim`` dims on its own device, finite-checked.
 
@@ -25,7 +36,13 @@ def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool =
     A 1-D input with ``allow_1d`` becomes a column (n,) -> (n, 1).
     """
     xp = _xp(a)
-    a = xp.asarray(a)
+    try:
+        a = xp.asarray(a)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, unconvertible objects
+        raise ShapeError(f"{name}: expected a {ndim}-D numeric array, got {type(a).__name__} "
+                         f"({exc})") from None
+    if a.dtype.kind not in "biuf":
+        raise ParameterError(f"{name}: expected real numbers, got dtype {a.dtype}")
     if allow_1d and a.ndim == 1:
         a = a[:, None]
     if a.ndim != ndim:
@@ -51,9 +68,22 @@ def check_cols(a, b, name_a: str, name_b: str):
                          f"[{a.shape[1]}, {b.shape[1]}]")
 
 
-def check_positive(value, name: str):
-    if not (value > 0):
-        raise ParameterError(f"{name}: expected a value > 0, got {value!r}")
+def check_positive(value, name: str) -> float:
+    """``value`` as a float, or ParameterError unless it is a finite real number > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise ParameterError(f"{name}: expected a number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ParameterError(f"{name}: expected a finite value > 0, got {value!r}")
+    return float(value)
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, or ParameterError unless it is an integer >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < minimum:
+        raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_square_symmetric(K, name: str = "K", *, rtol: float | None = None):

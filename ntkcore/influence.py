@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_float_matrix, check_positive, check_rows, check_square_symmetric
+from ._validate import (
+    as_float_matrix,
+    check_count,
+    check_positive,
+    check_rows,
+    check_square_symmetric,
+    is_kernel_operator,
+)
 from .errors import ParameterError, ShapeError
 from .solvers import get_solver
 from .solvers.base import Timer
@@ -100,8 +107,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     -------
     InfluenceResult
     """
-    check_positive(lam, "lam")
-    dense = hasattr(K, "ndim")
+    lam = check_positive(lam, "lam")
+    dense = not is_kernel_operator(K)
     if dense:
         K = as_float_matrix(K, "K", dtype=np.float64)
     Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
@@ -120,8 +127,11 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     if Y.shape[1] != Y_test.shape[1]:
         raise ShapeError(f"Y and Y_test: inconsistent numbers of outputs: "
                          f"[{Y.shape[1]}, {Y_test.shape[1]}]")
-    if top_k is not None and top_k < 1:
-        raise ParameterError(f"top_k: expected an integer >= 1, got {top_k!r}")
+    if n == 0 or K_test.shape[0] == 0:
+        raise ShapeError(f"K and K_test: expected at least one training and one test point, "
+                         f"got n={n}, T={K_test.shape[0]}")
+    if top_k is not None:
+        top_k = check_count(top_k, "top_k")
     if not keep_scores and top_k is None:
         raise ParameterError("keep_scores=False needs top_k (otherwise nothing is returned)")
 
@@ -149,9 +159,13 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     diagnostics["solver_reason"] = reason
     if asym is not None:
         diagnostics["symmetry_rel"] = asym
-    diagnostics["checks"] = _a8_verdicts(diagnostics) or {
-        "not_measured": f"the A.8 checks need the dense K; the {fit.solver} solver reports its "
-                        f"own error measures in these diagnostics"}
+    checks = _a8_verdicts(diagnostics)
+    if "psd" not in checks:
+        checks["not_measured"] = (
+            "psd, conditioning and inverse accuracy: they need the exact solver with check=True"
+            + ("" if fit.solver.startswith("exact") else
+               f"; the {fit.solver} solver reports its own error measures in these diagnostics"))
+    diagnostics["checks"] = checks
     return InfluenceResult(scores=scores if keep_scores else None, alpha=fit.alpha,
                            predictions=predictions, loo_residuals=loo_res, diag_inv=fit.diag_inv,
                            solver=fit.solver, top_helpful=hi, top_harmful=lo,
@@ -164,30 +178,44 @@ A8_COND_MAX = 1e12
 
 
 def _a8_verdicts(d: dict) -> dict:
-    """Pass/fail of each A.8 check that was measured (missing measurements say so)."""
+    """Pass/fail of each A.8 check that was measured (missing measurements say so).
+
+    PSD is judged relative to the kernel's scale, lambda_min(K) > -tau ||K|| (DESIGN, A.8):
+    with the exact spectrum against its largest eigenvalue, otherwise against ||A||_1
+    (``A_norm_1``, an upper bound on ||K||_2 + lam).
+    """
     out = {}
     if "symmetry_rel" in d:
         out["symmetric"] = bool(d["symmetry_rel"] < 1e3 * np.finfo(np.float64).eps)
     if "lambda_min_K" in d:  # exact spectrum: decisive
-        out["psd"] = bool(d["lambda_min_K"] > -A8_TAU)
+        out["psd"] = bool(d["lambda_min_K_rel"] > -A8_TAU)
         out["well_conditioned"] = bool(d["cond_A"] < A8_COND_MAX)
         return _with_inverse(out, d)
     if "cond_A_estimate" in d:
         out["well_conditioned"] = bool(d["cond_A_estimate"] < A8_COND_MAX)
-    if "lambda_min_K_estimate" in d and d.get("lambda_min_K_rel_lower_bound", -1) <= -A8_TAU:
-        # The rigorous bound is too weak to decide; the subspace-iteration estimate decides,
-        # unless it lies within the rounding of a float32 factor, either side of zero (then
-        # its sign means nothing).
-        est = d["lambda_min_K_estimate"]
-        res = d.get("lambda_min_resolution", 0.0)
-        out["psd"] = (False if est <= -max(res, A8_TAU) else
-                      True if est > res or res == 0.0 else "inconclusive")
-        return _with_inverse(out, d)
-    if "lambda_min_K_rel_lower_bound" in d:
-        # Cholesky of K + lam I succeeded; a lower bound above -tau proves PSD to tolerance,
-        # a lower one is reported as inconclusive rather than failed.
-        out["psd"] = True if d["lambda_min_K_rel_lower_bound"] > -A8_TAU else "inconclusive"
+    psd = _psd_from_estimates(d)
+    if psd is not None:
+        out["psd"] = psd
     return _with_inverse(out, d)
+
+
+def _psd_from_estimates(d: dict):
+    """PSD verdict without the spectrum: True, False, "inconclusive", or None (not measured).
+
+    A lower bound on lambda_min(K) above -tau proves PSD. The subspace-iteration estimate
+    approaches lambda_min(K) from above, so it can only disprove it: False when it lies below
+    -tau and below the float32 rounding of the factor (``lambda_min_resolution``), where its
+    sign means something. Anything else proves nothing either way: "inconclusive".
+    """
+    scale = d.get("A_norm_1", 1.0) or 1.0
+    bound = d.get("lambda_min_K_rel_lower_bound")
+    if bound is not None and bound > -A8_TAU:
+        return True
+    if "lambda_min_K_estimate" in d:
+        est = d["lambda_min_K_estimate"] / scale
+        res = d.get("lambda_min_resolution", 0.0) / scale
+        return False if est <= -max(res, A8_TAU) else "inconclusive"
+    return None if bound is None else "inconclusive"
 
 
 def _with_inverse(out: dict, d: dict) -> dict:

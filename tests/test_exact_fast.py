@@ -110,9 +110,11 @@ def test_float32_psd_verdict_is_inconclusive_within_its_rounding():
     assert _a8_verdicts(d) == {"well_conditioned": True, "psd": "inconclusive",
                                "inverse_accurate": False}
     assert _a8_verdicts({**d, "lambda_min_K_estimate": -1e-5})["psd"] is False
-    assert _a8_verdicts({**d, "lambda_min_K_estimate": 1e-3})["psd"] is True
-    # within the rounding on the positive side proves nothing either
+    # an estimate from above proves nothing on the positive side, within rounding or not;
+    # a lower bound above -tau does
+    assert _a8_verdicts({**d, "lambda_min_K_estimate": 1e-3})["psd"] == "inconclusive"
     assert _a8_verdicts({**d, "lambda_min_K_estimate": 1e-8})["psd"] == "inconclusive"
+    assert _a8_verdicts({**d, "lambda_min_K_rel_lower_bound": -1e-14})["psd"] is True
     # float64 (no resolution reported): a negative estimate fails as before
     assert _a8_verdicts({"lambda_min_K_estimate": -1e-8, "cond_A_estimate": 1.0})["psd"] is False
 

@@ -109,7 +109,9 @@ def test_packed_influence_equals_dense_exact_and_refitting(train_a, monkeypatch)
         for what in ("scores", "alpha", "diag_inv", "predictions", "loo_residuals"):
             assert_close(getattr(packed, what), getattr(dense, what), rtol=1e-9, what=what)
         checks = packed.diagnostics["checks"]
-        assert checks == {"symmetric": True, "well_conditioned": True, "psd": True,
+        # The packed solver's lambda_min is a subspace-iteration estimate, which approaches
+        # lambda_min(K) from above: it can disprove PSD, never prove it.
+        assert checks == {"symmetric": True, "well_conditioned": True, "psd": "inconclusive",
                           "inverse_accurate": True}
     assert_close(packed.scores, loo_influence_bruteforce(K, Y, Kt, Yt, LAM), rtol=1e-8,
                  what="packed vs refitting")

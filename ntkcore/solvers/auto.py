@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backend import backend_for
 from ..errors import MemoryBudgetError, ParameterError
-from .landmarks import DEFAULT_BLOCK
+from .landmarks import DEFAULT_BLOCK, check_rank
 
 SOLVERS = ("auto", "exact", "nystrom", "cg")
 
@@ -128,6 +128,17 @@ def max_rank(n: int, budget: float) -> int:
     return int(max(0, min(n, math.floor(r))))
 
 
+def largest_n(needs, budget: float) -> int:
+    """Largest n with ``needs(n) <= budget`` for a byte model increasing in n (0 if none)."""
+    lo, hi = 0, 1
+    while needs(hi) <= budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if needs(mid) <= budget else (lo, mid)
+    return lo
+
+
 def _gib(b) -> str:
     return f"{b / 2**30:.3g} GiB"
 
@@ -173,6 +184,11 @@ def check_solver_options(requested: str, options: dict) -> dict:
                              f"{unknown}")
     options = {k: v for k, v in options.items() if v is not None}
     _packed_approximations(options)
+    if "rank" in options:
+        check_rank(options["rank"], 1)
+    from .cg import check_cg_options
+    check_cg_options(**{k: options[k] for k in ("tol", "atol", "maxiter", "probes")
+                        if k in options})
     return options
 
 
@@ -237,7 +253,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             precision = opts.get("precision", "float64")
             need_packed = packed_exact_bytes(n, precision)
             if need_packed > budget:
-                n_fit = int(math.sqrt(2 * budget / (4 if precision == "float32" else 8)))
+                n_fit = largest_n(lambda m: packed_exact_bytes(m, precision), budget)
                 alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                        else "more memory")
                 raise MemoryBudgetError(
@@ -250,20 +266,21 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                                    f"({_gib(need_packed)})" + "".join(f", {a}" for a in approx)
                                    + _note(dropped))
         if 8 * n * n > budget:
-            n_fit = int(math.sqrt(budget / 8))
+            gpu, private = not _on_cpu(K), not hasattr(K, "ndim")
+            n_fit = largest_n(lambda m: exact_bytes(m, gpu=gpu, private=private), budget)
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                    else "more memory")
             raise MemoryBudgetError(
                 f"exact: n={n} needs at least {_gib(8 * n * n)} for one float64 "
                 f"n x n array, over the {_gib(budget)} budget ({source}); n <= {n_fit} would "
-                f"fit, or use {alt}",
+                f"fit its whole working set, or use {alt}",
                 needed_bytes=8 * n * n, budget_bytes=int(budget), n_fit=n_fit)
         opts.pop("storage", None)
         return "exact", opts, "solver='exact' requested" + _note(dropped)
     if requested in ("nystrom", "cg"):
         opts, dropped = _split_options(requested, options)
         from .nystrom import DEFAULT_RANK
-        rank = min(int(opts.get("rank", DEFAULT_RANK)), n)
+        rank = check_rank(opts.get("rank", DEFAULT_RANK), n)
         if nystrom_bytes(n, rank) > budget:
             raise MemoryBudgetError(
                 f"{requested}: rank {rank} at n={n} needs {_gib(nystrom_bytes(n, rank))}, "

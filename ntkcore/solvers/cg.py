@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._validate import check_count
 from ..backend import backend_for
-from ..errors import ConvergenceError, ParameterError, ShapeError
+from ..errors import ConvergenceError, NonFiniteError, NotPSDError, ParameterError, ShapeError
 from .base import KRRFit, Timer
 from .diag_estimate import clip_to_bounds, control_variate_diag, rademacher, summarize_stderr
 from .landmarks import as_operator
@@ -122,9 +123,14 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
     xp = backend_for(B).xp
     if B.ndim != 2:
         raise ShapeError(f"B: expected an (n, s) array, got shape {tuple(B.shape)}")
-    if not (rtol >= 0 and atol >= 0):
-        raise ParameterError(f"rtol, atol: expected values >= 0, got {rtol!r}, {atol!r}")
+    if not (0 <= rtol < np.inf and 0 <= atol < np.inf):
+        raise ParameterError(f"rtol, atol: expected finite values >= 0, got {rtol!r}, {atol!r}")
     n, s = B.shape
+    if getattr(A, "shape", (n, n)) != (n, n):
+        raise ShapeError(f"A and B: expected A of shape ({n}, {n}) for B of shape {(n, s)}, "
+                         f"got {tuple(A.shape)}")
+    if not bool(xp.isfinite(B).all()):
+        raise NonFiniteError("B: expected finite values, got NaN or Inf")
     maxiter = 10 * n if maxiter is None else int(maxiter)
     bnorm = _colnorms(xp, B)
     thresh = xp.maximum(rtol * bnorm, atol)
@@ -213,7 +219,8 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
                f"{stall_window} iterations" if res.stagnated else
                f"maxiter={maxiter} reached" if it >= maxiter else
                "the recurrence residual converged but the true residual did not "
-               f"after {max_restarts} restarts (inconsistent operator?)")
+               f"after {max_restarts} restarts: the tolerance is below what float64 "
+               f"rounding allows for this system, or the operator is not symmetric")
         bad = int((~verified).sum())
         res.reason = (f"not converged after {it} iterations ({why}); {bad} of {s} columns miss "
                       f"the tolerance, largest true relative residual "
@@ -273,9 +280,16 @@ def cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: int | N
     """
     xp = backend_for(B).xp
     B = xp.asarray(B, dtype=np.float64)
+    if B.ndim not in (1, 2):
+        raise ShapeError(f"B: expected an (n,) or (n, s) array, got shape {tuple(B.shape)}")
     vec = B.ndim == 1
     B2 = B[:, None] if vec else B
     X0 = None if x0 is None else (xp.asarray(x0)[:, None] if vec else xp.asarray(x0))
+    if vec and callback is not None:  # SciPy hands the callback the iterate in B's shape
+        user_callback = callback
+
+        def callback(X):
+            user_callback(X[:, 0])
     res = block_cg(A, B2, x0=X0, rtol=rtol, atol=atol, maxiter=maxiter, M=M,
                    callback=callback)
     return (res.X[:, 0] if vec else res.X), res.info
@@ -288,6 +302,22 @@ def _result_diagnostics(res: CGResult, prefix: str) -> dict:
                                                         .to_host(res.true_residual))),
             f"{prefix}_residual_history": res.residual_history,
             f"{prefix}_restarts": res.restarts, f"{prefix}_stagnated": res.stagnated}
+
+
+def check_cg_options(*, tol=DEFAULT_TOL, atol=0.0, maxiter=DEFAULT_MAXITER,
+                     probes=DEFAULT_PROBES) -> None:
+    """ParameterError unless 0 < tol < 1 (tol >= 1 is met by x = 0), atol is finite and
+    >= 0, maxiter is an integer >= 1 (or None) and probes an integer >= 2."""
+    def real(v):
+        return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer,
+                                                                      np.floating))
+    if not (real(tol) and 0 < tol < 1):
+        raise ParameterError(f"tol: expected a value in (0, 1), got {tol!r}")
+    if not (real(atol) and 0 <= atol < np.inf):
+        raise ParameterError(f"atol: expected a finite value >= 0, got {atol!r}")
+    if maxiter is not None:
+        check_count(maxiter, "maxiter")
+    check_count(probes, "probes", minimum=2)
 
 
 def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
@@ -327,10 +357,7 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     ConvergenceError : a solve did not reach ``tol`` (``err.result``: the partial KRRFit, or
         for right_solve the partial (T, n) array).
     """
-    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 2:
-        raise ParameterError(f"probes: expected an integer >= 2, got {probes!r}")
-    if not tol > 0:
-        raise ParameterError(f"tol: expected a value > 0, got {tol!r}")
+    check_cg_options(tol=tol, atol=atol, maxiter=maxiter, probes=probes)
     timer = timer or Timer()
     op = as_operator(K)
     xp = op.xp
@@ -380,9 +407,18 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
                  diagnostics=diagnostics, timings=timer.seconds)
     fit.diag_inv_stderr = se
     if res.info != 0:
-        raise ConvergenceError(f"cg: fit solve {res.reason}; raise maxiter or the "
-                               f"preconditioner rank, or loosen tol", result=fit)
+        _raise_unconverged(res, "fit solve", fit)
     return fit
+
+
+def _raise_unconverged(res: CGResult, what: str, partial):
+    """NotPSDError for a breakdown (p^T A p <= 0 proves A indefinite), else ConvergenceError
+    with the partial result attached."""
+    if res.info == -1:
+        raise NotPSDError(f"cg: {what} {res.reason}; K has an eigenvalue below -lam. Check the "
+                          f"kernel (is it a valid NTK?) or raise lam")
+    raise ConvergenceError(f"cg: {what} {res.reason}; raise maxiter or the preconditioner "
+                           f"rank, or loosen tol", result=partial)
 
 
 def _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress, diagnostics):
@@ -405,6 +441,5 @@ def _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress, diagnos
     diagnostics["cg_right_solve_chunks"] = len(results)
     failed = [r for r in results if r.info != 0]
     if failed:
-        raise ConvergenceError(f"cg: right solve {failed[0].reason}; raise maxiter or the "
-                               f"preconditioner rank, or loosen tol", result=out)
+        _raise_unconverged(failed[0], "right solve", out)
     return out

@@ -51,7 +51,7 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         L = _cholesky(be, A, lam)
         if L is not A:
             del A  # CuPy's cholesky returns a new array: free the working copy at once
-    diagnostics = {}
+    diagnostics = {"A_norm_1": anorm} if check else {}
     if check and be.name == "cpu":
         with timer("checks"):
             diagnostics.update(_condition_estimate(be, anorm, L, lam))
@@ -99,7 +99,8 @@ def _cholesky(be: Backend, A, lam):
         L = be.cholesky(A, overwrite=True)
     except np.linalg.LinAlgError as exc:
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): {exc}; K has an "
-                          f"eigenvalue below -lam. Check the kernel (is it a valid NTK?) or "
+                          f"eigenvalue below -lam, or lam is below the rounding of K (about "
+                          f"1e-16 ||K|| per entry). Check the kernel (is it a valid NTK?) or "
                           f"raise lam") from None
     if be.name == "cuda" and not bool(be.xp.isfinite(L[-1, -1])):
         # potrf's devInfo is checked (Backend.cholesky), but a NaN pivot need not set it:

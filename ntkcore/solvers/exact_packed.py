@@ -294,7 +294,8 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
                 "precision='float64'")
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): the packed "
                           f"Cholesky ({precision}) failed at column {info}; K has an eigenvalue "
-                          f"below -lam. Check the kernel (is it a valid NTK?) or raise lam"
+                          f"below -lam, or lam is below the rounding of K (about 1e-16 ||K|| "
+                          f"per entry). Check the kernel (is it a valid NTK?) or raise lam"
                           + hint)
 
     def solve(V):
@@ -358,7 +359,7 @@ def _checks(solve, probes, KV, abs_sums, lam, *, dtype=np.float64, block: int = 
     anorm = float(abs_sums.max()) + lam
     extra = {} if np.dtype(dtype) == np.float64 else {
         "lambda_min_resolution": float(np.finfo(dtype).eps * anorm)}
-    return {**extra, "inverse_residual_probe": residual,
+    return {**extra, "A_norm_1": anorm, "inverse_residual_probe": residual,
             "inverse_residual_estimator": f"{probes.shape[1]} random probes",
             "lambda_min_K_estimate": lam_min_A - lam,
             "lambda_min_estimator": f"{iters} subspace iterations (block {block}) on A^-1",

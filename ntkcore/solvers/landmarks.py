@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from ..backend import backend_for
-from ..errors import ParameterError
+from ..errors import NotPSDError, ParameterError
 from ..ntk.tiling import tiles
 from .operator import DenseKernel, ReluNTKOperator
 
@@ -41,6 +41,9 @@ PIVOT_RTOL = 1e-12
 #: RPCholesky stops early once tr(K - F F^T) <= TRACE_RTOL * tr(K) (the factor is exact to
 #: rounding); the residual trace is reported either way.
 TRACE_RTOL = 1e-13
+#: A residual diagonal diag(K - F F^T) below -PSD_RTOL * max diag(K) proves K indefinite (for
+#: a PSD K it is a Schur complement's diagonal, >= 0 up to rounding of ~1e-15 relative).
+PSD_RTOL = 1e-9
 #: Columns read per RPCholesky round: large enough for BLAS-3 column assembly, small enough
 #: that sampling adapts (Epperly et al. use blocks of this order).
 DEFAULT_BLOCK = 128
@@ -219,6 +222,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     d_host = be.to_host(d).astype(np.float64).copy()
     trace0 = float(d_host.sum())
     tol_abs = PIVOT_RTOL * float(d_host.max()) if n else 0.0
+    psd_tol = PSD_RTOL * float(np.abs(d_host).max()) if n else 0.0
+    _check_residual_diag(d_host, psd_tol)
     rng = np.random.default_rng(seed)
     F = xp.zeros((n, rank), dtype=np.float64, order="F")
     k = 0
@@ -226,7 +231,7 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     stopped = "rank reached"
     if landmarks == "uniform":
         S = np.sort(rng.choice(n, size=rank, replace=False))
-        k, dropped = _add_block(be, op, F, 0, S, d_host, tol_abs, pivots)
+        k, dropped = _add_block(be, op, F, 0, S, d_host, tol_abs, psd_tol, pivots)
         if k < rank:
             stopped = f"{rank - k} landmarks dependent to tolerance (dropped)"
     else:
@@ -238,7 +243,7 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
                 break
             b = min(block, rank - k, int(np.count_nonzero(resid)))
             S = np.sort(rng.choice(n, size=b, replace=False, p=resid / total))
-            kk, dr = _add_block(be, op, F, k, S, d_host, tol_abs, pivots)
+            kk, dr = _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots)
             k += kk
             dropped += dr
     F = F[:, :k]
@@ -255,9 +260,18 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     return F, info
 
 
-def _add_block(be, op, F, k, S, d_host, tol_abs, pivots):
+def _check_residual_diag(d_host, psd_tol: float) -> None:
+    worst = float(d_host.min()) if d_host.size else 0.0
+    if worst < -psd_tol:
+        raise NotPSDError(f"nystrom: K is not positive semidefinite: diag(K - K_hat) reached "
+                          f"{worst:.3g} (a PSD K keeps it >= 0 up to rounding, "
+                          f"{-psd_tol:.2g} here). Check the kernel (is it a valid NTK?)")
+
+
+def _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots):
     """Append the pivoted-Cholesky factor of the residual columns S to F[:, k:]; update the
-    residual diagonal ``d_host`` in place. Returns (columns added, pivots dropped)."""
+    residual diagonal ``d_host`` in place (NotPSDError where it turns negative beyond
+    rounding). Returns (columns added, pivots dropped)."""
     from scipy.linalg import lapack
     xp = be.xp
     S_dev = xp.asarray(S)
@@ -281,5 +295,6 @@ def _add_block(be, op, F, k, S, d_host, tol_abs, pivots):
         F[:, k:k + kk] = Fnew
         d_host -= be.to_host((Fnew * Fnew).sum(axis=1))
         pivots.extend(int(s) for s in S[keep])
+    _check_residual_diag(d_host, psd_tol)
     d_host[S] = 0.0  # kept pivots are exact; dropped ones have residual <= tol_abs
     return int(kk), int(len(S) - kk)

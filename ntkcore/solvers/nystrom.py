@@ -25,8 +25,12 @@ and everything the influence formula needs follows in O(n k^2) flops and O(n k) 
 - K_test A_hat^-1 = ((K_test diag(s)) - (K_test diag(s) E) E^T) diag(s)   (T n k flops)
 
 No n x n array is formed: F comes from ``op.columns`` (the eNTK tiles of the sampled columns).
-The Cholesky of I + G^T G has condition number <= cond(A_hat), so it is as well posed as the
-problem; K_JJ is never inverted (the factor comes from a pivoted Cholesky, landmarks.py).
+The Cholesky of I + G^T G has condition number <= cond(A_hat), and K_JJ is never inverted
+(the factor comes from a pivoted Cholesky, landmarks.py). The form is not as well posed as
+the problem at tiny lam, though: 1 - ||E_j||^2 cancels when D_jj is small against the kernel,
+with a relative error of about eps sqrt(k) ||E_j||^2 / (1 - ||E_j||^2) however well A_hat is
+conditioned. That estimate is reported (``woodbury_diag_rel_error_estimate``), warned about
+above 1e-6 and refused above 1e-2 (``_check_cancellation``).
 
 Plain form only: K - F F^T = R is PSD, so A_hat <= A, diag(A_hat^-1) >= diag(A^-1), and as a
 preconditioner the eigenvalues of A_hat^-1 A lie in [1, 1 + ||R||_2 / lam], with
@@ -40,7 +44,7 @@ import warnings
 import numpy as np
 
 from ..backend import backend_for
-from ..errors import NotPSDError
+from ..errors import NotPSDError, ParameterError
 from .base import KRRFit, Timer
 from .landmarks import as_operator, check_landmarks, check_rank, nystrom_factor
 
@@ -50,6 +54,11 @@ DEFAULT_RANK = 2000
 #: Warn when tr(K - K_hat) / n exceeds this share of lam (see _report_missed_mass): at 0.064
 #: the measured Spearman against exact was 0.92 (under the 0.99 bar), so warn well below it.
 MISSED_OVER_LAM_WARN = 0.01
+#: Estimated relative error of diag(A_hat^-1) from cancellation in the Woodbury form (see
+#: _cancellation_error): warn above the first, refuse above the second (at 1e-2 the measured
+#: scores were already 14 % off and 6 % of their signs wrong).
+WOODBURY_WARN = 1e-6
+WOODBURY_FAIL = 1e-2
 
 
 class NystromInverse:
@@ -79,8 +88,10 @@ class NystromInverse:
         else:
             D = xp.full(n, lam, dtype=np.float64)
         self.s = 1.0 / xp.sqrt(D)
+        self.diag_rel_error_estimate = 0.0
         if k == 0:
             self.E = F
+            self._e_sq = xp.zeros(n, dtype=F.dtype)
             return
         F *= self.s[:, None]  # G = diag(s) F, in place
         M = F.T @ F
@@ -91,6 +102,8 @@ class NystromInverse:
             raise NotPSDError(f"nystrom: I + G^T G is not positive definite ({exc}); "
                               f"lam={lam:g} is too small for float64") from None
         self.E = _right_trsm_lt(be, L, F)
+        self._e_sq = (self.E * self.E).sum(axis=1)
+        self.diag_rel_error_estimate = _cancellation_error(be, self._e_sq, k)
 
     @property
     def rank(self) -> int:
@@ -111,15 +124,45 @@ class NystromInverse:
 
     def diag(self):
         """(n,) exact diagonal of A_hat^-1, O(n k)."""
-        E = self.E
-        return (1.0 - (E * E).sum(axis=1)) * self.s * self.s
+        return (1.0 - self._e_sq) * self.s * self.s
 
     def diagnostics(self) -> dict:
         d = {k: v for k, v in self.info.items() if k not in ("pivots", "residual_diag")}
         d["diag_correction"] = self.diag_correction
+        d["woodbury_diag_rel_error_estimate"] = self.diag_rel_error_estimate
         if not self.diag_correction:
             d["nystrom_kappa_bound"] = 1.0 + self.info["residual_trace"] / self.lam
         return d
+
+
+def _cancellation_error(be, e_sq, k: int) -> float:
+    """Rounding error of diag(A_hat^-1)_j = s_j^2 (1 - ||E_j||^2), relative, worst j.
+
+    The subtraction cancels: ||E_j||^2 -> 1 where D_jj is small against the kernel (tiny lam,
+    and a landmark span that holds e_j), so the relative error is about
+    eps sqrt(k) ||E_j||^2 / (1 - ||E_j||^2), whatever cond(A_hat) is. The factor 3 sqrt(k)
+    covers what was measured at full rank k = 200, lam = 1e-5 .. 1e-14 (the observed worst
+    error was 1.5-2.4 eps sqrt(k) c).
+    inf when some 1 - ||E_j||^2 <= 0 (the diagonal entry has no correct digit left).
+    """
+    gap = 1.0 - e_sq
+    if not bool(be.xp.all(gap > 0)):
+        return float("inf")
+    worst = float(be.xp.max(e_sq / gap))
+    return 3.0 * np.sqrt(k) * np.finfo(np.float64).eps * worst
+
+
+def _check_cancellation(inv: NystromInverse) -> None:
+    """Warn above WOODBURY_WARN and refuse above WOODBURY_FAIL (see _cancellation_error)."""
+    err = inv.diag_rel_error_estimate
+    if err <= WOODBURY_WARN:
+        return
+    msg = (f"nystrom: lam={inv.lam:g} is so small against the kernel that the Woodbury form "
+           f"loses digits in float64: diag(A_hat^-1) has an estimated relative error of "
+           f"{err:.2g}")
+    if err > WOODBURY_FAIL:
+        raise ParameterError(msg + "; raise lam, or use solver='exact' or 'cg'")
+    warnings.warn(msg + "; scores carry that error", stacklevel=4)
 
 
 def _report_missed_mass(diagnostics: dict, *, n: int, lam: float) -> None:
@@ -197,6 +240,7 @@ def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "
     timer = timer or Timer()
     inv = nystrom_inverse(K, lam, rank=rank, landmarks=landmarks, seed=seed,
                           diag_correction=diag_correction, timer=timer)
+    _check_cancellation(inv)
     with timer("alpha"):
         alpha = inv.apply(Y)
     with timer("diag_inv"):
