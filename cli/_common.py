@@ -28,7 +28,8 @@ def handle_errors(fn):
             _fail(f"error: out of memory ({_one_line(exc) or 'allocation failed'}); use a smaller "
                   f"--n-train or --solver nystrom/cg", EXIT_USER)
         except KeyboardInterrupt:
-            _fail("interrupted (finished files in the output folder are complete)", 130)
+            _fail("interrupted: finished files in the output folder are complete; rerun the same "
+                  "command to resume", 130)
         except click.exceptions.Exit:
             raise
         except click.ClickException:

@@ -60,6 +60,74 @@ def test_rerun_needs_overwrite(tmp_path):
     assert r.exit_code == 0
 
 
+def test_interrupted_run_resumes_from_its_trained_model(tmp_path, monkeypatch):
+    """Stopped after training, the same command resumes without training again; other
+    settings are refused (naming what differs) rather than mixed into the folder."""
+    import ntkcore.experiments.influence_run as ir
+    real_influence, real_train = ir.kernel_influence, ir.train_network
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = ("influence", "--n-train", 60, "--n-test", 5, "--out", out, *TINY)
+    monkeypatch.setattr(ir, "kernel_influence", interrupted)
+    r = invoke(*args)
+    assert r.exit_code == 130 and (out / "model.pt").exists()
+    assert not (out / "summary.json").exists()
+    saved = (out / "model.pt").read_bytes()
+    one_line_error(invoke(*args[:-len(TINY)], "--seed", 7, *TINY), "seed", "--overwrite")
+    assert (out / "model.pt").read_bytes() == saved  # the refused run touched nothing
+
+    def no_training(*a, **kw):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ir, "kernel_influence", real_influence)
+    monkeypatch.setattr(ir, "train_network", no_training)
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training"]["resumed_from_model_pt"] is True
+    monkeypatch.setattr(ir, "train_network", real_train)
+    fresh = tmp_path / "fresh"
+    assert invoke(*args[:5], "--out", fresh, *TINY).exit_code == 0
+    np.testing.assert_array_equal(np.load(out / "influence.npz")["scores"],
+                                  np.load(fresh / "influence.npz")["scores"])
+
+
+def test_overwrite_clears_the_old_run_before_any_work(tmp_path, monkeypatch):
+    """A failed --overwrite run must not leave the previous run's results beside its own
+    model (one folder, one run)."""
+    import ntkcore.experiments.influence_run as ir
+    out = tmp_path / "run"
+    assert invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, *TINY
+                  ).exit_code == 0
+    monkeypatch.setattr(ir, "kernel_influence", lambda *a, **kw: 1 / 0)
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, "--overwrite",
+               "--seed", 3, *TINY)
+    assert r.exit_code != 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "run.json"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["config"]["seed"] == 3 and list(manifest["stages"]) == ["training"]
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    import os
+    out = tmp_path / "run"
+    assert invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, *TINY
+                  ).exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", tmp_path / "afile" / "sub",
+               *TINY)
+    one_line_error(r, "cannot create")
+
+
 @pytest.mark.parametrize("gz,layout", [(True, "flat"), (False, "torchvision")])
 def test_influence_on_tiny_mnist_files(tmp_path, gz, layout):
     root = write_mnist(tmp_path / "data", 40, 10, gz=gz, layout=layout)

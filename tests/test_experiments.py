@@ -134,10 +134,14 @@ def test_spectrum_command_end_to_end(tmp_path):
     assert r.output.strip().count("\n") == 0
 
 
-def test_interrupted_malleability_keeps_finished_runs(tmp_path, monkeypatch):
+def test_interrupted_malleability_resumes_without_redoing_finished_runs(tmp_path,
+                                                                        monkeypatch):
+    """Stopped during its second run, the experiment keeps the first; the same command then
+    resumes (one evaluation, not two) and gives the results of an uninterrupted run."""
     import json
 
     import ntkcore.experiments.malleability as mm
+    from ntkcore.errors import OutputExistsError
     real = mm.evaluate_model
     calls = []
 
@@ -150,7 +154,66 @@ def test_interrupted_malleability_keeps_finished_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "evaluate_model", second_arch_fails)
     cfg = mm.MalleabilityConfig(n_train=60, n_test=10, test_points=2, width=16, epochs=1,
                                 attacks=("fgsm",), interventions=("transformed",))
+    quiet = dict(progress=False, log=lambda *a: None)
     with pytest.raises(KeyboardInterrupt):
-        mm.run_malleability(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
-    partial = json.loads((tmp_path / "o" / mm.PARTIAL_FILE).read_text())
-    assert partial["complete"] is False and [r["arch"] for r in partial["runs"]] == ["relu"]
+        mm.run_malleability(cfg, tmp_path / "o", **quiet)
+    manifest = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert manifest["complete"] is False and list(manifest["stages"]) == ["relu_standard"]
+    # other settings: refused, naming what differs; the finished run is kept
+    other = mm.MalleabilityConfig(**{**cfg.__dict__, "width": 8})
+    with pytest.raises(OutputExistsError, match="width"):
+        mm.run_malleability(other, tmp_path / "o", **quiet)
+    calls.clear()
+    monkeypatch.setattr(mm, "evaluate_model", lambda *a, **kw: (calls.append(1),
+                                                                real(*a, **kw))[1])
+    resumed = mm.run_malleability(cfg, tmp_path / "o", **quiet)
+    assert len(calls) == 1  # only the unfinished attention run
+    fresh = mm.run_malleability(cfg, tmp_path / "fresh", **quiet)
+
+    def written(folder):  # results.json without the clocks
+        res = json.loads((folder / "results.json").read_text())
+        res.pop("seconds")
+        for r in res["runs"]:
+            r.pop("timings")
+        return res
+    out = tmp_path / "o"
+    assert written(out) == written(tmp_path / "fresh")
+    assert resumed["table"] == fresh["table"]
+    assert not list(out.glob("partial_*")) and json.loads((out / "run.json").read_text())[
+        "complete"] is True
+    assert (out / "fig4_complexity_relu_standard.png").exists()  # drawn from resumed deciles
+    # --overwrite with fewer architectures leaves no figure of the old run behind
+    mm.run_malleability(mm.MalleabilityConfig(**{**cfg.__dict__, "archs": ("attn",)}), out,
+                        overwrite=True, **quiet)
+    assert not (out / "fig4_complexity_relu_standard.png").exists()
+
+
+def test_interrupted_distance_resumes_at_the_first_unfinished_width(tmp_path, monkeypatch):
+    import json
+
+    import ntkcore.experiments.distance as dist
+    import ntkcore.experiments.pipeline as pl
+    real = pl.train_network
+    widths = []
+
+    def train(ds, arch, m, **kw):
+        widths.append(m)
+        if len(widths) == 3:
+            raise KeyboardInterrupt
+        return real(ds, arch, m, **kw)
+
+    monkeypatch.setattr(pl, "train_network", train)
+    cfg = dist.DistanceConfig(archs=("relu",), min_width=4, max_width=32, epochs=1, n_train=60,
+                              n_test=10)
+    quiet = dict(progress=False, log=lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        dist.run_distance(cfg, tmp_path / "o", **quiet)
+    assert list(json.loads((tmp_path / "o" / "run.json").read_text())["stages"]) == [
+        "relu_width4", "relu_width8"]
+    widths.clear()
+    res = dist.run_distance(cfg, tmp_path / "o", **quiet)
+    assert widths == [16, 32]  # 4 and 8 were finished
+    assert [r["width"] for r in res["archs"]["relu"]["widths"]] == [4, 8, 16, 32]
+    from ntkcore.errors import ParameterError
+    with pytest.raises(ParameterError, match="test point"):
+        dist.run_distance(dist.DistanceConfig(**{**cfg.__dict__, "n_test": 0}), None, **quiet)

@@ -99,14 +99,17 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
 
     from ..nn import make_model, predict
     from .malleability import load_for
-    from .output import atomic_write_json, atomic_write_text, prepare_output_dir
+    from .output import RunFolder, atomic_write_json, atomic_write_text
     from .pipeline import accuracy_from_outputs, train_network
     from .plots import distance_figure
 
     s = cfg.resolved()
-    out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     t_all = time.perf_counter()
     ds = load_for(cfg, s)
+    if ds.n_test < 1:
+        raise ParameterError("n_test: the NTK distance compares test outputs; expected at least "
+                             "one test point, got 0")
+    run = RunFolder(out_dir, "distance", s, overwrite=overwrite) if out_dir else None
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}")
     widths = widths_between(s["min_width"], s["max_width"])
@@ -121,6 +124,10 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
         f_ntk = ntk_predictor(F, Y, Ft, s["lam"])
         rows = []
         for m in tqdm(widths, disable=not progress, desc=f"distance {arch}", unit="width"):
+            key = f"{arch}_width{m}"
+            if run is not None and run.done(key):  # finished by an earlier run: resumed
+                rows.append(run.info(key)["row"])
+                continue
             t1 = time.perf_counter()
             model, tr = train_network(ds, arch, m, epochs=s["epochs"], lam=s["lam"],
                                       seed=s["seed"], progress=False)
@@ -130,6 +137,8 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
                          "net_test_accuracy": accuracy_from_outputs(ds, f_m, ds.y_test),
                          "train_accuracy": tr.train_accuracy,
                          "seconds": time.perf_counter() - t1})
+            if run is not None:
+                run.record(key, row=rows[-1])
         per_arch[arch] = {"ntk_test_accuracy": accuracy_from_outputs(ds, f_ntk, ds.y_test),
                           "ntk_output_norm": float(np.linalg.norm(f_ntk)), "widths": rows,
                           "seconds": time.perf_counter() - t0}
@@ -144,13 +153,15 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
                "norm": "Frobenius over the T x C test outputs", "widths": widths,
                "archs": per_arch, "seconds": time.perf_counter() - t_all}
     results["table"] = format_table(results)
-    if out is not None:
+    if run is not None:
+        out = run.path
         distance_figure(out / "fig1_ntk_distance.png", widths,
                         {a: [r["distance"] for r in v["widths"]] for a, v in per_arch.items()},
                         title=f"NTK distance, {ds.name} classes {list(ds.classes)}")
         results["files"] = ["table.md", "results.json", "fig1_ntk_distance.png"]
         atomic_write_text(out / "table.md", results["table"])
         atomic_write_json(out / "results.json", results)
+        run.finish(results["files"])
     return results
 
 

@@ -3,13 +3,15 @@
 Stages (each timed): data, training, LOO influence (kernel assembly, factorisation, scoring),
 writing. Outputs, each written atomically into the output folder:
 
-- ``model.pt``       trained weights (written right after training, so a later failure keeps them)
+- ``model.pt``       trained weights (written right after training, so a later failure keeps them:
+                     the same command rerun on the folder resumes from them instead of training)
 - ``influence.npz``  scores (T, n), train/test indices into the original files, labels,
                      kernel predictions, network outputs, LOO residuals, top-k indices
 - ``summary.json``   config, versions, timings, diagnostics, accuracies, top-5 helpful/harmful
                      training points for each shown test point
 - ``influence_examples.png``  most helpful / harmful training images for a few test points
                      (the paper's Figure 3)
+- ``run.json``       the manifest: command, settings, finished stages, files (see output.py)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_backend
-from .output import atomic_savefig, atomic_write_json, atomic_write_npz, prepare_output_dir
+from .output import RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz
 from .pipeline import (InfluenceConfig, accuracy_from_outputs, config_dict, kernel_influence,
                        load_data, train_network)
 
@@ -31,9 +33,12 @@ FLOAT64_SCORE_LIMIT = 2 ** 27
 
 def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                   progress: bool = True, log=print) -> dict:
-    """Run the whole influence job and write its outputs; returns the summary dict."""
+    """Run the whole influence job and write its outputs; returns the summary dict.
+
+    An unfinished run of the same settings in ``out_dir`` is resumed: a model it finished
+    training is loaded from its ``model.pt`` instead of trained again.
+    """
     cfg.validate()
-    out = prepare_output_dir(out_dir, overwrite=overwrite)
     epochs = cfg.resolved_epochs()
     be = get_backend(cfg.device)  # validates the device before any work
     timings = {}
@@ -45,12 +50,26 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     stages.done()
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
         f"d={ds.dim} ({ds.source or 'generated'})")
+    run = RunFolder(out_dir, "influence", config_dict(cfg), overwrite=overwrite)
+    out = run.path
 
     t0 = time.perf_counter()
-    model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
-                                     seed=cfg.seed, progress=progress, device=be.name)
+    resumed_training = run.done("training")
+    if resumed_training:
+        trained = run.info("training")
+        model = _load_model(ds, cfg, out / "model.pt", be.name)
+        log(f"training: resumed, {out / 'model.pt'} was finished by an earlier run of these "
+            f"settings")
+    else:
+        model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
+                                         seed=cfg.seed, progress=progress, device=be.name)
+        _save_model(model, out / "model.pt")
+        trained = {"epochs": train_res.epochs, "final_objective":
+                   train_res.history[-1] if train_res.history else None,
+                   "train_accuracy": train_res.train_accuracy,
+                   "training_device": str(next(model.parameters()).device)}
+        run.record("training", ["model.pt"], **trained)
     timings["training"] = time.perf_counter() - t0
-    _save_model(model, out / "model.pt")
     stages.done()
 
     import torch
@@ -93,13 +112,14 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
         "config": config_dict(cfg),
         "versions": versions(),
         "device": be.name,
-        "training_device": str(next(model.parameters()).device),
+        "training_device": trained["training_device"],
         "data": {"name": ds.name, "source": ds.source, "classes": list(ds.classes),
                  "class_names": list(ds.class_names), "n_train": ds.n_train,
                  "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary},
-        "training": {"epochs": train_res.epochs, "final_objective":
-                     train_res.history[-1] if train_res.history else None,
-                     "train_accuracy": train_res.train_accuracy},
+        "training": {"epochs": trained["epochs"],
+                     "final_objective": trained["final_objective"],
+                     "train_accuracy": trained["train_accuracy"],
+                     "resumed_from_model_pt": resumed_training},
         "accuracy": {"network_test": net_acc, "kernel_predictor_test": kernel_acc},
         "solver": res.solver,
         "solver_reason": res.diagnostics.get("solver_reason"),
@@ -115,6 +135,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                   "complexity_deciles.png"],
     }
     atomic_write_json(out / "summary.json", summary)
+    run.finish(summary["files"])
     return summary
 
 
@@ -165,6 +186,31 @@ def _save_model(model, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_model(ds, cfg, path, device: str):
+    """The network ``cfg`` describes, with the weights an earlier run saved to ``path``."""
+    import torch
+
+    from ..errors import CorruptDataError
+    from ..nn import make_model
+    from .pipeline import torch_device
+    model = make_model(cfg.arch, ds.X_train, cfg.width, 1 if ds.binary else ds.n_classes,
+                       seed=cfg.seed, device=torch_device(device))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise CorruptDataError(f"{path}: cannot resume from it ({str(exc).splitlines()[0]}); "
+                               f"pass --overwrite to train again") from None
+    return model
+
+
+def top_indices(scores_row, k: int):
+    """(helpful, harmful): the k largest and k smallest scores of one row, ties to the
+    smaller index (the order of TopK and of a stable argsort)."""
+    return (np.argsort(-scores_row, kind="stable")[:k],
+            np.argsort(scores_row, kind="stable")[:k])
+
+
 def _shown_test_points(ds, k: int):
     """The first ``k`` test points (the subset is already a seeded random draw)."""
     return list(range(min(k, ds.n_test)))
@@ -173,9 +219,7 @@ def _shown_test_points(ds, k: int):
 def _top_table(ds, scores, shown, k):
     rows = []
     for t in shown:
-        order = np.argsort(-scores[t])
-        helpful = order[:k]
-        harmful = order[::-1][:k]
+        helpful, harmful = top_indices(scores[t], k)
         entry = lambda i: {"train_position": int(i), "train_index": int(ds.train_indices[i]),
                            "label": ds.class_names[int(ds.y_train[i])],
                            "score": float(scores[t, i])}
@@ -198,11 +242,11 @@ def _figure(ds, scores, shown, k, path):
     test_imgs = ds.as_images(ds.pixels_test[shown]) if shown else []
     gray = len(ds.image_shape) != 3
     for r, t in enumerate(shown):
-        order = np.argsort(-scores[t])
+        helpful, harmful = top_indices(scores[t], k)
         picks = [("test", None, test_imgs[r], ds.class_names[int(ds.y_test[t])])]
-        for i in order[:k]:
+        for i in helpful:
             picks.append(("+", i, None, f"{scores[t, i]:+.1e}"))
-        for i in order[::-1][:k]:
+        for i in harmful:
             picks.append(("-", i, None, f"{scores[t, i]:+.1e}"))
         for c, (kind, i, img, title) in enumerate(picks):
             ax = axes[r, c]

@@ -382,15 +382,17 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
                      progress: bool = True, log=print) -> dict:
     """Run the malleability experiment; write table.md, results.json, figures to ``out_dir``.
 
+    Each finished (architecture, training) run is kept in ``out_dir`` as it completes; the
+    same command rerun on an unfinished folder resumes, skipping the runs already finished.
     Returns the results dict (also written as results.json when ``out_dir`` is given).
     """
-    from .output import prepare_output_dir
+    from .output import RunFolder
     from .pipeline import train_network
 
     s = cfg.resolved()
-    out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     t_all = time.perf_counter()
     ds = load_for(cfg, s)
+    run = RunFolder(out_dir, "malleability", s, overwrite=overwrite) if out_dir else None
     if s["test_points"] > ds.n_test:
         raise ParameterError(f"test_points: expected at most {ds.n_test} (the test set size), "
                              f"got {s['test_points']}")
@@ -402,6 +404,13 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     runs, scores = [], {}
     for mode, adv_eps in modes:
         for arch in s["archs"]:
+            key = f"{arch}_{mode}"
+            if run is not None and run.done(key):
+                log(f"[{mode}] {ARCH_LABEL[arch]}: resumed (finished by an earlier run of these "
+                    f"settings)")
+                r, scores[key] = _load_run(run, key)
+                runs.append(r)
+                continue
             log(f"[{mode}] {ARCH_LABEL[arch]}: training width {s['width']}, {s['epochs']} epochs")
             t0 = time.perf_counter()
             model, tr = train_network(ds, arch, s["width"], epochs=s["epochs"], lam=s["lam"],
@@ -412,10 +421,10 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
             r["timings"]["training"] = t_train
             r.update(arch=arch, training=mode, train_accuracy=tr.train_accuracy,
                      final_objective=tr.history[-1] if tr.history else None)
-            scores[f"{arch}_{mode}"] = r.pop("_scores")
+            scores[key] = r.pop("_scores")
             runs.append(r)
-            if out is not None:  # a long run keeps what it finished if it stops later
-                _write_partial(out, s, runs)
+            if run is not None:  # a long run keeps what it finished if it stops later
+                _save_run(run, key, r, scores[key])
     results = {"command": "malleability", "config": s,
                "data": {"name": ds.name, "classes": list(ds.classes),
                         "class_names": list(ds.class_names), "n_train": ds.n_train,
@@ -424,23 +433,43 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
                "test_points": sel, "runs": runs,
                "seconds": time.perf_counter() - t_all}
     results["table"] = format_table(results)
-    if out is not None:
-        _write_outputs(out, results, scores)
-        (out / PARTIAL_FILE).unlink(missing_ok=True)
+    if run is not None:
+        files = _write_outputs(run.path, results, scores)
+        run.forget([_partial_name(k) for k in scores])
+        run.finish(files)
     for r in runs:
         r.pop("_deciles", None)
     return results
 
 
-PARTIAL_FILE = "partial_results.json"
+def _partial_name(key: str) -> str:
+    return f"partial_{key}.npz"
 
 
-def _write_partial(out, s, runs):
-    """Finished (architecture, training) runs so far, rewritten atomically after each one."""
-    from .output import atomic_write_json
-    done = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
-    atomic_write_json(out / PARTIAL_FILE, {"command": "malleability", "config": s,
-                                           "complete": False, "runs": done})
+def _save_run(run, key, r, scores):
+    """Keep one finished run: its arrays in partial_<key>.npz, its metrics in the manifest."""
+    from dataclasses import asdict
+
+    from .output import atomic_write_npz
+    dec = r.get("_deciles")
+    arrays = {"scores": scores}
+    if dec is not None:
+        arrays.update({f"deciles_{k}": np.asarray(v) for k, v in asdict(dec).items()})
+    atomic_write_npz(run.file(_partial_name(key)), **arrays)
+    run.record(key, [_partial_name(key)],
+               result={k: v for k, v in r.items() if not k.startswith("_")})
+
+
+def _load_run(run, key):
+    """(run dict, scores) of a run finished by an earlier invocation (see _save_run)."""
+    r = dict(run.info(key)["result"])
+    with np.load(run.file(_partial_name(key))) as z:
+        scores = z["scores"]
+        fields = {k[len("deciles_"):]: z[k] for k in z.files if k.startswith("deciles_")}
+    if fields:
+        fields["total_complexity"] = float(fields["total_complexity"])
+        r["_deciles"] = mm.ComplexityDeciles(**fields)
+    return r, scores
 
 
 def _fmt(summary, scale=1.0, digits=1):
@@ -551,3 +580,4 @@ def _write_outputs(out, results, scores):
     atomic_write_json(out / "results.json",
                       {**results, "runs": [{k: v for k, v in r.items() if k != "_deciles"}
                                            for r in results["runs"]]})
+    return files

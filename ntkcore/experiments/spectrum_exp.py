@@ -90,11 +90,11 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     """Compute the Theorem 4.7 report; write table.md, results.json and the spectrum plot."""
     from ..data import load_dataset
-    from .output import atomic_write_json, atomic_write_text, prepare_output_dir
+    from .output import RunFolder, atomic_write_json, atomic_write_text
     from .plots import spectrum_figure
 
     s = asdict(cfg)
-    out = prepare_output_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
+    run = RunFolder(out_dir, "spectrum", s, overwrite=overwrite) if out_dir else None
     t0 = time.perf_counter()
     ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
                       n_train=s["n_train"], n_test=0, seed=s["seed"], download=s["download"],
@@ -108,7 +108,8 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                         "dim": ds.dim, "source": ds.source},
                "report": rep, "seconds": time.perf_counter() - t0}
     results["table"] = format_table(results)
-    if out is not None:
+    if run is not None:
+        out = run.path
         spectrum_figure(out / "spectrum.png", rep["eigenvalues"],
                         attention_eigenvalues=rep["attention_eigenvalues"],
                         title=f"Spectrum of G = XX^T, {ds.name} classes {list(ds.classes)}, "
@@ -116,6 +117,7 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
         results["files"] = ["table.md", "results.json", "spectrum.png"]
         atomic_write_text(out / "table.md", results["table"])
         atomic_write_json(out / "results.json", results)
+        run.finish(results["files"])
     return results
 
 
