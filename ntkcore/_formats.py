@@ -15,7 +15,10 @@ Search order for a dataset's folder (first complete match wins):
 
 1. the explicit ``root`` argument: ``root`` itself (flat), torchvision's layout
    (``root/MNIST/raw``, ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``) and
-   ``root/<name>`` (``root/mnist``, ``root/fashion-mnist``, ``root/cifar10``);
+   ``root/<name>`` (``root/mnist``, ``root/fashion-mnist``, ``root/cifar10``). If none of these
+   is complete but one holds part of the dataset, the search stops there: a partial copy
+   under a folder the user named is reported (files missing), never completed or replaced by
+   a copy found elsewhere. A root holding none of the dataset's files falls through to 2.;
 2. the same sub-folders (not the flat folder, which cannot tell MNIST from Fashion-MNIST) under
    ``$NTKCORE_DATA`` and then ``~/.cache/ntkcore/data``;
 3. for Fashion-MNIST, the Debian package's folder :data:`DEBIAN_FASHION_DIR`
@@ -25,6 +28,7 @@ Search order for a dataset's folder (first complete match wins):
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 from pathlib import Path
@@ -65,13 +69,17 @@ def default_bases() -> list[Path]:
     return bases
 
 
+def _root_dirs(name: str, root) -> list[Path]:
+    """The folders under an explicit ``root`` that may hold ``name``: flat, then sub-folders."""
+    root = Path(root).expanduser()
+    return [root] + [root / s for s in _SUBDIRS[name]]
+
+
 def candidate_dirs(name: str, root=None) -> list[Path]:
     """Folders that may hold ``name``'s files, in search order (see the module docstring)."""
     dirs: list[Path] = []
     if root is not None:
-        root = Path(root).expanduser()
-        dirs.append(root)
-        dirs.extend(root / s for s in _SUBDIRS[name])
+        dirs.extend(_root_dirs(name, root))
     for base in default_bases():
         dirs.extend(base / s for s in _SUBDIRS[name])
     if name == "fashion-mnist":
@@ -98,16 +106,51 @@ def _missing_in(name: str, folder: Path) -> list[str]:
     return [f + "[.gz]" for f in IDX_FILES if _idx_file(folder, f) is None]
 
 
+def _complete(name: str, folder: Path) -> bool:
+    return folder.is_dir() and not _missing_in(name, folder)
+
+
+def _partial_dirs(name: str, root) -> list[Path]:
+    """Folders under an explicit ``root`` holding some, but not all, of ``name``'s files."""
+    n_files = len(CIFAR_FILES if name == "cifar10" else IDX_FILES)
+    return [d for d in _root_dirs(name, root)
+            if d.is_dir() and 0 < len(_missing_in(name, d)) < n_files]
+
+
 def find_dir(name: str, root=None) -> Path | None:
-    """First candidate folder holding every file of ``name`` (existence only, nothing parsed)."""
+    """First candidate folder holding every file of ``name`` (existence only, nothing parsed).
+
+    None also when an explicit ``root`` holds only part of the dataset and no complete copy:
+    the default folders are not searched then (see the module docstring).
+    """
+    if root is not None:
+        own = [d for d in _root_dirs(name, root) if _complete(name, d)]
+        if own or _partial_dirs(name, root):
+            return own[0] if own else None
     for d in candidate_dirs(name, root):
-        if d.is_dir() and not _missing_in(name, d):
+        if _complete(name, d):
             return d
     return None
 
 
-def not_found_error(name: str, root=None, *, extra: str = "") -> DataNotFoundError:
-    """One-line :class:`DataNotFoundError` naming every folder tried, what is expected, the fix."""
+def not_found_error(name: str, root=None, *, extra: str = "",
+                    suggest_download: bool = True) -> DataNotFoundError:
+    """One-line :class:`DataNotFoundError` naming the folders tried, what is expected, the fix.
+
+    With ``suggest_download=False`` (a download was tried and failed) the fix does not offer
+    ``--download`` again.
+    """
+    download_fix = ("use --download (download=True) where a network is available"
+                    if suggest_download else "")
+    partial = _partial_dirs(name, root) if root is not None else []
+    if partial:
+        held = "; ".join(f"{d} (missing {', '.join(_missing_in(name, d))})" for d in partial)
+        fixes = ["add the missing files", download_fix,
+                 "or pass a --data-root (root=) that holds the whole dataset"]
+        msg = (f"{name}: incomplete dataset in the given data root: {held}; a data root given "
+               f"explicitly is not completed from other folders. "
+               f"Fix: {', '.join(f for f in fixes if f)}.")
+        return DataNotFoundError(msg + (" " + extra if extra else ""))
     tried = []
     for d in candidate_dirs(name, root):
         if d.is_dir():
@@ -121,8 +164,9 @@ def not_found_error(name: str, root=None, *, extra: str = "") -> DataNotFoundErr
     else:
         expected = ", ".join(f + "[.gz]" for f in IDX_FILES)
         expected += f" (flat, or in torchvision's {_SUBDIRS[name][0]}/)"
-    fix = (f"pass --data-root DIR (root=DIR in Python) or set NTKCORE_DATA=DIR with {expected}, "
-           f"or use --download (download=True) where a network is available")
+    fix = f"pass --data-root DIR (root=DIR in Python) or set NTKCORE_DATA=DIR with {expected}"
+    if download_fix:
+        fix += f", or {download_fix}"
     if name == "fashion-mnist":
         fix += ", or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
     msg = f"{name}: dataset files not found; tried {'; '.join(tried)}. Fix: {fix}."
@@ -145,11 +189,12 @@ def download(name: str, root=None) -> Path:
             cls(root=str(dest), train=train, download=True)
     except Exception as exc:  # noqa: BLE001 -- every failure is reported the same way
         raise not_found_error(
-            name, root, extra=f"Download into {dest} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+            name, root, extra=f"Download into {dest} failed: {type(exc).__name__}: {exc}",
+            suggest_download=False) from exc
     found = find_dir(name, dest)
     if found is None:
-        raise not_found_error(name, dest, extra=f"Download into {dest} left no readable files.")
+        raise not_found_error(name, dest, extra=f"Download into {dest} left no readable files.",
+                              suggest_download=False)
     return found
 
 
@@ -178,8 +223,9 @@ def read_idx(path, *, magic: int) -> np.ndarray:
     Raises
     ------
     CorruptDataError
-        Wrong magic number, header or payload shorter (or longer) than the header says, or a
-        file that cannot be read or decompressed; the message names the file.
+        Wrong magic number, header or payload shorter (or longer) than the header says, a
+        size of 0 in the header (no samples), or a file that cannot be read or decompressed;
+        the message names the file.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -194,13 +240,16 @@ def read_idx(path, *, magic: int) -> np.ndarray:
     if len(raw) < header:
         raise CorruptDataError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
     shape = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)  # Python ints: sizes up to (2**32 - 1)**255 cannot overflow
     payload = len(raw) - header
     if payload != size:
         what = "truncated" if payload < size else "oversized"
         raise CorruptDataError(
             f"{path}: {what} IDX data: header says shape {shape} ({size} bytes), "
             f"file holds {payload} bytes")
+    if size == 0:
+        raise CorruptDataError(
+            f"{path}: empty IDX data: expected at least one sample, header says shape {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -238,13 +287,34 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
+def _cifar_labels(value, path: Path) -> np.ndarray:
+    """Validate a batch's ``b"labels"``: a 1-D list/tuple of ints or a 1-D integer array, each in
+    0..9 (bool, float, NaN, nested or out-of-range entries are refused, never cast)."""
+    expected = f"{path}: expected labels as a 1-D sequence of integers 0..9, got"
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise CorruptDataError(f"{expected} an array of shape {value.shape} {value.dtype}")
+        if value.size and (value.min() < 0 or value.max() > 9):
+            raise CorruptDataError(f"{expected} values {value.min()}..{value.max()}")
+        return value.astype(np.int64)
+    if not isinstance(value, (list, tuple)):
+        raise CorruptDataError(f"{expected} {type(value).__name__}")
+    for i, v in enumerate(value):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise CorruptDataError(f"{expected} {v!r} ({type(v).__name__}) at index {i}")
+        if not 0 <= v <= 9:
+            raise CorruptDataError(f"{expected} {int(v)} at index {i}")
+    return np.array([int(v) for v in value], dtype=np.int64)
+
+
 def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch: data (N, 3072) uint8 channel-major, labels (N,) int64.
 
     Raises
     ------
     CorruptDataError
-        Not a pickle, not the expected dict, wrong data shape/dtype, or labels outside 0..9.
+        Not a pickle, not the expected dict, wrong data shape/dtype, or labels that are not a
+        1-D sequence of N integers in 0..9.
     """
     path = Path(path)
     try:
@@ -256,30 +326,31 @@ def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise CorruptDataError(f"{path}: expected a dict with b'data' and b'labels'")
     data = np.asarray(batch[b"data"])
-    try:
-        labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise CorruptDataError(f"{path}: labels are not integers") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise CorruptDataError(
             f"{path}: expected data of shape (N, 3072) uint8, got {data.shape} {data.dtype}")
+    labels = _cifar_labels(batch[b"labels"], path)
     if data.shape[0] != labels.shape[0]:
         raise CorruptDataError(
             f"{path}: inconsistent numbers of samples: [{data.shape[0]}, {labels.shape[0]}]")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise CorruptDataError(f"{path}: expected labels 0..9, got {labels.min()}..{labels.max()}")
     return data, labels
 
 
 def read_cifar10(folder: Path) -> dict:
-    """All of CIFAR-10 in ``folder``: train (50 000 x 3072 for the real set) and test arrays."""
+    """All of CIFAR-10 in ``folder``: train (50 000 x 3072 for the real set) and test arrays.
+
+    Raises CorruptDataError (naming the files) when the training batches or the test batch
+    hold no samples at all, as the IDX reader does for an empty split.
+    """
     parts = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
     x_test, y_test = read_cifar_batch(folder / "test_batch")
-    return {
-        "x_train": np.concatenate([p[0] for p in parts]),
-        "y_train": np.concatenate([p[1] for p in parts]),
-        "x_test": x_test, "y_test": y_test,
-    }
+    x_train = np.concatenate([p[0] for p in parts])
+    if x_train.shape[0] == 0:
+        raise CorruptDataError(f"{folder}: data_batch_1..5 hold no samples; expected at least one")
+    if x_test.shape[0] == 0:
+        raise CorruptDataError(f"{folder / 'test_batch'}: holds no samples; expected at least one")
+    return {"x_train": x_train, "y_train": np.concatenate([p[1] for p in parts]),
+            "x_test": x_test, "y_test": y_test}
 
 
 def read_idx_dataset(folder: Path) -> dict:

@@ -16,6 +16,7 @@ Fashion-MNIST / CIFAR-10 are read from torchvision's on-disk formats (see
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,10 @@ DIGITS_N_TRAIN = 1437
 #: Mean and std of all digits training pixels (all classes, scaled to [0, 1] by /16); the
 #: digits analogue of Table 5's constants, fixed so a class subset does not move them.
 DIGITS_MEAN, DIGITS_STD = 0.30538611256089077, 0.3755071088307581
+
+#: An integer class id or count as typed: ASCII digits only (str.isdigit() also accepts "²",
+#: which int() refuses).
+_INT_TOKEN = re.compile(r"-?[0-9]+")
 
 #: synthetic defaults when n_train / n_test / dim are not given.
 SYNTHETIC_DEFAULTS = {"n_train": 1000, "n_test": 200, "dim": 64}
@@ -123,7 +128,7 @@ def parse_classes(spec="10", *, n_classes: int = 10, class_names=None) -> tuple:
         single = int(spec)
     elif isinstance(spec, str):
         tokens = [t for t in spec.replace(",", " ").split() if t]
-        if len(tokens) == 1 and "," not in spec and tokens[0].lstrip("-").isdigit():
+        if len(tokens) == 1 and "," not in spec and _INT_TOKEN.fullmatch(tokens[0]):
             single = int(tokens[0])
     else:
         try:
@@ -145,7 +150,7 @@ def parse_classes(spec="10", *, n_classes: int = 10, class_names=None) -> tuple:
     for t in tokens:
         if isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)):
             k = int(t)
-        elif isinstance(t, str) and t.strip().lstrip("-").isdigit():
+        elif isinstance(t, str) and _INT_TOKEN.fullmatch(t.strip()):
             k = int(t)
         elif isinstance(t, str) and t.strip().lower() in lookup:
             k = lookup[t.strip().lower()]
@@ -236,6 +241,22 @@ def _subset(labels, classes, n, rng, split: str, name: str):
     return np.sort(chosen)
 
 
+def _require_every_class(y, classes, name: str, n_train, seed: int):
+    """EmptySelectionError unless every selected class has a training label in ``y`` (0..C-1).
+
+    A seeded subset is uniformly random, so a small ``n_train`` can miss a class; training on
+    the rest would silently solve a different problem (a "binary" run on one class).
+    """
+    counts = np.bincount(y, minlength=len(classes))
+    empty = [classes[k] for k in range(len(classes)) if counts[k] == 0]
+    if empty:
+        raise EmptySelectionError(
+            f"{name}: the training subset (n_train={n_train}, seed={seed}) has no samples of "
+            f"class{'es' if len(empty) > 1 else ''} {', '.join(map(str, empty))}; expected at "
+            f"least one of each of the {len(classes)} selected classes. Fix: a larger n_train "
+            f"(--n-train; at least {len(classes)}) or another seed (--seed)")
+
+
 def _synthetic(classes, n_train, n_test, dim, seed):
     """Seeded Gaussian class mixture, pixels = sigmoid(mu_c + noise), class means per seed.
 
@@ -273,6 +294,10 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         The subset is ``sort(permutation(indices of selected classes)[:n])`` drawn with
         independent streams of ``np.random.SeedSequence(seed)`` for train and test, so it is
         reproducible, and a smaller ``n`` with the same seed gives a subset of a larger one.
+        It is uniformly random, not stratified (class shares follow the data, as in the
+        paper's random subsets); a draw that leaves a selected class without training
+        samples is refused (EmptySelectionError) rather than trained on fewer classes. The
+        test subset may miss classes.
     seed : int, default 42
     download : bool, default False
         Fetch missing MNIST/Fashion-MNIST/CIFAR-10 files with torchvision (needs a network).
@@ -285,8 +310,11 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
 
     Raises
     ------
-    UnknownDatasetError, DataNotFoundError, CorruptDataError, EmptySelectionError,
-    ParameterError (``n_train`` above the available count, which the message names).
+    UnknownDatasetError, DataNotFoundError, CorruptDataError
+    EmptySelectionError
+        A selected class has no training sample in the files or in the seeded subset.
+    ParameterError
+        ``n_train`` above the available count (which the message names), bad classes, ...
     """
     name = canonical_name(name)
     info = DATASET_INFO[name]
@@ -307,6 +335,7 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         nt = SYNTHETIC_DEFAULTS["n_train"] if n_train is None else n_train
         ne = SYNTHETIC_DEFAULTS["n_test"] if n_test is None else n_test
         px_tr, y_tr, px_te, y_te = _synthetic(cls, nt, ne, d, seed)
+        _require_every_class(y_tr, cls, name, nt, seed)
         side = math.isqrt(d)
         shape = (side, side) if side * side == d else (d,)
         return Dataset(name, cls, names, shape, info.mean, info.std, px_tr, y_tr, px_te, y_te,
@@ -322,12 +351,14 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
     i_te = _subset(raw["y_test"], cls, n_test, np.random.default_rng(s_test), "test", name)
     remap = np.full(10, -1, dtype=np.int64)
     remap[list(cls)] = np.arange(len(cls))
+    y_train = remap[raw["y_train"][i_tr]]
+    _require_every_class(y_train, cls, name, i_tr.size, seed)
 
     def pixels(x, i):
         return x[i].astype(np.float64) / raw["scale"]
 
     return Dataset(name, cls, names, info.image_shape, info.mean, info.std,
-                   pixels(raw["x_train"], i_tr), remap[raw["y_train"][i_tr]],
+                   pixels(raw["x_train"], i_tr), y_train,
                    pixels(raw["x_test"], i_te), remap[raw["y_test"][i_te]],
                    i_tr.astype(np.int64), i_te.astype(np.int64) + raw.get("test_offset", 0),
                    source=raw["source"], seed=seed)
