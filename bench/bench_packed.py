@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _floors import gemm_rate  # noqa: E402
 from bench_approx import add_problem_args, init_w, load, metrics, run  # noqa: E402
 
 from ntkcore.solvers.operator import ReluNTKOperator  # noqa: E402
@@ -51,16 +52,6 @@ def _fast_configs(text):
         precision, _, probes = item.partition(":")
         out.append((precision, int(probes) if probes else None))
     return out
-
-
-def gemm_rate(dtype, size=4096, repeat=3):
-    a = np.random.default_rng(0).standard_normal((size, size)).astype(dtype)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
 
 
 def rss_gib(field="VmHWM:"):

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every GPU number ntkcore still owes, in one run of at most 8 minutes on one H100/H200:
+# Every GPU number ntkcore still owes, in one run of at most 9 minutes on one H100/H200:
 #   1. bench/gpu_check.py      issue 3: kernels vs CPU float64 references, eNTK vs cuBLAS,
 #                              exact influence at n = 50 000 vs the flop floor and plain CuPy
 #   2. bench_approx --gpu-scale issue 4: Nystrom influence, 1 000 000 points x 100 test points
@@ -32,5 +32,5 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
-step entk_gpu 60 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 2
+step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 2
 step cli_shape 240 "$py" bench/bench_cli_gpu.py --json "$out/cli_shape.json"
