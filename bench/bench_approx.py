@@ -70,7 +70,14 @@ def _row_spearman(a, b):
 
 def metrics(res, ex, *, tau=0.1):
     """Agreement of an approximate InfluenceResult with the exact one (see module doc)."""
-    a, e = res.scores, ex.scores
+    return {**score_agreement(res.scores, ex.scores, tau=tau),
+            "pred_err": float(np.linalg.norm(res.predictions - ex.predictions)
+                              / np.linalg.norm(ex.predictions)),
+            "diag_err": float(np.median(np.abs(res.diag_inv / ex.diag_inv - 1)))}
+
+
+def score_agreement(a, e, *, tau=0.1):
+    """spearman, spearman_all, top10 and dflip of (T, n) scores ``a`` against ``e``."""
     k = int(np.ceil(tau * e.shape[1]))
     H_e = np.argpartition(-e, k - 1, axis=1)[:, :k]
     H_a = np.argpartition(-a, k - 1, axis=1)[:, :k]
@@ -83,9 +90,6 @@ def metrics(res, ex, *, tau=0.1):
         "spearman_all": float(spearmanr(a.ravel(), e.ravel()).statistic),
         "top10": float(overlap),
         "dflip": float(np.mean(np.sign(sa) != np.sign(se))),
-        "pred_err": float(np.linalg.norm(res.predictions - ex.predictions)
-                          / np.linalg.norm(ex.predictions)),
-        "diag_err": float(np.median(np.abs(res.diag_inv / ex.diag_inv - 1))),
     }
 
 
