@@ -11,7 +11,7 @@ import numpy as np
 
 from ._validate import as_float_matrix, check_cols
 from .backend import backend_for
-from .errors import ParameterError
+from .errors import ParameterError, ShapeError
 
 
 def gram(X, X2=None):
@@ -167,6 +167,9 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
         (default: max(n, d) * eps(float64), the usual numerical-rank threshold).
     """
     X = as_float_matrix(X, "X", dtype=np.float64)
+    if X.shape[0] == 0:
+        raise ShapeError(f"X: expected at least one row (a Gram matrix with a spectrum), got "
+                         f"shape {tuple(X.shape)}")
     be = backend_for(X)
     n, d = X.shape
     small = X @ X.T if n <= d else X.T @ X

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._validate import check_positive
 from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
@@ -40,8 +41,8 @@ __all__ = ["high_influence_set", "flip_rate", "spearman", "topk_stability",
 # --------------------------------------------------------------------------- validation
 
 def _scores(a, name: str, xp, *, ndims=(1, 2)):
-    """``a`` as float64 on its own device, (n,) or (T, n), non-empty and finite."""
-    a = xp.asarray(a, dtype=np.float64)
+    """``a`` as float64 on its own device, (n,) or (T, n), real, non-empty and finite."""
+    a = _real_array(a, name, xp)
     if a.ndim not in ndims:
         want = "(n,)" if ndims == (1,) else "(n,) or (T, n)"
         raise ShapeError(f"{name}: expected scores of shape {want}, got {tuple(a.shape)}")
@@ -49,6 +50,25 @@ def _scores(a, name: str, xp, *, ndims=(1, 2)):
         raise EmptySelectionError(f"{name}: expected at least one score, got an empty array")
     if not bool(xp.isfinite(a).all()):
         raise NonFiniteError(f"{name}: expected finite scores, got NaN or Inf")
+    return a
+
+
+def _real_array(a, name: str, xp=np):
+    """``a`` as a float64 array; complex, string or object input is refused (casting would
+    drop the imaginary part or fail deep inside), as is a ragged nesting."""
+    try:
+        a = xp.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise ShapeError(f"{name}: expected a numeric array, got {type(a).__name__} "
+                         f"({exc})") from None
+    if a.dtype.kind not in "biuf":
+        raise ParameterError(f"{name}: expected real numbers, got dtype {a.dtype}")
+    return a.astype(np.float64, copy=False)
+
+
+def _finite(a, name: str):
+    if a.size and not bool(np.isfinite(a).all()):
+        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
     return a
 
 
@@ -84,8 +104,10 @@ def _by_rows(fn, A, B, xp):
 
 
 def _check_tau(tau) -> float:
-    if isinstance(tau, bool) or not (0.0 < float(tau) < 1.0):
-        raise ParameterError(f"tau: expected a value in (0, 1), got {tau!r}")
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.integer,
+                                                                 np.floating)) \
+            or not (0.0 < float(tau) < 1.0):
+        raise ParameterError(f"tau: expected a number in (0, 1), got {tau!r}")
     return float(tau)
 
 
@@ -258,11 +280,12 @@ def intrinsic_sensitivity(L_K: float, y, lam: float) -> float:
     y : (n,) or (n, C) targets; ||y||_2 is the Euclidean (Frobenius) norm of all entries.
     lam : float > 0, ridge.
     """
-    if not (np.isfinite(L_K) and L_K >= 0):
-        raise ParameterError(f"L_K: expected a finite value >= 0, got {L_K!r}")
-    if not (lam > 0):
-        raise ParameterError(f"lam: expected a value > 0, got {lam!r}")
-    y = np.asarray(y, dtype=np.float64)
+    if isinstance(L_K, (bool, np.bool_)) or not isinstance(L_K, (int, float, np.integer,
+                                                                 np.floating)) \
+            or not (math.isfinite(L_K) and L_K >= 0):
+        raise ParameterError(f"L_K: expected a finite number >= 0, got {L_K!r}")
+    lam = check_positive(lam, "lam")  # finite: lam = inf would give S = 0 silently
+    y = _real_array(y, "y")
     if not np.isfinite(y).all():
         raise NonFiniteError("y: expected finite targets, got NaN or Inf")
     return float(L_K) * float(np.linalg.norm(y.ravel())) / float(lam) ** 2
@@ -320,11 +343,11 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
     -------
     LipschitzEstimate
     """
-    P = np.asarray(points, dtype=np.float64)
+    P = _real_array(points, "points")
     if P.ndim != 2 or P.shape[0] < 1:
         raise ShapeError(f"points: expected a non-empty 2-D array (s, d), got shape {P.shape}")
-    if not (h > 0):
-        raise ParameterError(f"h: expected a value > 0, got {h!r}")
+    _finite(P, "points")
+    h = check_positive(h, "h")
     if isinstance(n_random, bool) or int(n_random) != n_random or n_random < 0:
         raise ParameterError(f"n_random: expected an integer >= 0, got {n_random!r}")
     if n_random == 0 and jacobian is None:
@@ -429,28 +452,40 @@ def complexity_by_decile(K, alpha, scores, *, n_groups: int = 10, Y=None,
     scores : (n,) or (T, n) influence scores (positive = helpful).
     n_groups : int, default 10 (deciles)
     """
-    alpha = np.asarray(alpha, dtype=np.float64)
+    alpha = _real_array(alpha, "alpha")
+    if alpha.ndim not in (1, 2):
+        raise ShapeError(f"alpha: expected shape (n,) or (n, C), got {alpha.shape}")
     if alpha.ndim == 1:
         alpha = alpha[:, None]
-    S = np.asarray(scores, dtype=np.float64)
+    S = _real_array(scores, "scores")
     S = S[None, :] if S.ndim == 1 else S
     n = alpha.shape[0]
     if K is None:
         # (K + lam I) alpha = Y  =>  K alpha = Y - lam alpha: no kernel needed.
         if Y is None or lam is None:
             raise ParameterError("K=None needs Y and lam (K alpha = Y - lam alpha)")
-        Y = np.asarray(Y, dtype=np.float64).reshape(alpha.shape)
-        K_alpha = Y - lam * alpha
+        lam = check_positive(lam, "lam")
+        Y = _real_array(Y, "Y")
+        if Y.reshape(Y.shape[0] if Y.ndim else 1, -1).shape != alpha.shape or Y.ndim > 2:
+            raise ShapeError(f"Y and alpha: expected the same shape (n,) or (n, C), got "
+                             f"{Y.shape} and {alpha.shape}")
+        _finite(Y, "Y")
+        K_alpha = Y.reshape(alpha.shape) - lam * alpha
         k_shape = None  # no kernel on this route (nothing n x n is allocated)
     else:
-        K = np.asarray(K, dtype=np.float64)
+        K = _real_array(K, "K")
         K_alpha = None
         k_shape = K.shape
     if (K_alpha is None and k_shape != (n, n)) or S.ndim != 2 or S.shape[1] != n:
         raise ShapeError(f"K, alpha, scores: expected (n, n), (n, C), (T, n) with one n, got "
                          f"{k_shape}, {alpha.shape}, {S.shape}")
-    if isinstance(n_groups, bool) or not 1 <= int(n_groups) <= n:
+    if isinstance(n_groups, (bool, np.bool_)) or not isinstance(n_groups, (int, np.integer)) \
+            or not 1 <= n_groups <= n:
         raise ParameterError(f"n_groups: expected an integer in 1..{n}, got {n_groups!r}")
+    _finite(alpha, "alpha")
+    _finite(S, "scores")
+    if K is not None:
+        _finite(K, "K")
     c = np.einsum("ic,ic->i", alpha, K @ alpha if K_alpha is None else K_alpha)
     infl = S.mean(axis=0)
     order = np.argsort(infl, kind="mergesort")

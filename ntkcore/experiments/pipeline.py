@@ -186,7 +186,15 @@ def kernel_influence(model, dataset, *, lam: float = 1e-3, solver: str = "auto",
     Y_train = dataset.Y_train if Y_train is None else Y_train
     Y_test = dataset.Y_test if Y_test is None else Y_test
     F, Ft, W = network_features(model, X_train, X_test, device=device)
-    op = ReluNTKOperator(F, W, train_a=getattr(model, "train_a", False))
+    # The W-part of the eNTK weights neuron r by a_r^2 [Thm 4.2, B.5]: 1 for the +-1 signs,
+    # not once a has trained. With C outputs the ridge regression's one scalar kernel is the
+    # output average (1/C) sum_c K_c (= empirical_ntk(outputs="trace") / C), whose weights are
+    # mean_c a_rc^2; for C = 1 that is the eNTK itself.
+    a = None
+    if hasattr(model, "a_numpy"):
+        a_host = model.a_numpy().reshape(W.shape[0], -1)
+        a = get_backend(device).asarray(np.sqrt(np.mean(a_host * a_host, axis=1)))
+    op = ReluNTKOperator(F, W, a=a, train_a=getattr(model, "train_a", False))
     t0 = time.perf_counter()
     K_test = op.cross(Ft)
     t_cross = time.perf_counter() - t0

@@ -5,6 +5,11 @@ same preprocessed data rows the paper's networks see: ``(n, d)`` rows by default
 ``(n, C, H, W)`` with ``model_input="images"``. Its empirical NTK (sum over outputs / C, the
 generic blocked route of ``ntkcore.empirical_ntk``) feeds the same exact LOO influence and the
 same output files as the built-in architectures; no training happens here.
+
+``cfg.device`` is honoured as on the built-in route: "cuda" without a usable GPU is a
+BackendError; on the GPU the eNTK runs in torch on CUDA (where torch has it) and the solve on
+CuPy. The options that only shape the built-in networks (arch, width, epochs, preset) are
+left out of the run's recorded config.
 """
 
 from __future__ import annotations
@@ -13,12 +18,21 @@ import time
 
 import numpy as np
 
+from ..backend import get_backend
 from ..errors import ParameterError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions
 from .output import atomic_write_json, atomic_write_npz, prepare_output_dir
-from .pipeline import InfluenceConfig, accuracy_from_outputs, config_dict, load_data
+from .pipeline import (
+    InfluenceConfig,
+    accuracy_from_outputs,
+    config_dict,
+    load_data,
+    torch_device,
+)
 
 MODEL_INPUTS = ("rows", "images")
+#: InfluenceConfig fields that configure the built-in networks only (not a user's model).
+BUILTIN_ONLY = ("arch", "width", "epochs", "preset")
 
 
 def model_inputs(ds, X, how: str):
@@ -40,9 +54,12 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
                              model_input: str = "rows") -> dict:
     import torch
 
-    from ..ntk.empirical import influence_for_model, load_user_model
+    from ..influence import loo_influence
+    from ..ntk.empirical import load_user_model, model_kernels
 
     cfg.validate()
+    be = get_backend(cfg.device)  # validates the device before any work, as run_influence
+    entk_device = torch_device(be.name)
     out = prepare_output_dir(out_dir, overwrite=overwrite)
     timings = {}
     t0 = time.perf_counter()
@@ -52,10 +69,16 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     t0 = time.perf_counter()
     model = load_user_model(spec, weights)
     timings["model_load"] = time.perf_counter() - t0
+    dtype = _model_dtype(model, spec)
     Xtr = torch.as_tensor(model_inputs(ds, ds.X_train, model_input))
     Xte = torch.as_tensor(model_inputs(ds, ds.X_test, model_input))
-    with torch.no_grad():
-        probe = model(Xte[:1].to(next(model.parameters()).dtype))
+    try:
+        with torch.no_grad():
+            probe = model(Xte[:1].to(dtype))
+    except Exception as e:  # the user's forward failed on our rows: say on what
+        raise ParameterError(f"model: {spec} failed on one row of shape "
+                             f"{tuple(Xte[:1].shape)} (model_input={model_input!r}): "
+                             f"{type(e).__name__}: {e}") from e
     n_out = probe.shape[-1] if probe.ndim > 1 else 1
     Y, Yt = ds.Y_train, ds.Y_test
     if Y.shape[1] != n_out:
@@ -63,36 +86,43 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
                              f"({'binary: one output' if ds.binary else 'one per class'}), "
                              f"got {n_out}")
     t0 = time.perf_counter()
-    res = influence_for_model(model, Xtr, Y, Xte, Yt, lam=cfg.lam, solver=cfg.solver,
-                              top_k=cfg.top_k, **cfg.solver_options)
+    K, K_test, entk = model_kernels(model, Xtr, Xte, device=entk_device)
+    res = loo_influence(_on_backend(K, be), be.asarray(Y), _on_backend(K_test, be),
+                        be.asarray(Yt), lam=cfg.lam, solver=cfg.solver, top_k=cfg.top_k,
+                        **cfg.solver_options)
+    res.diagnostics["entk"] = entk
+    del K, K_test
     timings["influence"] = time.perf_counter() - t0
     with torch.no_grad():
-        net_out = model(Xte.to(next(model.parameters()).dtype)).double().cpu().numpy()
+        net_out = model(Xte.to(dtype)).double().cpu().numpy()
     net_out = net_out.reshape(len(net_out), -1)
-    scores = np.asarray(res.scores)
+    scores = be.to_host(res.scores)
+    predictions = be.to_host(res.predictions)
     shown = list(range(min(cfg.show, ds.n_test)))
     t0 = time.perf_counter()
     store32 = scores.size > FLOAT64_SCORE_LIMIT
     atomic_write_npz(out / "influence.npz",
                      scores=scores.astype(np.float32 if store32 else np.float64),
                      train_indices=ds.train_indices, test_indices=ds.test_indices,
-                     y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=res.predictions,
-                     network_outputs=net_out, loo_residuals=res.loo_residuals,
-                     top_helpful=res.top_helpful, top_harmful=res.top_harmful)
+                     y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=predictions,
+                     network_outputs=net_out, loo_residuals=be.to_host(res.loo_residuals),
+                     top_helpful=be.to_host(res.top_helpful),
+                     top_harmful=be.to_host(res.top_harmful))
     fig = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
     timings["writing"] = time.perf_counter() - t0
     summary = {
         "command": "influence",
         "model": {"spec": spec, "weights": str(weights) if weights else None,
                   "input": model_input, "outputs": n_out},
-        "config": config_dict(cfg),
+        "config": {k: v for k, v in config_dict(cfg).items() if k not in BUILTIN_ONLY},
         "versions": versions(),
-        "device": "cpu",
+        "device": be.name,
+        "entk_device": str(entk_device),
         "data": {"name": ds.name, "source": ds.source, "classes": list(ds.classes),
                  "n_train": ds.n_train, "n_test": ds.n_test, "dim": ds.dim,
                  "binary": ds.binary},
         "accuracy": {"network_test": accuracy_from_outputs(ds, net_out, ds.y_test),
-                     "kernel_predictor_test": accuracy_from_outputs(ds, res.predictions,
+                     "kernel_predictor_test": accuracy_from_outputs(ds, predictions,
                                                                     ds.y_test)},
         "solver": res.solver,
         "solver_reason": res.diagnostics.get("solver_reason"),
@@ -104,3 +134,30 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _model_dtype(model, spec):
+    """The dtype the model computes in (its first floating parameter or buffer); a model
+    without parameters has no eNTK."""
+    import torch
+    params = list(model.parameters())
+    if not params:
+        raise ParameterError(f"model: expected a model with parameters to differentiate, got "
+                             f"{spec} with none (its empirical NTK would be zero)")
+    tensors = params + list(model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()),
+                torch.get_default_dtype())
+
+
+def _on_backend(K, be):
+    """The eNTK block (a torch tensor or NumPy array) as float64 on the run's backend: a CUDA
+    tensor is shared with CuPy (no copy), a host one is copied to the device when it runs
+    there."""
+    import torch
+    if isinstance(K, torch.Tensor):
+        K = K.detach().to(torch.float64)
+        if K.is_cuda and be.name == "cuda":
+            torch.cuda.synchronize()  # CuPy reads the memory on its own stream
+            return be.asarray(K)
+        K = K.cpu().numpy()
+    return be.asarray(K, dtype=np.float64)

@@ -83,6 +83,9 @@ class Engine:
         self.struct = {**self.gram, **self.outer}
         self.jac_names = [nm for g in groups if g.strategy == "jacobian" for nm in g.names]
         self.ntvp_names = [nm for g in groups if g.strategy == "ntvp" for nm in g.names]
+        #: set when torch.func.vmap cannot batch the model's ops (e.g. nn.LSTM's fused
+        #: kernel): per-example transforms then run one row / tangent at a time
+        self.unbatched = None
 
     # ---- features --------------------------------------------------------------------------
     def _single(self, names):
@@ -97,7 +100,21 @@ class Engine:
     def jacobian_rows(self, names, xb):
         """Per-example Jacobians {name: (b, C, *shape)} of the outputs w.r.t. ``names``."""
         f, p = self._single(names)
-        return vmap(jacrev(f), in_dims=(None, 0))(p, xb)
+        return self._batched(lambda: vmap(jacrev(f), in_dims=(None, 0))(p, xb),
+                             lambda: _stack([jacrev(f)(p, x) for x in xb]))
+
+    def _batched(self, batched, looped):
+        """``batched()`` (a vmap), or ``looped()`` once vmap has failed on this model: some
+        ops have no batching rule (nn.LSTM's fused kernel raises a RuntimeError under vmap),
+        while the same transform on one example works."""
+        if self.unbatched is None:
+            try:
+                return batched()
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                self.unbatched = f"{type(e).__name__}: {e}"
+        return looped()
 
     def features(self, xb):
         b, C = xb.shape[0], self.C
@@ -215,11 +232,21 @@ class Engine:
         with warnings.catch_warnings():  # torch's jvp decompositions, first use only
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
                                     category=FutureWarning)
-            R = vmap(lambda t: jvp(f, (p,), (t,))[1])(tang).view(bj, C, bi, C)  # [j,d,i,c]
+            one = lambda t: jvp(f, (p,), (t,))[1]
+            R = self._batched(
+                lambda: vmap(one)(tang),
+                lambda: torch.stack([one({nm: t[k] for nm, t in tang.items()})
+                                     for k in range(bj * C)]))
+            R = R.view(bj, C, bi, C)  # [j,d,i,c]
         if self.full:
             out += R.permute(2, 0, 3, 1)
         else:
             out += R.diagonal(dim1=1, dim2=3).sum(-1).T
+
+
+def _stack(dicts):
+    """[{name: tensor}] per example -> {name: stacked tensor} (what vmap would return)."""
+    return {nm: torch.stack([d[nm] for d in dicts]) for nm in dicts[0]}
 
 
 def _ranges(start, stop, step):

@@ -4,7 +4,8 @@
   ``"path/to/file.py:factory"`` and loads a state_dict (``torch.load(weights_only=True)``);
   the CLI's ``ntkcore influence --model module:factory --weights file.pt`` calls it.
 * :func:`influence_for_model` computes the eNTK of that model on the training and test rows
-  and the exact LOO influence through it (:func:`ntkcore.loo_influence`).
+  and the exact LOO influence through it (:func:`ntkcore.loo_influence`);
+  :func:`model_kernels` is its kernel half (the CLI's ``--model`` route solves on its device).
 
 Both are re-exported by ``ntkcore.ntk.empirical``.
 """
@@ -29,7 +30,7 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
 
     K = eNTK(X, X) and K_test = eNTK(X_test, X) from :func:`empirical_ntk`, then
     :func:`ntkcore.loo_influence` (KRR with ridge ``lam`` [B.12], Sherman-Morrison LOO
-    [Def 3.3]).
+    [Def 3.3]) on the host in float64.
 
     Parameters
     ----------
@@ -51,6 +52,23 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
     InfluenceResult with ``.scores`` (T, n); ``diagnostics["entk"]`` holds both eNTK reports.
     """
     from ..influence import loo_influence
+
+    K, K_test, entk = model_kernels(model, X, X_test, outputs=outputs, params=params,
+                                    strategy=strategy, memory_budget=memory_budget,
+                                    dtype=dtype, device=device)
+    res = loo_influence(_host64(K), Y, _host64(K_test), Y_test, lam=lam, solver=solver,
+                        **influence_options)
+    res.diagnostics["entk"] = entk
+    return res
+
+
+def model_kernels(model, X, X_test, *, outputs="mean", params=None, strategy="auto",
+                  memory_budget=None, dtype="float64", device=None):
+    """The scalar eNTK blocks K = eNTK(X, X) (n, n) and K_test = eNTK(X_test, X) (T, n).
+
+    Options as in :func:`influence_for_model`. Returns (K, K_test, info): NumPy arrays when X
+    is NumPy, else tensors on the compute device; ``info`` holds both eNTK reports.
+    """
     from .empirical import empirical_ntk
 
     if isinstance(outputs, str) and outputs not in ("mean", "trace"):
@@ -61,14 +79,10 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
               dtype=dtype, device=device, return_report=True)
     K, rep = empirical_ntk(model, X, **kw)
     K_test, rep_t = empirical_ntk(model, X_test, X, **kw)
-    K, K_test = _host64(K), _host64(K_test)
     if outputs == "mean":
         K /= rep.C
         K_test /= rep.C
-    res = loo_influence(K, Y, K_test, Y_test, lam=lam, solver=solver, **influence_options)
-    res.diagnostics["entk"] = {"train": rep.as_dict(), "test": rep_t.as_dict(),
-                               "kernel": outputs}
-    return res
+    return K, K_test, {"train": rep.as_dict(), "test": rep_t.as_dict(), "kernel": outputs}
 
 
 def _host64(K):

@@ -37,11 +37,19 @@ import time
 import numpy as np
 
 from ..backend import host_available_bytes
-from ..errors import BackendError, MemoryBudgetError, NonFiniteError, ParameterError, ShapeError
+from ..errors import (
+    BackendError,
+    MemoryBudgetError,
+    NonFiniteError,
+    NtkcoreError,
+    ParameterError,
+    ShapeError,
+)
 from ._entk_cost import EntkReport
-from ._entk_user import influence_for_model, load_user_model
+from ._entk_user import influence_for_model, load_user_model, model_kernels
 
-__all__ = ["empirical_ntk", "influence_for_model", "load_user_model", "EntkReport"]
+__all__ = ["empirical_ntk", "influence_for_model", "load_user_model", "model_kernels",
+           "EntkReport"]
 
 
 def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None,
@@ -120,9 +128,17 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         X2t = None if X2t is None else _to(X2t, dev, dt)
         budget = _budget(memory_budget, dev)
         call = _caller(work)
-        with torch.no_grad():
-            K, report = _compute(call, tensors, names, Xt, X2t, outputs, strategy, budget,
-                                 block, dt)
+        try:
+            with torch.no_grad():
+                K, report = _compute(call, tensors, names, Xt, X2t, outputs, strategy, budget,
+                                     block, dt)
+        except (NtkcoreError, torch.OutOfMemoryError):
+            raise
+        except RuntimeError as e:  # an op torch.func cannot transform, even one row at a time
+            raise ParameterError(
+                f"model: its operations are not supported by the available eNTK strategies "
+                f"(torch.func jacrev/jvp/vjp, batched by vmap or one example at a time; "
+                f"strategy={strategy!r}): {type(e).__name__}: {e}") from e
     report.seconds = time.perf_counter() - t0
     report.device = str(dev)
     if numpy_out:
@@ -183,6 +199,8 @@ def _compute(call, tensors, names, X, X2, outputs, strategy, budget, block, dt):
         run_ntvp(eng, X, X2, K, blocks["ntvp_rows"], blocks["ntvp_chunk"])
     if X2 is None:
         symmetrize_diagonal(K, max(blocks["stream"], 1), full)
+    if eng.unbatched:  # visible, not silent: the per-example loop is slower than vmap
+        blocks["unbatched"] = f"vmap failed, one example at a time ({eng.unbatched})"
     fwd = info["flops_per_row"] * (1 + 2 * C)
     passes = int(any(g.strategy == "structured" for g in groups)) + \
         int(any(g.strategy == "jacobian" for g in groups))

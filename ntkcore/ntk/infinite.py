@@ -13,42 +13,35 @@ import numpy as np
 
 from .._validate import as_float_matrix, check_cols
 from ..backend import backend_for
-from .tiling import check_output_fits
 
 
 def relu_ntk_infinite(X, X2=None):
-    """Infinite-width ReLU NTK (arc-cosine form).
+    """Infinite-width ReLU NTK (arc-cosine form), tiled (kernel 3 of ntkcore.kernels).
+
+    theta comes from acos of the Gram entries, except where |cos theta| > 1 - 1e-2 (equal,
+    nearly equal or opposite rows): there it is recomputed as 2 atan2(|u - v|, |u + v|) from
+    the unit rows u, v, so every entry is accurate to rounding (acos alone loses half the
+    digits near |cos theta| = 1).
 
     Parameters
     ----------
     X : (n, d) array
-    X2 : (n2, d) array, optional (default X)
+    X2 : (n2, d) array, optional (default X; then K is exactly symmetric)
 
     Returns
     -------
     (n, n2) float64 array on the inputs' device. Rows of zero norm give zero rows.
     """
+    from ..kernels import relu_ntk_infinite_fused
+
     X = as_float_matrix(X, "X", dtype=np.float64)
     sym = X2 is None
-    X2 = X if sym else as_float_matrix(X2, "X2", dtype=np.float64)
+    X2 = None if sym else as_float_matrix(X2, "X2", dtype=np.float64)
     if not sym:
         check_cols(X, X2, "X", "X2")
-    be = backend_for(X, None if sym else X2)
+    be = backend_for(X, X2)
     xp = be.xp
-    check_output_fits((X.shape[0], X2.shape[0]), 8, be, what="relu_ntk_infinite output")
-    dots = X @ X2.T
-    n1 = xp.linalg.norm(X, axis=1)
-    n2 = n1 if sym else xp.linalg.norm(X2, axis=1)
-    denom = n1[:, None] * n2[None, :]
-    cos = xp.divide(dots, denom, out=xp.zeros_like(dots), where=denom > 0)
-    xp.clip(cos, -1.0, 1.0, out=cos)
-    theta = xp.arccos(cos)
-    if sym:
-        # arccos near 1 turns rounding of cos into ~sqrt(eps) error in theta; on the diagonal
-        # the angle is exactly 0.
-        idx = xp.arange(theta.shape[0])
-        theta[idx, idx] = 0.0
-    K = dots * (np.pi - theta) / (2 * np.pi)
-    if sym:
-        K = (K + K.T) * 0.5
-    return K
+    # the kernels read whole C-contiguous rows
+    X = xp.ascontiguousarray(X)
+    X2 = None if sym else xp.ascontiguousarray(X2)
+    return relu_ntk_infinite_fused(X, X2, backend=be)

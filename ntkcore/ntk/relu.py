@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols
+from .._validate import as_float_matrix, check_cols, check_count
 from ..backend import backend_for
-from ..errors import ParameterError, ShapeError
+from ..errors import BackendError, ParameterError, ShapeError
 from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
 
 
@@ -53,14 +53,14 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     X2 : (n2, d) array, optional
         Second set of rows; default X (then K is symmetric and only half the tiles are computed).
     a : (m,) or (m, C) array, optional
-        Output weights. Needed only for ``train_a``; the W-part does not depend on a because
-        a_r^2 = 1 for +-1 signs [Thm B.12]. For general a the W-part is weighted by a_r^2 of
-        output 0 (pass a (m,) vector to choose).
+        Output weights (a scalar is refused: pass ``np.full(m, a)``). The W-part does not
+        depend on a for +-1 signs (a_r^2 = 1) [Thm B.12]; for general (trained) a it is
+        weighted by a_r^2 of output 0 (pass an (m,) vector to choose another output).
     train_a : bool, default False
         Add the output-layer term (1/m) relu(X W^T) relu(X2 W^T)^T.
-    tile : int, optional
+    tile : int >= 1, optional
         Rows per tile (default from 25% of free memory).
-    out : (n, n2) float64 array, optional
+    out : (n, n2) float64 array on the inputs' device, optional
         Written in place and returned.
 
     Returns
@@ -79,12 +79,19 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     n, d = X.shape
     n2 = X2.shape[0]
     m = W.shape[0]
-    weights = _neuron_weights(a, m, xp)
+    if m < 1:
+        raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
+                         f"{tuple(W.shape)}")
+    if not isinstance(train_a, (bool, np.bool_)):
+        raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
+    if tile is not None:
+        tile = check_count(tile, "tile")
+    weights = neuron_weights(a, m, xp)
     if out is None:
         check_output_fits((n, n2), 8, be, what="relu_ntk output")
         out = xp.empty((n, n2), dtype=np.float64)
-    elif out.shape != (n, n2):
-        raise ShapeError(f"out: expected shape {(n, n2)}, got {tuple(out.shape)}")
+    else:
+        _check_out(out, (n, n2), xp)
     if weights is None:
         # +-1 output weights (a_r^2 = 1): fused bit-packed kernels, Numba on the CPU and CUDA
         # on the GPU (ntkcore.kernels, issue 3); general a keeps the pattern GEMM below.
@@ -138,17 +145,46 @@ def _symmetrize_diagonal_tiles(out, tile):
         blk *= 0.5
 
 
-def _neuron_weights(a, m, xp):
-    """Per-neuron weights a_r^2 for the W-part; None when all are 1 (the +-1 case)."""
+def _check_out(out, shape, xp):
+    """``out`` must be a float64 array of ``shape`` on the inputs' device (written in place:
+    an integer or float32 ``out`` would truncate or round the kernel silently)."""
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise ParameterError(f"out: expected a float64 array of shape {shape}, got "
+                             f"{type(out).__name__}")
+    if (xp is np) != isinstance(out, np.ndarray):
+        raise BackendError("out: expected an array on the inputs' device (NumPy for NumPy "
+                           "inputs, CuPy for CuPy inputs), got " + type(out).__module__ + "."
+                           + type(out).__name__)
+    if tuple(out.shape) != shape:
+        raise ShapeError(f"out: expected shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != np.float64:
+        raise ParameterError(f"out: expected dtype float64, got {out.dtype}")
+
+
+def neuron_weights(a, m: int, xp):
+    """Per-neuron weights a_r^2 of the W-part [Thm 4.2] as an (m,) float64 array on ``xp``'s
+    device; None when ``a`` is None or every a_r^2 is 1 (the +-1 case: the fused kernels).
+
+    ``a`` is (m,) or (m, C) (then output 0's column); a scalar, another number of dims or
+    rows, complex or non-finite values raise ParameterError / ShapeError / NonFiniteError.
+    """
     if a is None:
         return None
-    a = xp.asarray(a, dtype=np.float64)
-    if a.shape[0] != m:
-        raise ShapeError(f"a: expected {m} rows (one per hidden unit), got shape {tuple(a.shape)}")
-    a0 = a if a.ndim == 1 else a[:, 0]
+    if not hasattr(a, "shape"):  # a list: ragged nesting is a shape error
+        try:
+            a = np.asarray(a)
+        except (ValueError, TypeError) as exc:
+            raise ShapeError(f"a: expected an (m,) or (m, C) array, got {exc}") from None
+    shape = tuple(a.shape)
+    if len(shape) == 0:
+        raise ParameterError(f"a: expected an (m,) or (m, C) array of output weights, got the "
+                             f"scalar {a!r} (for equal weights pass np.full({m}, a))")
+    if len(shape) > 2 or shape[0] != m or 0 in shape:
+        raise ShapeError(f"a: expected shape ({m},) or ({m}, C) (one row per hidden unit), "
+                         f"got {shape}")
+    a = as_float_matrix(a, "a", dtype=np.float64, allow_1d=True)
+    a0 = xp.asarray(a[:, 0])
     w = a0 * a0
     if bool(xp.all(w == 1.0)):
         return None
-    if not bool(xp.all(w >= 0)):
-        raise ParameterError("a: expected real output weights")
     return w

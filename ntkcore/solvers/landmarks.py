@@ -67,7 +67,8 @@ class CachedReluNTK:
     array (n m bytes; no bit packing, so the same code runs under CuPy, whose ``unpackbits``
     has no ``axis``) and assembles each tile ((S_i S_j^T) / m) * (X_i X_j^T) (+ the output
     layer term (1/m) relu(X_i W^T) relu(X_j W^T)^T when ``train_a``, for which relu(X W^T) is
-    kept too: 8 n m bytes) from it. Same values as the wrapped operator (tested).
+    kept too: 8 n m bytes) from it; trained output weights (``op.weights`` = a_r^2) scale the
+    row side's patterns, which are then float64. Same values as the wrapped operator (tested).
     """
 
     #: columns per tile when a block spans all n columns (bounds the float32 pattern copy).
@@ -76,6 +77,7 @@ class CachedReluNTK:
     def __init__(self, op: ReluNTKOperator):
         self.op = op
         self.X, self.W, self.train_a, self.tile = op.X, op.W, op.train_a, op.tile
+        self.weights = getattr(op, "weights", None)  # a_r^2, None for +-1 output weights
         self.n, self.shape, self.dtype, self.xp = op.n, op.shape, op.dtype, op.xp
         xp = self.xp
         self.m = self.W.shape[0]
@@ -90,15 +92,24 @@ class CachedReluNTK:
     def diag(self):
         """K_ii = (#active units / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
         xp = self.xp
-        d = self.S.sum(axis=1, dtype=np.float64) / self.m * xp.einsum("ij,ij->i", self.X, self.X)
+        active = self.S.sum(axis=1, dtype=np.float64) if self.weights is None else \
+            self.S.astype(np.float64) @ self.weights
+        d = active / self.m * xp.einsum("ij,ij->i", self.X, self.X)
         if self.train_a:
             d += xp.einsum("ij,ij->i", self.H, self.H) / self.m
         return d
 
+    def _pattern(self, S_rows):
+        """Row-side patterns for ``_tile``: float32 0/1 (their counts are exact integers,
+        <= m < 2^24), or float64 a_r^2-weighted with trained output weights."""
+        if self.weights is None:
+            return S_rows.astype(np.float32)
+        return S_rows.astype(np.float64) * self.weights[None, :]
+
     def _tile(self, Xi, Si, Hi, cols):
-        """((Si S_cols^T) / m) * (Xi X_cols^T) (+ output-layer term), Si float32."""
+        """((Si S_cols^T) / m) * (Xi X_cols^T) (+ output-layer term), Si from ``_pattern``."""
         out = Xi @ self.X[cols].T
-        out *= Si @ self.S[cols].astype(np.float32).T  # exact integer counts (<= m < 2^24)
+        out *= Si @ self.S[cols].astype(Si.dtype).T
         out *= 1.0 / self.m
         if Hi is not None:
             out += (Hi @ self.H[cols].T) / self.m
@@ -119,12 +130,12 @@ class CachedReluNTK:
         out = self.xp.empty((self.n, int(idx.shape[0])), dtype=np.float64)
         for i0, i1 in tiles(self.n, self.tile):
             Hi = self.H[i0:i1] if self.train_a else None
-            out[i0:i1] = self._tile(self.X[i0:i1], self.S[i0:i1].astype(np.float32), Hi, idx)
+            out[i0:i1] = self._tile(self.X[i0:i1], self._pattern(self.S[i0:i1]), Hi, idx)
         return out
 
     def rows(self, i0: int, i1: int):
         Hi = self.H[i0:i1] if self.train_a else None
-        return self._rows_block(self.X[i0:i1], self.S[i0:i1].astype(np.float32), Hi)
+        return self._rows_block(self.X[i0:i1], self._pattern(self.S[i0:i1]), Hi)
 
     def block(self, i0, i1, j0, j1):
         """K[i0:i1, j0:j1] from the cached patterns (column tiles of at most COL_TILE).
@@ -133,10 +144,10 @@ class CachedReluNTK:
         fused Numba pass multiplying popcount(P_i & P_j) / m in (kernel 1), from bit-packed
         patterns kept beside S (n m / 8 bytes more).
         """
-        if self.xp is np and not self.train_a:
+        if self.xp is np and not self.train_a and self.weights is None:
             return self._block_packed_bits(i0, i1, j0, j1)
         Hi = self.H[i0:i1] if self.train_a else None
-        Si = self.S[i0:i1].astype(np.float32)
+        Si = self._pattern(self.S[i0:i1])
         out = self.xp.empty((i1 - i0, j1 - j0), dtype=np.float64)
         for c0, c1 in tiles(j1 - j0, self.COL_TILE):
             out[:, c0:c1] = self._tile(self.X[i0:i1], Si, Hi, slice(j0 + c0, j0 + c1))
@@ -174,7 +185,7 @@ class CachedReluNTK:
         for q0, q1 in tiles(Xq.shape[0], self.tile):
             Z = Xq[q0:q1] @ self.W.T
             Hq = xp.maximum(Z, 0) if self.train_a else None
-            out[q0:q1] = self._rows_block(Xq[q0:q1], (Z > 0).astype(np.float32), Hq)
+            out[q0:q1] = self._rows_block(Xq[q0:q1], self._pattern(Z > 0), Hq)
         return out
 
     def dense(self):

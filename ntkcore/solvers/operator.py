@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols
+from .._validate import as_float_matrix, check_cols, check_count
 from ..backend import backend_for
-from ..ntk.relu import relu_ntk
+from ..errors import ParameterError, ShapeError
+from ..ntk.relu import neuron_weights, relu_ntk
 from ..ntk.tiling import tiles
 
 
@@ -50,49 +51,69 @@ class DenseKernel:
 
 
 class ReluNTKOperator:
-    """Matrix-free closed-form eNTK K = ((S S^T)/m) * (X X^T) of the two-layer ReLU net.
+    """Matrix-free closed-form eNTK of the two-layer ReLU net [Thm 4.2, B.5]:
+
+        K = ((S diag(a^2) S^T) / m) * (X X^T)  (+ (1/m) relu(X W^T) relu(X W^T)^T if a trains)
 
     Parameters
     ----------
     X : (n, d) inputs to the two-layer head (raw rows or attention features).
     W : (m, d) trained first-layer weights.
+    a : (m,) output weights, optional (default: +-1 signs, a_r^2 = 1). Trained output weights
+        are no longer +-1 and weight each neuron's pattern term by a_r^2; an (m, C) array
+        uses output 0's column, as :func:`ntkcore.relu_ntk` does.
     train_a : bool, add the output-layer term (see :func:`ntkcore.relu_ntk`).
-    tile : int, rows per tile for ``matmat`` (default 1024): memory O(tile * n).
+    tile : int >= 1, rows per tile for ``matmat`` (default 1024): memory O(tile * n).
     """
 
-    def __init__(self, X, W, *, train_a: bool = False, tile: int = 1024):
+    def __init__(self, X, W, *, a=None, train_a: bool = False, tile: int = 1024):
         self.X = as_float_matrix(X, "X", dtype=np.float64)
         self.W = as_float_matrix(W, "W", dtype=np.float64)
         check_cols(self.X, self.W, "X", "W")
-        self.train_a = train_a
-        self.tile = int(tile)
+        if self.W.shape[0] < 1:
+            raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
+                             f"{tuple(self.W.shape)}")
+        if not isinstance(train_a, (bool, np.bool_)):
+            raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
+        self.train_a = bool(train_a)
+        self.tile = check_count(tile, "tile")
         self.n = self.X.shape[0]
         self.shape = (self.n, self.n)
         self.dtype = np.dtype(np.float64)
         self.xp = backend_for(self.X, self.W).xp
+        #: (m,) per-neuron weights a_r^2 of the pattern term, None for +-1 output weights
+        self.weights = neuron_weights(a, self.W.shape[0], self.xp)
+        # what relu_ntk is given: output 0's column of a (None keeps the fused +-1 path)
+        self.a = None if self.weights is None else \
+            self.xp.asarray(as_float_matrix(a, "a", dtype=np.float64, allow_1d=True)[:, 0])
 
     def diag(self):
-        """K_ii = (#active units / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
+        """K_ii = (sum_r a_r^2 1[w_r.x_i > 0] / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
         xp = self.xp
         m = self.W.shape[0]
         active = xp.empty(self.n, dtype=np.float64)
         for i0, i1 in tiles(self.n, self.tile):  # row blocks: O(tile * m) memory
-            active[i0:i1] = (self.X[i0:i1] @ self.W.T > 0).sum(axis=1)
+            on = self.X[i0:i1] @ self.W.T > 0
+            active[i0:i1] = on.sum(axis=1) if self.weights is None else \
+                on.astype(np.float64) @ self.weights
         d = active / m * xp.einsum("ij,ij->i", self.X, self.X)
         if self.train_a:
-            H = xp.maximum(self.X @ self.W.T, 0)
-            d += xp.einsum("ij,ij->i", H, H) / m
+            for i0, i1 in tiles(self.n, self.tile):
+                H = xp.maximum(self.X[i0:i1] @ self.W.T, 0)
+                d[i0:i1] += xp.einsum("ij,ij->i", H, H) / m
         return d
 
+    def _kernel(self, X, X2=None):
+        return relu_ntk(X, self.W, X2, a=self.a, train_a=self.train_a, tile=self.tile)
+
     def columns(self, idx):
-        return relu_ntk(self.X, self.W, self.X[idx], train_a=self.train_a, tile=self.tile)
+        return self._kernel(self.X, self.X[idx])
 
     def rows(self, i0: int, i1: int):
-        return relu_ntk(self.X[i0:i1], self.W, self.X, train_a=self.train_a, tile=self.tile)
+        return self._kernel(self.X[i0:i1], self.X)
 
     def block(self, i0, i1, j0, j1):
-        return relu_ntk(self.X[i0:i1], self.W, self.X[j0:j1], train_a=self.train_a,
-                        tile=self.tile)
+        return self._kernel(self.X[i0:i1], self.X[j0:j1])
 
     def matmat(self, V):
         """K @ V for V (n, k), one (tile, n) block of K at a time."""
@@ -107,7 +128,7 @@ class ReluNTKOperator:
         """(T, n) K(X_query, X)."""
         Xq = as_float_matrix(X_query, "X_query", dtype=np.float64)
         check_cols(Xq, self.X, "X_query", "X")
-        return relu_ntk(Xq, self.W, self.X, train_a=self.train_a, tile=self.tile)
+        return self._kernel(Xq, self.X)
 
     def dense(self):
-        return relu_ntk(self.X, self.W, train_a=self.train_a)
+        return relu_ntk(self.X, self.W, a=self.a, train_a=self.train_a)
