@@ -106,7 +106,7 @@ def test_overwrite_clears_the_old_run_before_any_work(tmp_path, monkeypatch):
     r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", out, "--overwrite",
                "--seed", 3, *TINY)
     assert r.exit_code != 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock", "model.pt", "run.json"]
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["config"]["seed"] == 3 and list(manifest["stages"]) == ["training"]
 

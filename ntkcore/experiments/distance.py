@@ -21,6 +21,7 @@ we read it (A.3.2 and Sec 5.1), and it is stated in the table.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
 
     from ..nn import make_model, predict
     from .malleability import load_for
-    from .output import RunFolder, atomic_write_json, atomic_write_text
+    from .output import RunFolder, atomic_write_json, atomic_write_text, dataset_identity
     from .pipeline import accuracy_from_outputs, train_network
     from .plots import distance_figure
 
@@ -109,60 +110,61 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
     if ds.n_test < 1:
         raise ParameterError("n_test: the NTK distance compares test outputs; expected at least "
                              "one test point, got 0")
-    run = RunFolder(out_dir, "distance", s, overwrite=overwrite) if out_dir else None
-    log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
-        f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}")
-    widths = widths_between(s["min_width"], s["max_width"])
-    Y = ds.Y_train
-    T, C = ds.n_test, Y.shape[1]
-    per_arch = {}
-    for arch in s["archs"]:
-        # the head's inputs do not depend on the width: build them from a width-1 model
-        probe = make_model(arch, ds.X_train, 1, C, seed=s["seed"])
-        F, Ft = probe.features_numpy(ds.X_train), probe.features_numpy(ds.X_test)
-        t0 = time.perf_counter()
-        f_ntk = ntk_predictor(F, Y, Ft, s["lam"])
-        rows = []
-        for m in tqdm(widths, disable=not progress, desc=f"distance {arch}", unit="width"):
-            key = f"{arch}_width{m}"
-            if run is not None and run.done(key):  # finished by an earlier run: resumed
-                rows.append(run.info(key)["row"])
-                continue
-            t1 = time.perf_counter()
-            model, tr = train_network(ds, arch, m, epochs=s["epochs"], lam=s["lam"],
-                                      seed=s["seed"], progress=False)
-            f_m = predict(model, ds.X_test)
-            D = float(np.linalg.norm(f_m - f_ntk))
-            rows.append({"width": m, "distance": D, "rms": D / np.sqrt(T * C),
-                         "net_test_accuracy": accuracy_from_outputs(ds, f_m, ds.y_test),
-                         "train_accuracy": tr.train_accuracy,
-                         "seconds": time.perf_counter() - t1})
-            if run is not None:
-                run.record(key, row=rows[-1])
-        per_arch[arch] = {"ntk_test_accuracy": accuracy_from_outputs(ds, f_ntk, ds.y_test),
-                          "ntk_output_norm": float(np.linalg.norm(f_ntk)), "widths": rows,
-                          "seconds": time.perf_counter() - t0}
-        d = [r["distance"] for r in rows]
-        per_arch[arch]["monotone"] = ("decreasing" if all(np.diff(d) <= 0) else
-                                      "increasing" if all(np.diff(d) >= 0) else "non-monotonic")
-    results = {"command": "distance", "config": s,
-               "data": {"name": ds.name, "classes": list(ds.classes),
-                        "class_names": list(ds.class_names), "n_train": ds.n_train,
-                        "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary,
-                        "source": ds.source},
-               "norm": "Frobenius over the T x C test outputs", "widths": widths,
-               "archs": per_arch, "seconds": time.perf_counter() - t_all}
-    results["table"] = format_table(results)
-    if run is not None:
-        out = run.path
-        distance_figure(out / "fig1_ntk_distance.png", widths,
-                        {a: [r["distance"] for r in v["widths"]] for a, v in per_arch.items()},
-                        title=f"NTK distance, {ds.name} classes {list(ds.classes)}")
-        results["files"] = ["table.md", "results.json", "fig1_ntk_distance.png"]
-        atomic_write_text(out / "table.md", results["table"])
-        atomic_write_json(out / "results.json", results)
-        run.finish(results["files"])
-    return results
+    folder = (RunFolder(out_dir, "distance", {**s, "data": dataset_identity(ds)},
+                        overwrite=overwrite) if out_dir else contextlib.nullcontext())
+    with folder as run:
+        log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
+            f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}")
+        widths = widths_between(s["min_width"], s["max_width"])
+        Y = ds.Y_train
+        T, C = ds.n_test, Y.shape[1]
+        per_arch = {}
+        for arch in s["archs"]:
+            # the head's inputs do not depend on the width: build them from a width-1 model
+            probe = make_model(arch, ds.X_train, 1, C, seed=s["seed"])
+            F, Ft = probe.features_numpy(ds.X_train), probe.features_numpy(ds.X_test)
+            t0 = time.perf_counter()
+            f_ntk = ntk_predictor(F, Y, Ft, s["lam"])
+            rows = []
+            for m in tqdm(widths, disable=not progress, desc=f"distance {arch}", unit="width"):
+                key = f"{arch}_width{m}"
+                if run is not None and run.done(key):  # finished by an earlier run: resumed
+                    rows.append(run.info(key)["row"])
+                    continue
+                t1 = time.perf_counter()
+                model, tr = train_network(ds, arch, m, epochs=s["epochs"], lam=s["lam"],
+                                          seed=s["seed"], progress=False)
+                f_m = predict(model, ds.X_test)
+                D = float(np.linalg.norm(f_m - f_ntk))
+                rows.append({"width": m, "distance": D, "rms": D / np.sqrt(T * C),
+                             "net_test_accuracy": accuracy_from_outputs(ds, f_m, ds.y_test),
+                             "train_accuracy": tr.train_accuracy,
+                             "seconds": time.perf_counter() - t1})
+                if run is not None:
+                    run.record(key, row=rows[-1])
+            per_arch[arch] = {"ntk_test_accuracy": accuracy_from_outputs(ds, f_ntk, ds.y_test),
+                              "ntk_output_norm": float(np.linalg.norm(f_ntk)), "widths": rows,
+                              "seconds": time.perf_counter() - t0}
+            d = [r["distance"] for r in rows]
+            per_arch[arch]["monotone"] = ("decreasing" if all(np.diff(d) <= 0) else
+                                          "increasing" if all(np.diff(d) >= 0) else "non-monotonic")
+        results = {"command": "distance", "config": s,
+                   "data": {"name": ds.name, "classes": list(ds.classes),
+                            "class_names": list(ds.class_names), "n_train": ds.n_train,
+                            "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary,
+                            "source": ds.source},
+                   "norm": "Frobenius over the T x C test outputs", "widths": widths,
+                   "archs": per_arch, "seconds": time.perf_counter() - t_all}
+        results["table"] = format_table(results)
+        if run is not None:
+            distance_figure(run.output("fig1_ntk_distance.png"), widths,
+                            {a: [r["distance"] for r in v["widths"]] for a, v in per_arch.items()},
+                            title=f"NTK distance, {ds.name} classes {list(ds.classes)}")
+            results["files"] = ["table.md", "results.json", "fig1_ntk_distance.png"]
+            atomic_write_text(run.output("table.md"), results["table"])
+            atomic_write_json(run.output("results.json"), results)
+            run.finish()
+        return results
 
 
 def format_table(results: dict) -> str:

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_backend
-from .output import RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz
+from ..errors import ParameterError
+from .output import (RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz,
+                     dataset_identity)
 from .pipeline import (InfluenceConfig, accuracy_from_outputs, config_dict, kernel_influence,
                        load_data, train_network)
 
@@ -50,9 +52,17 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     stages.done()
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
         f"d={ds.dim} ({ds.source or 'generated'})")
-    run = RunFolder(out_dir, "influence", config_dict(cfg), overwrite=overwrite)
-    out = run.path
+    if ds.n_test < 1:
+        raise ParameterError("n_test: influence is scored on test points; expected at least "
+                             "one, got 0")
+    identity = {**config_dict(cfg), "device_resolved": be.name, "data": dataset_identity(ds)}
+    with RunFolder(out_dir, "influence", identity, overwrite=overwrite) as run:
+        return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
 
+
+def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
+    """Training (or its resume from model.pt), influence and writing, into ``run``."""
+    out = run.path
     t0 = time.perf_counter()
     resumed_training = run.done("training")
     if resumed_training:
@@ -63,7 +73,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     else:
         model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
                                          seed=cfg.seed, progress=progress, device=be.name)
-        _save_model(model, out / "model.pt")
+        _save_model(model, run.output("model.pt"))
         trained = {"epochs": train_res.epochs, "final_objective":
                    train_res.history[-1] if train_res.history else None,
                    "train_accuracy": train_res.train_accuracy,
@@ -91,16 +101,17 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     shown = _shown_test_points(ds, cfg.show)
     top = _top_table(ds, scores, shown, cfg.top_k)
     store32 = scores.size > FLOAT64_SCORE_LIMIT
-    atomic_write_npz(out / "influence.npz",
+    atomic_write_npz(run.output("influence.npz"),
                      scores=scores.astype(np.float32 if store32 else np.float64),
                      train_indices=ds.train_indices, test_indices=ds.test_indices,
                      y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=preds,
                      network_outputs=net_out_test, loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
-    fig_path = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
+    fig_path = _figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
     from .complexity import complexity_figure
     deciles = complexity_figure(None, be.to_host(res.alpha), scores,
-                                out / "complexity_deciles.png", Y=ds.Y_train, lam=cfg.lam,
+                                run.output("complexity_deciles.png"), Y=ds.Y_train,
+                                lam=cfg.lam,
                                 n_groups=min(10, ds.n_train),
                                 title=f"Figure 4: {ds.name}, {cfg.arch}")
     timings["writing"] = time.perf_counter() - t0
@@ -132,10 +143,10 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                           "influence over test points, 1 = most harmful",
             "mean_complexity": deciles.mean_complexity, "mean_influence": deciles.mean_influence},
         "files": ["model.pt", "influence.npz", "summary.json", Path(fig_path).name,
-                  "complexity_deciles.png"],
+                  "complexity_deciles.png", "run.json"],
     }
-    atomic_write_json(out / "summary.json", summary)
-    run.finish(summary["files"])
+    atomic_write_json(run.output("summary.json"), summary)
+    run.finish()
     return summary
 
 
@@ -198,9 +209,14 @@ def _load_model(ds, cfg, path, device: str):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise CorruptDataError(f"{path}: cannot resume from it ({str(exc).splitlines()[0]}); "
-                               f"pass --overwrite to train again") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, never a traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CorruptDataError(f"{path}: cannot resume from it ({first}); pass --overwrite to "
+                               f"train again") from None
+    if hasattr(model, "set_attention"):
+        # M = X^T X in float64 from the (identical, hashed) training rows, exactly as the
+        # run that trained it had it; the state holds only its float32 cast
+        model.set_attention(ds.X_train)
     return model
 
 

@@ -386,13 +386,14 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     same command rerun on an unfinished folder resumes, skipping the runs already finished.
     Returns the results dict (also written as results.json when ``out_dir`` is given).
     """
-    from .output import RunFolder
-    from .pipeline import train_network
+    import contextlib
+
+    from .output import RunFolder, dataset_identity
+    from .pipeline import torch_device, train_network
 
     s = cfg.resolved()
     t_all = time.perf_counter()
     ds = load_for(cfg, s)
-    run = RunFolder(out_dir, "malleability", s, overwrite=overwrite) if out_dir else None
     if s["test_points"] > ds.n_test:
         raise ParameterError(f"test_points: expected at most {ds.n_test} (the test set size), "
                              f"got {s['test_points']}")
@@ -400,46 +401,52 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
                                                           replace=False))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}; {len(sel)} test points")
-    modes = [("standard", None)] + ([("adv-trained", s["eps"])] if s["adv_train"] else [])
-    runs, scores = [], {}
-    for mode, adv_eps in modes:
-        for arch in s["archs"]:
-            key = f"{arch}_{mode}"
-            if run is not None and run.done(key):
-                log(f"[{mode}] {ARCH_LABEL[arch]}: resumed (finished by an earlier run of these "
-                    f"settings)")
-                r, scores[key] = _load_run(run, key)
+    identity = {**s, "device_resolved": torch_device(s["device"]).type,
+                "data": dataset_identity(ds)}
+    folder = (RunFolder(out_dir, "malleability", identity, overwrite=overwrite) if out_dir
+              else contextlib.nullcontext())
+    with folder as run:
+        modes = [("standard", None)] + ([("adv-trained", s["eps"])] if s["adv_train"] else [])
+        runs, scores = [], {}
+        for mode, adv_eps in modes:
+            for arch in s["archs"]:
+                key = f"{arch}_{mode}"
+                if run is not None and run.done(key):
+                    log(f"[{mode}] {ARCH_LABEL[arch]}: resumed (finished by an earlier run "
+                        f"of these settings)")
+                    r, scores[key] = _load_run(run, key)
+                    runs.append(r)
+                    continue
+                log(f"[{mode}] {ARCH_LABEL[arch]}: training width {s['width']}, "
+                    f"{s['epochs']} epochs")
+                t0 = time.perf_counter()
+                model, tr = train_network(ds, arch, s["width"], epochs=s["epochs"],
+                                          lam=s["lam"], seed=s["seed"], adv_eps=adv_eps,
+                                          progress=progress, device=s["device"])
+                t_train = time.perf_counter() - t0
+                r = evaluate_model(model, ds, s, sel, adv_eps=adv_eps, progress=progress,
+                                   log=log)
+                r["timings"]["training"] = t_train
+                r.update(arch=arch, training=mode, train_accuracy=tr.train_accuracy,
+                         final_objective=tr.history[-1] if tr.history else None)
+                scores[key] = r.pop("_scores")
                 runs.append(r)
-                continue
-            log(f"[{mode}] {ARCH_LABEL[arch]}: training width {s['width']}, {s['epochs']} epochs")
-            t0 = time.perf_counter()
-            model, tr = train_network(ds, arch, s["width"], epochs=s["epochs"], lam=s["lam"],
-                                      seed=s["seed"], adv_eps=adv_eps, progress=progress,
-                                      device=s["device"])
-            t_train = time.perf_counter() - t0
-            r = evaluate_model(model, ds, s, sel, adv_eps=adv_eps, progress=progress, log=log)
-            r["timings"]["training"] = t_train
-            r.update(arch=arch, training=mode, train_accuracy=tr.train_accuracy,
-                     final_objective=tr.history[-1] if tr.history else None)
-            scores[key] = r.pop("_scores")
-            runs.append(r)
-            if run is not None:  # a long run keeps what it finished if it stops later
-                _save_run(run, key, r, scores[key])
-    results = {"command": "malleability", "config": s,
-               "data": {"name": ds.name, "classes": list(ds.classes),
-                        "class_names": list(ds.class_names), "n_train": ds.n_train,
-                        "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary,
-                        "source": ds.source},
-               "test_points": sel, "runs": runs,
-               "seconds": time.perf_counter() - t_all}
-    results["table"] = format_table(results)
-    if run is not None:
-        files = _write_outputs(run.path, results, scores)
-        run.forget([_partial_name(k) for k in scores])
-        run.finish(files)
-    for r in runs:
-        r.pop("_deciles", None)
-    return results
+                if run is not None:  # a long run keeps what it finished if it stops later
+                    _save_run(run, key, r, scores[key])
+        results = {"command": "malleability", "config": s,
+                   "data": {"name": ds.name, "classes": list(ds.classes),
+                            "class_names": list(ds.class_names), "n_train": ds.n_train,
+                            "n_test": ds.n_test, "dim": ds.dim, "binary": ds.binary,
+                            "source": ds.source},
+                   "test_points": sel, "runs": runs,
+                   "seconds": time.perf_counter() - t_all}
+        results["table"] = format_table(results)
+        if run is not None:
+            _write_outputs(run, results, scores)
+            run.finish(drop=[_partial_name(k) for k in scores])
+        for r in runs:
+            r.pop("_deciles", None)
+        return results
 
 
 def _partial_name(key: str) -> str:
@@ -455,7 +462,7 @@ def _save_run(run, key, r, scores):
     arrays = {"scores": scores}
     if dec is not None:
         arrays.update({f"deciles_{k}": np.asarray(v) for k, v in asdict(dec).items()})
-    atomic_write_npz(run.file(_partial_name(key)), **arrays)
+    atomic_write_npz(run.output(_partial_name(key)), **arrays)
     run.record(key, [_partial_name(key)],
                result={k: v for k, v in r.items() if not k.startswith("_")})
 
@@ -536,12 +543,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(out, results, scores):
+def _write_outputs(run, results, scores):
+    """table.md, results.json, scores.npz and the figures, each registered in ``run`` first."""
     from .output import atomic_write_json, atomic_write_npz, atomic_write_text
     from .plots import bar_figure, plot_complexity_by_decile
 
     s = results["config"]
     std = [r for r in results["runs"] if r["training"] == "standard"]
+    out = run.output
     files = ["table.md", "results.json", "scores.npz"]
     archs = [r["arch"] for r in std]
     if "transformed" in s["interventions"]:
@@ -549,7 +558,7 @@ def _write_outputs(out, results, scores):
                             for a in s["attacks"]] for r in std}
         errs = {r["arch"]: [100 * r["interventions"]["transformed"][a]["flip_rate"]["half_width"]
                             for a in s["attacks"]] for r in std}
-        bar_figure(out / "fig2a_flip_rate.png", [ATTACK_LABEL[a] for a in s["attacks"]], archs,
+        bar_figure(out("fig2a_flip_rate.png"), [ATTACK_LABEL[a] for a in s["attacks"]], archs,
                    vals, errs, ylabel="flip rate of top 10 % (%)",
                    title="Influence flip rate by perturbation type (Transformed)")
         files.append("fig2a_flip_rate.png")
@@ -563,7 +572,7 @@ def _write_outputs(out, results, scores):
             for r in std}
     errs = {r["arch"]: [r["interventions"][iv][atk]["spearman"]["half_width"]
                         for iv, atk in keys] for r in std}
-    bar_figure(out / "fig2b_spearman.png", groups, archs, vals, errs,
+    bar_figure(out("fig2b_spearman.png"), groups, archs, vals, errs,
                ylabel="Spearman rho (original vs perturbed)",
                title="Influence rank correlation by intervention")
     files.append("fig2b_spearman.png")
@@ -571,13 +580,12 @@ def _write_outputs(out, results, scores):
         dec = r.get("_deciles")
         if dec is not None:
             name = f"fig4_complexity_{r['arch']}_{r['training']}.png"
-            plot_complexity_by_decile(dec, out / name, title=f"{ARCH_LABEL[r['arch']]} "
+            plot_complexity_by_decile(dec, out(name), title=f"{ARCH_LABEL[r['arch']]} "
                                       f"({r['training']}): complexity vs influence group")
             files.append(name)
-    atomic_write_npz(out / "scores.npz", test_points=results["test_points"], **scores)
+    atomic_write_npz(out("scores.npz"), test_points=results["test_points"], **scores)
     results["files"] = files
-    atomic_write_text(out / "table.md", results["table"])
-    atomic_write_json(out / "results.json",
+    atomic_write_text(out("table.md"), results["table"])
+    atomic_write_json(out("results.json"),
                       {**results, "runs": [{k: v for k, v in r.items() if k != "_deciles"}
                                            for r in results["runs"]]})
-    return files

@@ -1,14 +1,18 @@
 """Output folders and atomic writes: results appear whole or not at all (temp file + rename).
 
 A command's output folder is a :class:`RunFolder`: a manifest ``run.json`` names the command,
-its settings, the stages finished so far and every file written, and is rewritten atomically
-after each stage. Rerunning the same command with the same settings on an unfinished folder
-resumes it (finished stages are skipped, not redone); anything else that would mix two runs is
-refused, or with ``overwrite`` the old run's files are deleted before any work starts.
+its settings (with what identifies its data and the ntkcore version), the stages finished so
+far and every file the run writes, registered *before* it is written. Rerunning the same
+command with the same settings on an unfinished folder resumes it: a finished stage whose
+files are all present is skipped, not redone. Anything else that would mix two runs is refused;
+with ``overwrite`` the old run's files are deleted before any work starts. One run at a time
+holds a folder (an advisory lock on ``.run.lock``), and a run that fails before finishing any
+stage leaves no manifest behind (so the corrected command is not blocked by it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,6 +24,9 @@ import numpy as np
 from ..errors import OutputExistsError, ParameterError
 
 MANIFEST = "run.json"
+LOCK = ".run.lock"
+#: Marks a run.json as ntkcore's: a foreign file of that name is never read or deleted.
+MARKER = "ntkcore_run"
 #: Result files of folders written before the manifest existed (refused / deleted by name).
 LEGACY_FILES = ("influence.npz", "summary.json", "results.json", "table.md", "model.pt",
                 "partial_results.json", "scores.npz")
@@ -28,113 +35,214 @@ LEGACY_FILES = ("influence.npz", "summary.json", "results.json", "table.md", "mo
 class RunFolder:
     """The output folder of one command run, with its manifest (see the module docstring).
 
+    Use as a context manager: ``with RunFolder(...) as run: ...``.
+
     Parameters
     ----------
     path : folder to create or reuse.
     command : the command's name ("influence", "malleability", ...).
-    config : JSON-able dict of the settings that determine the results; a folder resumes only
-        a run whose stored settings are equal.
+    config : JSON-able dict of everything that determines the results (settings, and
+        :func:`dataset_identity` of the data); a folder resumes only a run whose stored config
+        is equal. The ntkcore version is added.
     overwrite : delete the previous run's files first instead of refusing.
 
     Attributes
     ----------
-    path : Path; resumed : bool, an unfinished run of the same settings was found.
+    path : Path; resumed : bool, an unfinished run of the same config was found.
     """
 
     def __init__(self, path, command: str, config: dict, *, overwrite: bool = False):
-        self.path = _make_dir(path)
+        self.path, self._created = _make_dir(path)
+        self._lock = _acquire_lock(self.path)
+        try:
+            self._open(command, config, overwrite)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _open(self, command, config, overwrite):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            ver = version("ntkcore")
+        except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+            ver = "unknown"
         self.command = command
-        self.config = _jsonable(config)
-        old = self._read_manifest()
+        self.config = _jsonable({**config, "ntkcore_version": ver})
+        old = self._read_manifest(overwrite)
         self.resumed = False
         if old is not None and not overwrite:
-            same = old.get("command") == command and old.get("config") == self.config
-            if old.get("complete") or not same:
+            same = old["command"] == command and old["config"] == self.config
+            if old["complete"] or not same:
                 raise OutputExistsError(self._refusal(old, same))
             self.manifest = old
             self.resumed = True
             return
-        legacy = [f for f in LEGACY_FILES if (self.path / f).exists()]
-        if old is None and legacy and not overwrite:
+        legacy = [f for f in LEGACY_FILES if (self.path / f).exists()] if old is None else []
+        if legacy and not overwrite:
             raise OutputExistsError(f"{self.path} already holds results ({', '.join(legacy)}); "
                                     f"pass --overwrite to replace them or choose another --out")
         if overwrite:
-            self._delete_previous(old, legacy)
-        self.manifest = {"command": command, "config": self.config, "complete": False,
-                         "stages": {}, "files": []}
+            self._delete(legacy + list((old or {}).get("files", [])))
+        self.manifest = {MARKER: 1, "command": command, "config": self.config,
+                         "complete": False, "stages": {}, "files": []}
         self._write()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None)
+        return False
+
+    def close(self, *, failed: bool = False) -> None:
+        """Release the folder. A failed run that finished no stage leaves no manifest (and no
+        folder, if it made the folder and left it empty)."""
+        manifest = getattr(self, "manifest", None)
+        if failed and manifest is not None and not manifest["stages"] \
+                and not manifest["complete"]:
+            (self.path / MANIFEST).unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+            if failed and self._created:
+                (self.path / LOCK).unlink(missing_ok=True)
+                try:
+                    self.path.rmdir()  # only if empty
+                except OSError:
+                    pass
 
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def output(self, name: str) -> Path:
+        """Register ``name`` in the manifest (before it is written) and return its path."""
+        self._add_files([name])
+        return self.path / name
+
     def done(self, stage: str) -> bool:
-        return stage in self.manifest["stages"]
+        """``stage`` was finished by this or an earlier run, and all its files are present."""
+        info = self.manifest["stages"].get(stage)
+        return info is not None and all((self.path / f).is_file() for f in info["files"])
 
     def info(self, stage: str) -> dict:
         """What :meth:`record` stored for a finished ``stage`` (non-finite floats, which JSON
         holds as "nan" / "inf" strings, come back as floats)."""
-        return _revive(self.manifest["stages"][stage])
+        return _revive(self.manifest["stages"][stage]["info"])
 
     def record(self, stage: str, files=(), **info) -> None:
         """Mark ``stage`` finished, with the files it wrote and JSON-able ``info``."""
-        self.manifest["stages"][stage] = _jsonable(info)
-        self._add_files(files)
+        files = [str(f) for f in files]
+        self.manifest["stages"][stage] = {"files": files, "info": _jsonable(info)}
+        self._add_files(files, write=False)
         self._write()
 
-    def forget(self, files) -> None:
-        """Delete files of a finished partial stage that the final results replace."""
-        for name in files:
-            (self.path / name).unlink(missing_ok=True)
-        self.manifest["files"] = [f for f in self.manifest["files"] if f not in set(files)]
-        self._write()
-
-    def finish(self, files=()) -> None:
-        """Mark the run complete: a later run into this folder needs ``overwrite``."""
-        self._add_files(files)
+    def finish(self, drop=()) -> None:
+        """Mark the run complete (a later run into this folder needs ``overwrite``), then
+        delete ``drop``: files of partial stages that the final results replace."""
         self.manifest["complete"] = True
         self._write()
+        if drop:
+            self._delete(drop)
+            gone = set(drop)
+            self.manifest["files"] = [f for f in self.manifest["files"] if f not in gone]
+            self._write()
 
     # -------------------------------------------------------------------------------------
-    def _add_files(self, files):
-        for name in files:
-            if name not in self.manifest["files"]:
-                self.manifest["files"].append(str(name))
+    def _add_files(self, files, *, write: bool = True):
+        new = [str(f) for f in files if str(f) not in self.manifest["files"]]
+        if new:
+            self.manifest["files"].extend(new)
+            if write:
+                self._write()
 
     def _write(self):
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        try:
+            atomic_write_json(self.path / MANIFEST, self.manifest)
+        except OSError as exc:
+            raise ParameterError(f"output: cannot write to {self.path}: "
+                                 f"{exc.strerror or exc}") from None
 
-    def _read_manifest(self):
+    def _read_manifest(self, overwrite: bool):
         f = self.path / MANIFEST
         if not f.exists():
             return None
         try:
-            return json.loads(f.read_text())
-        except (OSError, ValueError) as exc:
-            raise OutputExistsError(f"{f}: unreadable run manifest ({exc}); pass --overwrite "
-                                    f"or choose another --out") from None
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and MARKER not in old:
+            raise OutputExistsError(f"{f} is not an ntkcore run manifest; choose another --out")
+        if _valid_manifest(old):
+            return old
+        if overwrite:  # unreadable or damaged, but ours by name: start afresh
+            return None
+        raise OutputExistsError(f"{f}: damaged run manifest; pass --overwrite to replace the "
+                                f"run or choose another --out")
 
     def _refusal(self, old, same):
-        what = "finished results" if old.get("complete") else "an unfinished run"
-        if not same and old.get("command") != self.command:
-            diff = f"of `{old.get('command')}`"
+        what = "finished results" if old["complete"] else "an unfinished run"
+        if not same and old["command"] != self.command:
+            diff = f"of `{old['command']}`"
         elif not same:
-            keys = sorted(k for k in set(old.get("config", {})) | set(self.config)
-                          if old.get("config", {}).get(k) != self.config.get(k))
+            keys = sorted(k for k in set(old["config"]) | set(self.config)
+                          if old["config"].get(k) != self.config.get(k))
             diff = f"with other settings ({', '.join(keys)})"
         else:
             diff = "of these settings"
-        resume = ("; rerun with its settings to resume it" if not old.get("complete")
-                  and not same else "")
+        resume = "; rerun with its settings to resume it" if not (old["complete"] or same) else ""
         return (f"{self.path} already holds {what} {diff}{resume}; pass --overwrite to replace "
                 f"it or choose another --out")
 
-    def _delete_previous(self, old, legacy):
-        names = set(legacy) | set((old or {}).get("files", []))
+    def _delete(self, names):
+        """Delete the plain entries ``names`` of this folder (a link itself, never its target;
+        names with a folder part are skipped)."""
         for name in names:
-            target = (self.path / name).resolve()
-            if target.parent == self.path.resolve() and target.is_file():
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                continue
+            target = self.path / name
+            if target.is_symlink() or target.is_file():
                 target.unlink()
-        (self.path / MANIFEST).unlink(missing_ok=True)
+
+
+def _valid_manifest(m) -> bool:
+    return (isinstance(m, dict) and isinstance(m.get("command"), str)
+            and isinstance(m.get("config"), dict) and isinstance(m.get("complete"), bool)
+            and isinstance(m.get("files"), list) and isinstance(m.get("stages"), dict)
+            and all(isinstance(v, dict) and isinstance(v.get("files"), list) and "info" in v
+                    for v in m["stages"].values()))
+
+
+def _acquire_lock(path: Path):
+    """An exclusive advisory lock on ``path/.run.lock`` for this process (None where the
+    platform has no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fh = open(path / LOCK, "a")
+    except OSError as exc:
+        raise ParameterError(f"output: cannot write to {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise OutputExistsError(f"{path} is in use by another ntkcore run; wait for it or "
+                                f"choose another --out") from None
+    return fh
+
+
+def dataset_identity(ds) -> dict:
+    """What identifies a run's data beyond the options typed: its name, resolved source and a
+    hash of the preprocessed rows, labels and subset indices (so a resume with other files
+    behind the same --data-root is refused)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (ds.X_train, ds.y_train, ds.X_test, ds.y_test, ds.train_indices, ds.test_indices):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.data)
+    source = os.path.abspath(ds.source) if ds.source else None
+    return {"name": ds.name, "source": source, "content_hash": h.hexdigest()}
 
 
 _NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -151,16 +259,18 @@ def _revive(obj):
     return obj
 
 
-def _make_dir(path) -> Path:
+def _make_dir(path):
+    """(Path, created): the folder, made if needed."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ParameterError(f"output: expected a folder, got an existing file {out}")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ParameterError(f"output: cannot create the folder {out}: "
                              f"{exc.strerror or exc}") from None
-    return out
+    return out, created
 
 
 def _umask() -> int:
@@ -227,12 +337,3 @@ def atomic_savefig(fig, path, **kwargs) -> Path:
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
     return atomic_write_bytes(path, buf.getvalue())
 
-
-def prepare_output_dir(path, *, overwrite: bool = False) -> Path:
-    """Create ``path`` if needed; refuse (OutputExistsError) when it already holds results."""
-    out = _make_dir(path)
-    found = [f for f in LEGACY_FILES + (MANIFEST,) if (out / f).exists()]
-    if found and not overwrite:
-        raise OutputExistsError(f"{out} already holds results ({', '.join(found)}); "
-                                f"pass --overwrite to replace them or choose another --out")
-    return out

@@ -17,6 +17,7 @@ For the model inputs X (n, d) of the chosen data (Table 5 normalisation, unit ro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -90,34 +91,36 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     """Compute the Theorem 4.7 report; write table.md, results.json and the spectrum plot."""
     from ..data import load_dataset
-    from .output import RunFolder, atomic_write_json, atomic_write_text
+    from .output import RunFolder, atomic_write_json, atomic_write_text, dataset_identity
     from .plots import spectrum_figure
 
     s = asdict(cfg)
-    run = RunFolder(out_dir, "spectrum", s, overwrite=overwrite) if out_dir else None
     t0 = time.perf_counter()
     ds = load_dataset(s["dataset"], root=s["data_root"], classes=s["classes"],
                       n_train=s["n_train"], n_test=0, seed=s["seed"], download=s["download"],
                       dim=s.get("dim"))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} d={ds.dim}")
-    rep = spectrum_report(ds.X_train, seed=s["seed"])
-    results = {"command": "spectrum", "config": s,
-               "data": {"name": ds.name, "classes": list(ds.classes),
-                        "class_names": list(ds.class_names), "n_train": ds.n_train,
-                        "dim": ds.dim, "source": ds.source},
-               "report": rep, "seconds": time.perf_counter() - t0}
-    results["table"] = format_table(results)
-    if run is not None:
-        out = run.path
-        spectrum_figure(out / "spectrum.png", rep["eigenvalues"],
+    folder = (RunFolder(out_dir, "spectrum", {**s, "data": dataset_identity(ds)},
+                        overwrite=overwrite) if out_dir is not None else contextlib.nullcontext())
+    with folder as run:
+        rep = spectrum_report(ds.X_train, seed=s["seed"])
+        results = {"command": "spectrum", "config": s,
+                   "data": {"name": ds.name, "classes": list(ds.classes),
+                            "class_names": list(ds.class_names), "n_train": ds.n_train,
+                            "dim": ds.dim, "source": ds.source},
+                   "report": rep, "seconds": time.perf_counter() - t0}
+        results["table"] = format_table(results)
+        if run is None:
+            return results
+        spectrum_figure(run.output("spectrum.png"), rep["eigenvalues"],
                         attention_eigenvalues=rep["attention_eigenvalues"],
                         title=f"Spectrum of G = XX^T, {ds.name} classes {list(ds.classes)}, "
                               f"n={ds.n_train}")
         results["files"] = ["table.md", "results.json", "spectrum.png"]
-        atomic_write_text(out / "table.md", results["table"])
-        atomic_write_json(out / "results.json", results)
-        run.finish(results["files"])
+        atomic_write_text(run.output("table.md"), results["table"])
+        atomic_write_json(run.output("results.json"), results)
+        run.finish()
     return results
 
 

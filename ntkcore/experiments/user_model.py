@@ -21,7 +21,7 @@ import numpy as np
 from ..backend import get_backend
 from ..errors import ParameterError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions
-from .output import atomic_write_json, atomic_write_npz, prepare_output_dir
+from .output import RunFolder, atomic_write_json, atomic_write_npz, dataset_identity
 from .pipeline import (
     InfluenceConfig,
     accuracy_from_outputs,
@@ -52,20 +52,28 @@ def model_inputs(ds, X, how: str):
 def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, *,
                              overwrite: bool = False, progress: bool = True, log=print,
                              model_input: str = "rows") -> dict:
-    import torch
-
-    from ..influence import loo_influence
-    from ..ntk.empirical import load_user_model, model_kernels
-
     cfg.validate()
     be = get_backend(cfg.device)  # validates the device before any work, as run_influence
     entk_device = torch_device(be.name)
-    out = prepare_output_dir(out_dir, overwrite=overwrite)
     timings = {}
     t0 = time.perf_counter()
     ds = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test}")
+    identity = {**{k: v for k, v in config_dict(cfg).items() if k not in BUILTIN_ONLY},
+                "model": spec, "weights": _file_hash(weights), "model_input": model_input,
+                "device_resolved": be.name, "data": dataset_identity(ds)}
+    with RunFolder(out_dir, "influence", identity, overwrite=overwrite) as run:
+        return _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings)
+
+
+def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -> dict:
+    """Load the user's model, its eNTK, exact influence and the outputs, into ``run``."""
+    import torch
+
+    from ..influence import loo_influence
+    from ..ntk.empirical import load_user_model, model_kernels
+
     t0 = time.perf_counter()
     model = load_user_model(spec, weights)
     timings["model_load"] = time.perf_counter() - t0
@@ -101,14 +109,14 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     shown = list(range(min(cfg.show, ds.n_test)))
     t0 = time.perf_counter()
     store32 = scores.size > FLOAT64_SCORE_LIMIT
-    atomic_write_npz(out / "influence.npz",
+    atomic_write_npz(run.output("influence.npz"),
                      scores=scores.astype(np.float32 if store32 else np.float64),
                      train_indices=ds.train_indices, test_indices=ds.test_indices,
                      y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=predictions,
                      network_outputs=net_out, loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful),
                      top_harmful=be.to_host(res.top_harmful))
-    fig = _figure(ds, scores, shown, cfg.top_k, out / "influence_examples.png")
+    fig = _figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
     timings["writing"] = time.perf_counter() - t0
     summary = {
         "command": "influence",
@@ -130,10 +138,23 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
         "timings": {**timings, "influence_stages": res.timings},
         "scores_dtype": "float32" if store32 else "float64",
         "top_influences": _top_table(ds, scores, shown, cfg.top_k),
-        "files": ["influence.npz", "summary.json", fig.name],
+        "files": ["influence.npz", "summary.json", fig.name, "run.json"],
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(run.output("summary.json"), summary)
+    run.finish()
     return summary
+
+
+def _file_hash(path):
+    """blake2b of a weights file (None without one): a resume must use the same weights."""
+    if not path:
+        return None
+    import hashlib
+    from pathlib import Path
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return str(path)  # unreadable: load_user_model says so with its own message
 
 
 def _model_dtype(model, spec):

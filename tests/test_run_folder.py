@@ -1,0 +1,167 @@
+"""The run-folder protocol (ntkcore.experiments.output.RunFolder): resume, refusal, --overwrite,
+damaged or foreign manifests, locking, and cleanup after a failed start."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntkcore.errors import OutputExistsError
+from ntkcore.experiments.output import RunFolder, atomic_write_text, dataset_identity
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import TINY, invoke, one_line_error  # noqa: E402
+
+CFG = {"width": 16, "seed": 1}
+
+
+def _write(run, name, text="x"):
+    atomic_write_text(run.output(name), text)
+
+
+def test_resume_skips_only_stages_whose_files_are_present(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with RunFolder(tmp_path, "cmd", CFG) as run:
+            _write(run, "a.npz")
+            run.record("a", ["a.npz"], value=float("nan"))
+            _write(run, "b.npz")
+            run.record("b", ["b.npz"])
+            raise KeyboardInterrupt
+    (tmp_path / "b.npz").unlink()  # e.g. an interrupt between deleting and re-recording
+    with RunFolder(tmp_path, "cmd", CFG) as run:
+        assert run.resumed and run.done("a") and not run.done("b")
+        assert np.isnan(run.info("a")["value"])  # non-finite floats survive the JSON
+
+
+def test_other_settings_are_refused_naming_them_and_finished_runs_too(tmp_path):
+    with RunFolder(tmp_path, "cmd", CFG) as run:
+        run.record("a")
+    with pytest.raises(OutputExistsError, match=r"other settings \(seed\).*resume"):
+        RunFolder(tmp_path, "cmd", {**CFG, "seed": 2})
+    with pytest.raises(OutputExistsError, match="of `cmd`"):
+        RunFolder(tmp_path, "other", CFG)
+    with RunFolder(tmp_path, "cmd", CFG) as run:
+        run.finish()
+    with pytest.raises(OutputExistsError, match="finished results"):
+        RunFolder(tmp_path, "cmd", CFG)
+
+
+def test_overwrite_deletes_only_what_the_manifest_lists_and_never_through_links(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with RunFolder(tmp_path, "cmd", CFG) as run:
+        (tmp_path / "table.md").write_text("mine too")  # a legacy result name, not listed
+        _write(run, "a.npz")
+        run.record("a", ["a.npz"])
+        os.symlink(tmp_path / "notes.txt", run.output("link.png"))
+        run.manifest["files"] += ["sub/../notes.txt", "../outside.txt"]
+        run.finish()
+    (tmp_path.parent / "outside.txt").write_text("outside")
+    with RunFolder(tmp_path, "cmd", {**CFG, "seed": 3}, overwrite=True) as run:
+        pass
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".run.lock", "notes.txt", "run.json", "table.md"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path.parent / "outside.txt").exists()
+
+
+def test_files_are_registered_before_they_are_written(tmp_path):
+    """An interrupt while writing outputs leaves their names in the manifest, so a later
+    --overwrite removes them (no figure of an old run survives beside a new one)."""
+    with pytest.raises(KeyboardInterrupt):
+        with RunFolder(tmp_path, "cmd", CFG) as run:
+            run.record("a")
+            path = run.output("fig.png")
+            path.write_text("half")
+            raise KeyboardInterrupt
+    assert "fig.png" in json.loads((tmp_path / "run.json").read_text())["files"]
+    with RunFolder(tmp_path, "cmd", CFG, overwrite=True):
+        pass
+    assert not (tmp_path / "fig.png").exists()
+
+
+def test_a_failed_start_leaves_no_manifest_and_no_new_folder(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(ValueError):
+        with RunFolder(out, "cmd", CFG):
+            raise ValueError("bad input found after the folder was opened")
+    assert not out.exists()
+    with RunFolder(out, "cmd", {**CFG, "seed": 9}) as run:  # the corrected command runs
+        run.finish()
+
+
+def test_damaged_manifest_needs_overwrite_and_a_foreign_one_is_never_touched(tmp_path):
+    (tmp_path / "run.json").write_text('{"command": "influ')
+    with pytest.raises(OutputExistsError, match="damaged"):
+        RunFolder(tmp_path, "cmd", CFG)
+    with RunFolder(tmp_path, "cmd", CFG, overwrite=True) as run:
+        run.finish()
+    (tmp_path / "run.json").write_text(json.dumps({"name": "someone else's"}))
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="not an ntkcore run manifest"):
+            RunFolder(tmp_path, "cmd", CFG, overwrite=overwrite)
+    assert json.loads((tmp_path / "run.json").read_text()) == {"name": "someone else's"}
+
+
+def test_one_run_at_a_time_holds_a_folder(tmp_path):
+    with RunFolder(tmp_path, "cmd", CFG):
+        with pytest.raises(OutputExistsError, match="in use"):
+            RunFolder(tmp_path, "cmd", CFG)
+    with RunFolder(tmp_path, "cmd", CFG) as run:  # released
+        run.finish()
+
+
+def test_dataset_identity_sees_the_data_not_the_path(tmp_path):
+    import ntkcore as nc
+    a = nc.load_dataset("synthetic", n_train=40, n_test=5, seed=1)
+    b = nc.load_dataset("synthetic", n_train=40, n_test=5, seed=2)
+    assert dataset_identity(a) == dataset_identity(
+        nc.load_dataset("synthetic", n_train=40, n_test=5, seed=1))
+    assert dataset_identity(a)["content_hash"] != dataset_identity(b)["content_hash"]
+
+
+# --------------------------------------------------------------------------- through the CLI
+def test_resume_with_other_files_behind_the_same_data_root_is_refused(tmp_path, monkeypatch):
+    from data_fixtures import write_mnist
+    import ntkcore.experiments.influence_run as ir
+    for name, seed in (("a", 0), ("b", 1)):
+        write_mnist(tmp_path / name / "data", n_train=60, n_test=10, seed=seed)
+    args = ("influence", "--dataset", "mnist", "--data-root", "data", "--n-test", 5,
+            "--out", tmp_path / "out", *TINY)
+    monkeypatch.setattr(ir, "kernel_influence",
+                        lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.chdir(tmp_path / "a")
+    assert invoke(*args).exit_code == 130
+    monkeypatch.chdir(tmp_path / "b")
+    one_line_error(invoke(*args), "other settings", "data")
+
+
+@pytest.mark.parametrize("arch", ["relu", "attn"])
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, arch):
+    import ntkcore.experiments.influence_run as ir
+    real = ir.kernel_influence
+    args = ("influence", "--n-train", 60, "--n-test", 5, "--arch", arch, *TINY)
+    monkeypatch.setattr(ir, "kernel_influence",
+                        lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert invoke(*args, "--out", tmp_path / "r").exit_code == 130
+    monkeypatch.setattr(ir, "kernel_influence", real)
+    assert invoke(*args, "--out", tmp_path / "r").exit_code == 0
+    assert invoke(*args, "--out", tmp_path / "f").exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / "influence.npz")["scores"],
+                                  np.load(tmp_path / "f" / "influence.npz")["scores"])
+
+
+def test_an_unreadable_model_pt_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    import ntkcore.experiments.influence_run as ir
+    real = ir.kernel_influence
+    args = ("influence", "--n-train", 60, "--n-test", 5, "--out", tmp_path / "r", *TINY)
+    monkeypatch.setattr(ir, "kernel_influence",
+                        lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert invoke(*args).exit_code == 130
+    monkeypatch.setattr(ir, "kernel_influence", real)
+    (tmp_path / "r" / "model.pt").write_bytes(b"")
+    one_line_error(invoke(*args), "model.pt", "--overwrite")
