@@ -32,5 +32,5 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
-step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 2
+step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 1
 step cli_shape 240 "$py" bench/bench_cli_gpu.py --json "$out/cli_shape.json"

@@ -58,6 +58,10 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+#: Entries per row block of Backend.sum_of_squares on the GPU (1 << 24: 128 MB of float64).
+SUM_SQ_BLOCK_ENTRIES = 1 << 24
+
+
 @dataclass(frozen=True)
 class Backend:
     """Array module plus the dense linear algebra the solvers use, for one device."""
@@ -103,6 +107,33 @@ class Backend:
 
     def eigvalsh(self, A):
         return self.xp.linalg.eigvalsh(A)
+
+    def sum_of_squares(self, M, axis: int):
+        """(M * M).sum(axis) of a 2-D M, without an M-sized temporary.
+
+        CPU: NumPy's einsum (no copy). GPU: row blocks of at most SUM_SQ_BLOCK_ENTRIES entries
+        (128 MB): CuPy's einsum hands a reduction over rows to a batched GEMM that copies both
+        operands into C order (two extra n x n arrays for diag(A^-1) = column norms of L^-1),
+        and M * M is a full temporary.
+        """
+        if self.name == "cpu":
+            return np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", M, M)
+        xp = self.xp
+        rows = max(1, SUM_SQ_BLOCK_ENTRIES // max(1, M.shape[1]))
+        out = xp.zeros(M.shape[1 - axis], dtype=M.dtype)
+        for r0 in range(0, M.shape[0], rows):
+            blk = M[r0:r0 + rows]
+            if axis == 0:
+                out += (blk * blk).sum(axis=0)
+            else:
+                out[r0:r0 + rows] = (blk * blk).sum(axis=1)
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU): host clocks around GPU work
+        read nothing without it."""
+        if self.name == "cuda":
+            _cupy().cuda.Stream.null.synchronize()
 
     def to_host(self, x):
         return x.get() if is_gpu_array(x) else np.asarray(x)

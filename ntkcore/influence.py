@@ -26,6 +26,7 @@ from ._validate import (
     check_square_symmetric,
     is_kernel_operator,
 )
+from .backend import backend_for
 from .errors import ParameterError, ShapeError
 from .solvers import get_solver
 from .solvers.base import Timer
@@ -137,7 +138,7 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
 
     choose, fit_fn = get_solver(solver)
     name, options, reason = choose(K, lam, **solver_options)
-    timer = Timer()
+    timer = Timer(backend_for(K_test).synchronize)  # GPU stages end when their work does
     eager = {"K_test": K_test} if name == "exact" else {}  # packed storage solves it in the fit
     fit = fit_fn(name)(K, Y, lam, check=check, overwrite_k=overwrite_k, timer=timer, **options,
                        **eager)

@@ -222,7 +222,9 @@ def test_exact_solver_device_memory_peak(sim_cupy, monkeypatch, overwrite_k, ext
     from ntkcore.solvers.exact import exact_fit
     from simgpu import cupy_shim
     from ntkcore.solvers import tri_inverse
+    from ntkcore import backend
     monkeypatch.setattr(tri_inverse, "GPU_INV_BLOCK", 100)  # 10 block rows
+    monkeypatch.setattr(backend, "SUM_SQ_BLOCK_ENTRIES", 100 * 1000)  # row blocks, as at large n
     cp = sim_cupy
     n, T = 1000, 100
     X, Xt, W, Y, Yt = _problem(n=n, T=T, seed=1)

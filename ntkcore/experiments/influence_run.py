@@ -91,6 +91,7 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     t0 = time.perf_counter()
     res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
                               top_k=cfg.top_k, **cfg.solver_options)
+    be.synchronize()
     timings["influence"] = time.perf_counter() - t0
     stages.done()
     scores = be.to_host(res.scores)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import backend_for, get_backend
 from ..errors import ParameterError
 
 # Quick default (finishes in well under a minute on 2 cores on digits) and the paper's settings.
@@ -195,8 +195,10 @@ def kernel_influence(model, dataset, *, lam: float = 1e-3, solver: str = "auto",
         a_host = model.a_numpy().reshape(W.shape[0], -1)
         a = get_backend(device).asarray(np.sqrt(np.mean(a_host * a_host, axis=1)))
     op = ReluNTKOperator(F, W, a=a, train_a=getattr(model, "train_a", False))
+    be = backend_for(F)
     t0 = time.perf_counter()
     K_test = op.cross(Ft)
+    be.synchronize()  # a host clock around GPU work reads nothing without it
     t_cross = time.perf_counter() - t0
     xp = op.xp
     res = loo_influence(op, xp.asarray(Y_train), K_test, xp.asarray(Y_test), lam=lam,

@@ -100,6 +100,7 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
                         **cfg.solver_options)
     res.diagnostics["entk"] = entk
     del K, K_test
+    be.synchronize()
     timings["influence"] = time.perf_counter() - t0
     with torch.no_grad():
         net_out = model(Xte.to(dtype)).double().cpu().numpy()

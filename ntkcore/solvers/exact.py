@@ -37,7 +37,7 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
     """
     be = backend_for(K)
     xp = be.xp
-    timer = timer or Timer(_sync_for(be))
+    timer = timer or Timer(be.synchronize)
     n = K.shape[0]
     if check:  # everything the A.8 checks need from K, read before K may be overwritten
         with timer("checks"):
@@ -62,7 +62,7 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         # CPU: trtri in place of L. GPU: by block rows in GEMMs, into K's memory when it may
         # be overwritten; L is kept for the right solves.
         Linv = _tri_inv(be, L, scratch=K if overwrite_k else None)
-        diag_inv = xp.einsum("ij,ij->j", Linv, Linv)
+        diag_inv = be.sum_of_squares(Linv, axis=0)
     if be.name == "cpu":
         del L  # its memory is Linv's
 
@@ -86,12 +86,6 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
         del Linv  # only diag(A^-1) and the checks read it; the right solves use L
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
                   diagnostics=diagnostics, timings=timer.seconds)
-
-
-def _sync_for(be: Backend):
-    if be.name == "cuda":
-        return lambda: be.xp.cuda.Stream.null.synchronize()
-    return None
 
 
 def _cholesky(be: Backend, A, lam):

@@ -94,9 +94,9 @@ class CachedReluNTK:
         xp = self.xp
         active = self.S.sum(axis=1, dtype=np.float64) if self.weights is None else \
             self.S.astype(np.float64) @ self.weights
-        d = active / self.m * xp.einsum("ij,ij->i", self.X, self.X)
+        d = active / self.m * backend_for(self.X).sum_of_squares(self.X, axis=1)
         if self.train_a:
-            d += xp.einsum("ij,ij->i", self.H, self.H) / self.m
+            d += backend_for(self.H).sum_of_squares(self.H, axis=1) / self.m
         return d
 
     def _pattern(self, S_rows):

@@ -102,7 +102,7 @@ class NystromInverse:
             raise NotPSDError(f"nystrom: I + G^T G is not positive definite ({exc}); "
                               f"lam={lam:g} is too small for float64") from None
         self.E = _right_trsm_lt(be, L, F)
-        self._e_sq = (self.E * self.E).sum(axis=1)
+        self._e_sq = be.sum_of_squares(self.E, axis=1)
         self.diag_rel_error_estimate = _cancellation_error(be, self._e_sq, k)
 
     @property

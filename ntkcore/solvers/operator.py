@@ -96,11 +96,11 @@ class ReluNTKOperator:
             on = self.X[i0:i1] @ self.W.T > 0
             active[i0:i1] = on.sum(axis=1) if self.weights is None else \
                 on.astype(np.float64) @ self.weights
-        d = active / m * xp.einsum("ij,ij->i", self.X, self.X)
+        d = active / m * backend_for(self.X).sum_of_squares(self.X, axis=1)
         if self.train_a:
             for i0, i1 in tiles(self.n, self.tile):
                 H = xp.maximum(self.X[i0:i1] @ self.W.T, 0)
-                d[i0:i1] += xp.einsum("ij,ij->i", H, H) / m
+                d[i0:i1] += backend_for(H).sum_of_squares(H, axis=1) / m
         return d
 
     def _kernel(self, X, X2=None):

@@ -520,6 +520,22 @@ class Shim(types.ModuleType):
     def matmul(self, a, b, out=None, **kwargs):
         return _matmul(a, b, out=out, **kwargs)
 
+    def einsum(self, subscripts, *operands, **kwargs):
+        """CuPy 14's two-operand einsum reduces through a batched GEMM whose stride helper
+        needs C-contiguous operands with the kept (output) indices first: an operand not
+        already so is copied (a device allocation, counted in MEMORY, freed after)."""
+        _check_call((), "einsum", (subscripts,) + operands, kwargs)
+        arrays = [_unwrap(x, "einsum") for x in operands]
+        ins, _, out = subscripts.replace(" ", "").partition("->")
+        specs = ins.split(",")
+        if len(arrays) == 2:
+            for spec, a in zip(specs, arrays):
+                order = [spec.index(c) for c in out if c in spec] + \
+                        [i for i, c in enumerate(spec) if c not in out]
+                if a.ndim >= 2 and not np.transpose(a, order).flags.c_contiguous:
+                    _device_copy(np.transpose(a, order), "C")
+        return _wrap(np.einsum(subscripts, *arrays, **kwargs))
+
     def argsort(self, a, axis=-1, kind=None):
         return a.argsort(axis=axis, kind=kind)
 
