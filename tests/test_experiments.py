@@ -217,3 +217,36 @@ def test_interrupted_distance_resumes_at_the_first_unfinished_width(tmp_path, mo
     from ntkcore.errors import ParameterError
     with pytest.raises(ParameterError, match="test point"):
         dist.run_distance(dist.DistanceConfig(**{**cfg.__dict__, "n_test": 0}), None, **quiet)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("show", 2.5), ("top_k", 2.5), ("epochs", 2.5), ("epochs", True), ("seed", 2 ** 70),
+    ("width", "16"), ("lam", 1e300), ("n_test", -1)])
+def test_influence_config_refuses_bad_values_before_any_work(field, value):
+    from ntkcore.errors import ParameterError
+    from ntkcore.experiments.pipeline import InfluenceConfig
+    with pytest.raises(ParameterError, match=field):
+        InfluenceConfig(**{field: value}).validate()
+
+
+def test_adversarial_training_refuses_rows_it_would_ignore():
+    import ntkcore as nc
+    from ntkcore.errors import ParameterError
+    from ntkcore.experiments.pipeline import train_network
+    ds = nc.load_dataset("digits", classes="3,8", n_train=40, n_test=5)
+    with pytest.raises(ParameterError, match="X_train"):
+        train_network(ds, "relu", 8, epochs=1, adv_eps=0.1, X_train=ds.X_train[::-1],
+                      progress=False)
+
+
+def test_a_large_top_k_keeps_its_lists_but_not_a_huge_figure(tmp_path):
+    import time
+
+    from ntkcore.experiments.influence_run import FIGURE_MAX_K, run_influence
+    from ntkcore.experiments.pipeline import InfluenceConfig
+    cfg = InfluenceConfig(n_train=60, n_test=5, width=16, epochs=1, top_k=100, show=2)
+    t0 = time.perf_counter()
+    summary = run_influence(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
+    assert time.perf_counter() - t0 < 60  # 201 subplot columns per row took minutes
+    assert len(summary["top_influences"][0]["helpful"]) == 60  # all n_train, capped at n
+    assert FIGURE_MAX_K < 60

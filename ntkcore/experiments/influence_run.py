@@ -247,8 +247,14 @@ def _top_table(ds, scores, shown, k):
     return rows
 
 
+#: Images per side in Figure 3 (the summary and influence.npz keep all top_k).
+FIGURE_MAX_K = 8
+
+
 def _figure(ds, scores, shown, k, path):
-    """Figure 3: each shown test image, its k most helpful and k most harmful training images."""
+    """Figure 3: each shown test image, its k (at most FIGURE_MAX_K) most helpful and most
+    harmful training images."""
+    k = min(k, FIGURE_MAX_K)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -246,7 +246,7 @@ def kernel_lipschitz_of(model, X_train, *, n_points=8, n_random=8, h=1e-2, seed=
     F = model.features_numpy(X_train)
     W = model.W_numpy()
     SF = (F @ W.T > 0).astype(np.float64)
-    m64 = copy.deepcopy(model).double()
+    m64 = copy.deepcopy(model).double().cpu()  # the Jacobian is taken at host points
 
     def rows(Q):
         return closed_form_entk(model, Q, X_train)

@@ -45,6 +45,11 @@ def apply_preset(cfg, presets: dict) -> dict:
     return d
 
 
+#: Largest ridge the CLI takes: the trained networks' objective (lam/2)||theta - theta_0||^2
+#: must stay finite in float32.
+MAX_LAM = 1e6
+
+
 @dataclass
 class InfluenceConfig(DataOptions):
     """Options of ``ntkcore influence`` (same names, same defaults)."""
@@ -63,17 +68,19 @@ class InfluenceConfig(DataOptions):
 
     def validate(self) -> "InfluenceConfig":
         """Check every option before any work starts (bad input fails in milliseconds)."""
-        from .._validate import check_positive
+        from .._validate import check_count, check_positive
         from ..backend import DEVICES
         check_positive(self.lam, "lam")
+        if self.lam > MAX_LAM:  # beyond it the objective overflows float32 training
+            raise ParameterError(f"lam: expected a value <= {MAX_LAM:g}, got {self.lam!r}")
         for name in ("width", "n_train", "top_k"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ParameterError(f"{name}: expected an integer >= 1, got {value!r}")
-        for name in ("n_test", "show"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ParameterError(f"{name}: expected an integer >= 0, got {value!r}")
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name, minimum=1)
+        for name in ("n_test", "show", "seed"):
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name, minimum=0)
+        if self.seed >= 2 ** 63:
+            raise ParameterError(f"seed: expected an integer < 2^63, got {self.seed!r}")
         if self.arch not in ("relu", "attn"):
             raise ParameterError(f"arch: expected 'relu' or 'attn', got {self.arch!r}")
         if self.device not in DEVICES:
@@ -86,10 +93,9 @@ class InfluenceConfig(DataOptions):
     def resolved_epochs(self) -> int:
         if self.preset not in PRESETS:
             raise ParameterError(f"preset: expected one of {tuple(PRESETS)}, got {self.preset!r}")
+        from .._validate import check_count
         epochs = PRESETS[self.preset]["epochs"] if self.epochs is None else self.epochs
-        if epochs < 0:
-            raise ParameterError(f"epochs: expected an integer >= 0, got {epochs!r}")
-        return int(epochs)
+        return check_count(epochs, "epochs", minimum=0)
 
 
 def load_data(cfg: InfluenceConfig):
@@ -135,6 +141,9 @@ def train_network(dataset, arch: str, width: int, *, epochs: int, lam: float = 1
     """
     from ..nn import make_model, train
 
+    if adv_eps is not None and X_train is not None:
+        raise ParameterError("X_train: adversarial training perturbs the pixels, so it cannot "
+                             "train on given rows; pass a dataset with the new pixels instead")
     X = dataset.X_train if X_train is None else X_train
     n_out = 1 if dataset.binary else dataset.n_classes
     dev = torch_device(device)

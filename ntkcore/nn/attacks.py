@@ -167,10 +167,12 @@ def model_loss_fn(model, preprocess, y, loss: str = "auto"):
 
 
 def _loss_fn_from_targets(model, preprocess, t, kind):
-    dtype = next(model.parameters()).dtype
+    p = next(model.parameters())
 
     def loss_fn(x_pixels):
+        # the attack's pixels may live on the host while the model trained on the GPU: the
+        # move is differentiable, so gradients still reach the pixels
         z = x_pixels if preprocess is None else preprocess(x_pixels)
-        return per_sample_loss(model(z.to(dtype)), t, kind)
+        return per_sample_loss(model(z.to(device=p.device, dtype=p.dtype)), t, kind)
 
     return loss_fn

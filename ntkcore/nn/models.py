@@ -188,7 +188,10 @@ class MLPAttn(_TwoLayerHead):
     fixed. After the training set changes (Prop. 4.5: perturbing one point changes every
     feature through M), call :meth:`set_attention` with the new set. A float64 copy of M is
     kept on the side, and the buffer is re-cast from it whenever the module changes dtype or
-    device, so ``copy.deepcopy(model).double()`` has exactly M = X^T X in float64.
+    device, so ``copy.deepcopy(model).double()`` has exactly M = X^T X in float64. A state
+    dict holds only M in the module's dtype: after ``load_state_dict`` call
+    :meth:`set_attention` with the training rows to get the float64 M back exactly (the
+    CLI's resume does; without it M is the float32 cast, ~5e-8 relative).
     """
 
     arch = "attn"
