@@ -528,13 +528,16 @@ class Shim(types.ModuleType):
         arrays = [_unwrap(x, "einsum") for x in operands]
         ins, _, out = subscripts.replace(" ", "").partition("->")
         specs = ins.split(",")
+        copies = []  # alive together until the product is done, as in CuPy
         if len(arrays) == 2:
             for spec, a in zip(specs, arrays):
                 order = [spec.index(c) for c in out if c in spec] + \
                         [i for i, c in enumerate(spec) if c not in out]
                 if a.ndim >= 2 and not np.transpose(a, order).flags.c_contiguous:
-                    _device_copy(np.transpose(a, order), "C")
-        return _wrap(np.einsum(subscripts, *arrays, **kwargs))
+                    copies.append(_device_copy(np.transpose(a, order), "C"))
+        result = _wrap(np.einsum(subscripts, *arrays, **kwargs))
+        del copies
+        return result
 
     def argsort(self, a, axis=-1, kind=None):
         return a.argsort(axis=axis, kind=kind)
