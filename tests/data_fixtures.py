@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,14 @@ def write_cifar10(root, n_train: int = 30, n_test: int = 10, seed: int = 0) -> P
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump(meta, fh)
     return root
+
+
+def fake_torchvision(monkeypatch, dataset_class):
+    """Make ``import torchvision.datasets`` return a module whose MNIST, FashionMNIST and
+    CIFAR10 are ``dataset_class`` (to test ``--download`` without a network)."""
+    fake = types.ModuleType("torchvision.datasets")
+    fake.MNIST = fake.FashionMNIST = fake.CIFAR10 = dataset_class
+    pkg = types.ModuleType("torchvision")
+    pkg.datasets = fake
+    monkeypatch.setitem(sys.modules, "torchvision", pkg)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import pickle
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ from ntkcore.errors import (CorruptDataError, DataNotFoundError, EmptySelectionE
                             NonFiniteError, ParameterError, ShapeError, UnknownDatasetError)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_fixtures import fixture_arrays, write_cifar10, write_idx, write_mnist  # noqa: E402
+from data_fixtures import (fake_torchvision, fixture_arrays, write_cifar10,  # noqa: E402
+                           write_idx, write_mnist)
 
 TOL = 1e-12
 
@@ -341,12 +341,7 @@ def test_download_failure_is_data_not_found(tmp_path, monkeypatch):
         def __init__(self, root, train, download):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
-    fake = types.ModuleType("torchvision.datasets")
-    fake.MNIST = fake.FashionMNIST = fake.CIFAR10 = Failing
-    pkg = types.ModuleType("torchvision")
-    pkg.datasets = fake
-    monkeypatch.setitem(sys.modules, "torchvision", pkg)
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)
+    fake_torchvision(monkeypatch, Failing)
     with pytest.raises(DataNotFoundError, match=r"Download into .* failed: RuntimeError"):
         load_dataset("mnist", root=tmp_path, download=True)
 

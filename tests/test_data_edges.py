@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ntkcore.errors import (CorruptDataError, DataNotFoundError, EmptySelectionE
                             ParameterError)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_fixtures import write_cifar10, write_idx, write_mnist  # noqa: E402
+from data_fixtures import fake_torchvision, write_cifar10, write_idx, write_mnist  # noqa: E402
 from test_cli import TINY, invoke, one_line_error  # noqa: E402
 
 
@@ -212,15 +211,6 @@ def test_classes_non_ascii_digits_cli(tmp_path):
 
 # --------------------------------------------------------------------------- 6. --download
 
-def _fake_torchvision(monkeypatch, cls):
-    fake = types.ModuleType("torchvision.datasets")
-    fake.MNIST = fake.FashionMNIST = fake.CIFAR10 = cls
-    pkg = types.ModuleType("torchvision")
-    pkg.datasets = fake
-    monkeypatch.setitem(sys.modules, "torchvision", pkg)
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)
-
-
 class _Failing:
     def __init__(self, root, train, download):
         raise RuntimeError("no network")
@@ -236,7 +226,7 @@ class _NoOp:
 @pytest.mark.parametrize("partial", [False, True])
 def test_failed_download_does_not_suggest_download(tmp_path, monkeypatch, downloader, needle,
                                                    partial):
-    _fake_torchvision(monkeypatch, downloader)
+    fake_torchvision(monkeypatch, downloader)
     root = tmp_path / "dl"
     if partial:
         write_mnist(root, 20, 10)
