@@ -68,10 +68,25 @@ def check_cols(a, b, name_a: str, name_b: str):
                          f"[{a.shape[1]}, {b.shape[1]}]")
 
 
+def as_scalar(value):
+    """A 0-d array (NumPy's or CuPy's, e.g. a reduction's result) as its Python number;
+    anything else unchanged."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def is_real_number(value) -> bool:
+    """A real number that is not a bool (after :func:`as_scalar`)."""
+    value = as_scalar(value)
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating))
+
+
 def check_positive(value, name: str) -> float:
     """``value`` as a float, or ParameterError unless it is a finite real number > 0."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                     np.floating)):
+    value = as_scalar(value)
+    if not is_real_number(value):
         raise ParameterError(f"{name}: expected a number > 0, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ParameterError(f"{name}: expected a finite value > 0, got {value!r}")
@@ -79,9 +94,11 @@ def check_positive(value, name: str) -> float:
 
 
 def check_count(value, name: str, minimum: int = 1) -> int:
-    """``value`` as an int, or ParameterError unless it is an integer >= ``minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
+    """``value`` as an int, or ParameterError unless it is an integer >= ``minimum`` (a float
+    with an integer value, such as 20.0, counts; 2.5 does not)."""
+    value = as_scalar(value)
+    whole = is_real_number(value) and math.isfinite(value) and float(value).is_integer()
+    if not whole or value < minimum:
         raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import check_positive
+from ._validate import as_scalar, check_positive, is_real_number
 from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
@@ -104,9 +104,8 @@ def _by_rows(fn, A, B, xp):
 
 
 def _check_tau(tau) -> float:
-    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.integer,
-                                                                 np.floating)) \
-            or not (0.0 < float(tau) < 1.0):
+    tau = as_scalar(tau)
+    if not is_real_number(tau) or not (0.0 < float(tau) < 1.0):
         raise ParameterError(f"tau: expected a number in (0, 1), got {tau!r}")
     return float(tau)
 

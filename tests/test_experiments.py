@@ -221,7 +221,7 @@ def test_interrupted_distance_resumes_at_the_first_unfinished_width(tmp_path, mo
 
 @pytest.mark.parametrize("field,value", [
     ("show", 2.5), ("top_k", 2.5), ("epochs", 2.5), ("epochs", True), ("seed", 2 ** 70),
-    ("width", "16"), ("lam", 1e300), ("n_test", -1)])
+    ("width", "16"), ("lam", 1e300), ("n_test", -1), ("seed", None)])
 def test_influence_config_refuses_bad_values_before_any_work(field, value):
     from ntkcore.errors import ParameterError
     from ntkcore.experiments.pipeline import InfluenceConfig

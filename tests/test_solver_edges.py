@@ -230,3 +230,34 @@ def test_approximate_solvers_say_what_the_a8_checks_did_not_measure(rng):
                                       ).diagnostics["checks"]
         assert checks["symmetric"] is True and "psd" not in checks
         assert solver in checks["not_measured"]
+
+
+def test_zero_d_arrays_and_whole_floats_are_numbers(rng):
+    """A lam computed by a reduction (a 0-d array) and counts given as whole floats are what
+    they say; only non-whole or non-numeric values are refused."""
+    K = _smooth_kernel(rng, 20)
+    Y, Kt, Yt = _targets(rng, 20)
+    ref = nc.loo_influence(K, Y, Kt, Yt, lam=1e-3, top_k=3, solver="exact")
+    res = nc.loo_influence(K, Y, Kt, Yt, lam=np.array(1e-3), top_k=np.array(3), solver="exact")
+    np.testing.assert_array_equal(res.scores, ref.scores)
+    np.testing.assert_array_equal(res.top_helpful, ref.top_helpful)
+    a = nc.loo_influence(K, Y, Kt, Yt, solver="nystrom", rank=10.0)
+    b = nc.loo_influence(K, Y, Kt, Yt, solver="nystrom", rank=10)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    X, W = rng.standard_normal((6, 3)), rng.standard_normal((4, 3))
+    np.testing.assert_array_equal(nc.relu_ntk(X, W, train_a=1), nc.relu_ntk(X, W, train_a=True))
+
+
+def test_a_kernel_psd_only_to_float32_rounding_runs_under_every_solver(rng):
+    """K = X X^T formed in float32 has eigenvalues down to about -4e-5 here; K + lam I is
+    positive definite, so the exact solver runs (psd: False), and so must Nystrom and CG."""
+    X = rng.standard_normal((600, 40)).astype(np.float32)
+    K = (X @ X.T).astype(np.float64)
+    Y, Kt, Yt = _targets(rng, 600)
+    exact = nc.loo_influence(K, Y, Kt, Yt, lam=1e-2, solver="exact")
+    assert exact.diagnostics["checks"]["psd"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for solver, opts in [("nystrom", {"rank": 100}), ("cg", {"rank": 100, "progress": False,
+                                                               "tol": 1e-6})]:
+            nc.loo_influence(K, Y, Kt, Yt, lam=1e-2, solver=solver, **opts)

@@ -76,10 +76,10 @@ class InfluenceConfig(DataOptions):
         for name in ("width", "n_train", "top_k"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name, minimum=1)
-        for name in ("n_test", "show", "seed"):
+        for name in ("n_test", "show"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name, minimum=0)
-        if self.seed >= 2 ** 63:
+        if check_count(self.seed, "seed", minimum=0) >= 2 ** 63:
             raise ParameterError(f"seed: expected an integer < 2^63, got {self.seed!r}")
         if self.arch not in ("relu", "attn"):
             raise ParameterError(f"arch: expected 'relu' or 'attn', got {self.arch!r}")

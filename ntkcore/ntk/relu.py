@@ -82,7 +82,8 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     if m < 1:
         raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
                          f"{tuple(W.shape)}")
-    if not isinstance(train_a, (bool, np.bool_)):
+    if not (isinstance(train_a, (bool, np.bool_, int, np.integer))
+            and train_a in (0, 1)):
         raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
     if tile is not None:
         tile = check_count(tile, "tile")

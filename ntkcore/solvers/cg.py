@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validate import check_count
+from .._validate import as_scalar, check_count, is_real_number
 from ..backend import backend_for
 from ..errors import ConvergenceError, NonFiniteError, NotPSDError, ParameterError, ShapeError
 from .base import KRRFit, Timer
@@ -308,9 +308,8 @@ def check_cg_options(*, tol=DEFAULT_TOL, atol=0.0, maxiter=DEFAULT_MAXITER,
                      probes=DEFAULT_PROBES) -> None:
     """ParameterError unless 0 < tol < 1 (tol >= 1 is met by x = 0), atol is finite and
     >= 0, maxiter is an integer >= 1 (or None) and probes an integer >= 2."""
-    def real(v):
-        return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer,
-                                                                      np.floating))
+    tol, atol = as_scalar(tol), as_scalar(atol)
+    real = is_real_number
     if not (real(tol) and 0 < tol < 1):
         raise ParameterError(f"tol: expected a value in (0, 1), got {tol!r}")
     if not (real(atol) and 0 <= atol < np.inf):

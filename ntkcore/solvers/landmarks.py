@@ -28,6 +28,7 @@ import warnings
 
 import numpy as np
 
+from .._validate import check_count
 from ..backend import backend_for
 from ..errors import NotPSDError, ParameterError
 from ..ntk.tiling import tiles
@@ -41,8 +42,10 @@ PIVOT_RTOL = 1e-12
 #: RPCholesky stops early once tr(K - F F^T) <= TRACE_RTOL * tr(K) (the factor is exact to
 #: rounding); the residual trace is reported either way.
 TRACE_RTOL = 1e-13
-#: A residual diagonal diag(K - F F^T) below -PSD_RTOL * max diag(K) proves K indefinite (for
-#: a PSD K it is a Schur complement's diagonal, >= 0 up to rounding of ~1e-15 relative).
+#: A residual diagonal diag(K - F F^T) below -max(ridge, PSD_RTOL * max diag(K)) is refused:
+#: for a PSD K it is a Schur complement's diagonal, >= 0 up to rounding; below -ridge the
+#: ridge cannot absorb it (the exact solver's Cholesky of K + lam I fails on such kernels), and
+#: a kernel that is PSD only to float32 rounding (eigenvalues ~ -4e-5) still passes.
 PSD_RTOL = 1e-9
 #: Columns read per RPCholesky round: large enough for BLAS-3 column assembly, small enough
 #: that sampling adapts (Epperly et al. use blocks of this order).
@@ -199,13 +202,11 @@ def check_landmarks(landmarks):
 
 
 def check_rank(rank, n):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ParameterError(f"rank: expected an integer >= 1, got {rank!r}")
-    return int(min(rank, n))
+    return min(check_count(rank, "rank"), int(n))
 
 
 def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 0,
-                   block: int = DEFAULT_BLOCK):
+                   block: int = DEFAULT_BLOCK, ridge: float = 0.0):
     """Low-rank factor F (n, k), k <= rank, with F F^T = K_nJ K_JJ^-1 K_Jn for landmarks J.
 
     Parameters
@@ -213,6 +214,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     op : kernel operator (``n``, ``diag()``, ``columns(idx)``); see :func:`as_operator`.
     rank : int, number of landmarks requested (capped at n).
     landmarks : "uniform" | "rpcholesky", default "rpcholesky" (adaptive; better for a given r).
+    ridge : float, the lam of the system the factor serves: a residual diagonal below -ridge
+        (or below rounding, when larger) is NotPSDError (see PSD_RTOL).
     seed : int, seed of the landmark draw (NumPy ``default_rng``).
     block : int, columns per RPCholesky round.
 
@@ -233,7 +236,7 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     d_host = be.to_host(d).astype(np.float64).copy()
     trace0 = float(d_host.sum())
     tol_abs = PIVOT_RTOL * float(d_host.max()) if n else 0.0
-    psd_tol = PSD_RTOL * float(np.abs(d_host).max()) if n else 0.0
+    psd_tol = max(float(ridge), PSD_RTOL * float(np.abs(d_host).max()) if n else 0.0)
     _check_residual_diag(d_host, psd_tol)
     rng = np.random.default_rng(seed)
     F = xp.zeros((n, rank), dtype=np.float64, order="F")
@@ -274,9 +277,10 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
 def _check_residual_diag(d_host, psd_tol: float) -> None:
     worst = float(d_host.min()) if d_host.size else 0.0
     if worst < -psd_tol:
-        raise NotPSDError(f"nystrom: K is not positive semidefinite: diag(K - K_hat) reached "
-                          f"{worst:.3g} (a PSD K keeps it >= 0 up to rounding, "
-                          f"{-psd_tol:.2g} here). Check the kernel (is it a valid NTK?)")
+        raise NotPSDError(f"K is not positive semidefinite: the residual diagonal of its "
+                          f"low-rank factor, diag(K - K_hat), reached {worst:.3g}, below "
+                          f"{-psd_tol:.2g} (the ridge, or rounding); a PSD K keeps it >= 0. "
+                          f"Check the kernel (is it a valid NTK?) or raise lam")
 
 
 def _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots):

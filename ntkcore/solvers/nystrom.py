@@ -202,7 +202,7 @@ def nystrom_inverse(K, lam: float, *, rank: int | None = None, landmarks: str = 
     check_landmarks(landmarks)
     timer = timer or Timer()
     with timer("landmarks"):
-        F, info = nystrom_factor(op, rank, landmarks=landmarks, seed=seed)
+        F, info = nystrom_factor(op, rank, landmarks=landmarks, seed=seed, ridge=lam)
     with timer("woodbury"):
         return NystromInverse(F, lam, info, diag_correction=diag_correction)
 

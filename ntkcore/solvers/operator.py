@@ -73,7 +73,8 @@ class ReluNTKOperator:
         if self.W.shape[0] < 1:
             raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
                              f"{tuple(self.W.shape)}")
-        if not isinstance(train_a, (bool, np.bool_)):
+        if not (isinstance(train_a, (bool, np.bool_, int, np.integer))
+                and train_a in (0, 1)):
             raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
         self.train_a = bool(train_a)
         self.tile = check_count(tile, "tile")
