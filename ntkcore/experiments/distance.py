@@ -160,7 +160,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
             distance_figure(run.output("fig1_ntk_distance.png"), widths,
                             {a: [r["distance"] for r in v["widths"]] for a, v in per_arch.items()},
                             title=f"NTK distance, {ds.name} classes {list(ds.classes)}")
-            results["files"] = ["table.md", "results.json", "fig1_ntk_distance.png"]
+            results["files"] = ["table.md", "results.json", "fig1_ntk_distance.png", "run.json"]
             atomic_write_text(run.output("table.md"), results["table"])
             atomic_write_json(run.output("results.json"), results)
             run.finish()

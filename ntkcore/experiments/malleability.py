@@ -551,7 +551,7 @@ def _write_outputs(run, results, scores):
     s = results["config"]
     std = [r for r in results["runs"] if r["training"] == "standard"]
     out = run.output
-    files = ["table.md", "results.json", "scores.npz"]
+    files = ["table.md", "results.json", "scores.npz", "run.json"]
     archs = [r["arch"] for r in std]
     if "transformed" in s["interventions"]:
         vals = {r["arch"]: [100 * r["interventions"]["transformed"][a]["flip_rate"]["mean"]

@@ -274,6 +274,15 @@ def _make_dir(path):
 
 
 def _umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask would set it for a moment,
+    racing with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -117,7 +117,7 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                         attention_eigenvalues=rep["attention_eigenvalues"],
                         title=f"Spectrum of G = XX^T, {ds.name} classes {list(ds.classes)}, "
                               f"n={ds.n_train}")
-        results["files"] = ["table.md", "results.json", "spectrum.png"]
+        results["files"] = ["table.md", "results.json", "spectrum.png", "run.json"]
         atomic_write_text(run.output("table.md"), results["table"])
         atomic_write_json(run.output("results.json"), results)
         run.finish()

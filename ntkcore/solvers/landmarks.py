@@ -93,7 +93,8 @@ class CachedReluNTK:
                 self.H[i0:i1] = xp.maximum(Z, 0)
 
     def diag(self):
-        """K_ii = (#active units / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m)."""
+        """K_ii = (sum_r a_r^2 1[unit r active at x_i] / m) ||x_i||^2 (+ ||relu(W x_i)||^2 / m);
+        a_r^2 = 1 without output weights."""
         xp = self.xp
         active = self.S.sum(axis=1, dtype=np.float64) if self.weights is None else \
             self.S.astype(np.float64) @ self.weights
