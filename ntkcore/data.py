@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _formats
 from ._dataset import Dataset
+from ._validate import check_count
 from .errors import CorruptDataError, EmptySelectionError, ParameterError, UnknownDatasetError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic")
@@ -190,13 +191,8 @@ def dataset_status(root=None) -> list:
 
 
 def _check_count(value, name: str, minimum: int):
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ParameterError(f"{name}: expected an integer >= {minimum} or None, got {value!r}")
-    if value < minimum:
-        raise ParameterError(f"{name}: expected an integer >= {minimum} or None, got {value}")
-    return int(value)
+    """None (the default), or ``value`` as an int >= ``minimum`` (see _validate.check_count)."""
+    return None if value is None else check_count(value, name, minimum)
 
 
 def _read_raw(name: str, root, download: bool) -> dict:
