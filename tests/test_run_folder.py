@@ -87,7 +87,8 @@ def test_files_are_registered_before_they_are_written(tmp_path):
 def test_a_failed_start_leaves_no_manifest_and_no_new_folder(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError):
-        with RunFolder(out, "cmd", CFG):
+        with RunFolder(out, "cmd", CFG) as run:
+            _write(run, "table.md")  # a stage-less command failing while it writes
             raise ValueError("bad input found after the folder was opened")
     assert not out.exists()
     with RunFolder(out, "cmd", {**CFG, "seed": 9}) as run:  # the corrected command runs

@@ -95,11 +95,12 @@ class RunFolder:
         return False
 
     def close(self, *, failed: bool = False) -> None:
-        """Release the folder. A failed run that finished no stage leaves no manifest (and no
-        folder, if it made the folder and left it empty)."""
+        """Release the folder. A failed run that finished no stage leaves nothing behind: not
+        the files it had begun to write, not its manifest, and not the folder if it made it."""
         manifest = getattr(self, "manifest", None)
         if failed and manifest is not None and not manifest["stages"] \
                 and not manifest["complete"]:
+            self._delete(manifest["files"])
             (self.path / MANIFEST).unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
