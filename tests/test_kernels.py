@@ -228,7 +228,7 @@ def test_topk_matches_stable_argsort(backend, T, n, C, k, keep):
 def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypatch):
     """The per-C CPU scoring source goes to $NTKCORE_CACHE/kernels, is named by a hash of its
     text, is not rewritten by a second process-level load, and computes the formula."""
-    from ntkcore.kernels import numba_scoring
+    from ntkcore.kernels import _generated, numba_scoring
     monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
     numba_scoring.scoring_kernel.cache_clear()
     try:
@@ -237,7 +237,7 @@ def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypat
         assert len(files) == 1 and "C = 2" in files[0].read_text()
         stamp = files[0].stat().st_mtime_ns
         numba_scoring.scoring_kernel.cache_clear()
-        assert numba_scoring._write_source(files[0].name, numba_scoring._render(2)) == files[0]
+        assert _generated.write_source(files[0].name, numba_scoring._render(2)) == files[0]
         assert files[0].stat().st_mtime_ns == stamp  # same text: left alone
         rng = np.random.default_rng(5)
         B, dinv, alpha, R = _scoring_problem(rng, 9, 70, 2)
@@ -250,13 +250,13 @@ def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypat
 
 def test_generated_scoring_source_falls_back_when_the_cache_is_unwritable(tmp_path,
                                                                            monkeypatch):
-    from ntkcore.kernels import numba_scoring
+    from ntkcore.kernels import _generated
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("NTKCORE_CACHE", str(blocker))
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    monkeypatch.setattr(numba_scoring.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    path = numba_scoring._write_source("score_test.py", "x = 1\n")
+    monkeypatch.setattr(_generated.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = _generated.write_source("score_test.py", "x = 1\n")
     assert path.parent.parent == tmp_path / "tmp" and path.read_text() == "x = 1\n"
 
 
@@ -341,3 +341,35 @@ def test_cuda_sources_compile_with_nvrtc(name, dtype, defines):
     log = bytes(buf).rstrip(b"\0")
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
     assert b"warning" not in log.lower(), log.decode(errors="replace")
+
+
+# ----------------------------------------------------------------------------- A.8 products
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 67])
+@pytest.mark.parametrize("k", [1, 4, 8, 9, 17])
+def test_lower_gram_apply_reads_only_the_triangle(n, k):
+    """Linv^T (Linv V) from the Numba kernel equals the float64 product of the lower triangle,
+    with NaN poisoning the strict upper part (never read) and ragged row/column counts (rows
+    not a multiple of 4, columns not a multiple of 8, more parts than rows)."""
+    from ntkcore.kernels.triangular import lower_gram_apply
+    rng = np.random.default_rng(n * 31 + k)
+    Lt = np.tril(rng.standard_normal((n, n)))
+    poisoned = Lt.copy()
+    poisoned[np.triu_indices(n, 1)] = np.nan
+    V = rng.standard_normal((n, k))
+    assert_close(lower_gram_apply(poisoned, V), Lt.T @ (Lt @ V), what="L^-T L^-1 V")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (7, 5), (13, 13), (66, 40)])
+@pytest.mark.parametrize("k", [1, 8, 11])
+def test_abs_row_sums_and_product_in_one_pass(shape, k):
+    from ntkcore.kernels.triangular import abs_row_sums_and_product
+    rng = np.random.default_rng(shape[0] + k)
+    M = rng.standard_normal(shape)
+    V = rng.standard_normal((shape[1], k))
+    rows, MV = abs_row_sums_and_product(M, V)
+    assert_close(rows, np.abs(M).sum(axis=1), what="row sums of |M|")
+    assert_close(MV, M @ V, what="M V")
+    # the row-block fallback (strided, not what the kernel streams) gives the same numbers
+    rows2, MV2 = abs_row_sums_and_product(np.asfortranarray(M), V)
+    assert_close(rows2, np.abs(M).sum(axis=1), what="fallback row sums")
+    assert_close(MV2, M @ V, what="fallback M V")

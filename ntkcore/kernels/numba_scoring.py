@@ -8,22 +8,17 @@ one column of alpha^T is loaded once for all four rows, and B is read and the sc
 the same loop. LLVM vectorises that loop only when C is a compile-time constant and the 4C
 residuals are named scalars, so the source is written out per C from the template below.
 
-Each generated module is a plain ``.py`` file under the user cache folder (``$NTKCORE_CACHE``,
-else ``$XDG_CACHE_HOME/ntkcore``, else ``~/.cache/ntkcore``; the system temp folder when
-those cannot be written), named by C and a hash of the template, and its function is
-``njit(parallel=True, cache=True)``: compiled once per machine, not once per process (rule 9).
+Each generated module is saved and loaded by :mod:`._generated` (named by C and a hash of the
+text) and its function is ``njit(parallel=True, cache=True)``: compiled once per machine, not
+once per process (rule 9).
 ``fastmath`` stays off; U = B * (1 / diag) differs from B / diag by at most one rounding.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
-from pathlib import Path
+
+from ._generated import load_generated
 
 #: class counts above this use the generic kernel (4C live scalars would spill registers)
 MAX_SPECIALISED_C = 32
@@ -84,32 +79,6 @@ def _render(C: int) -> str:
                             alpha_loads=alpha_loads, row_scores=row_scores)
 
 
-def _cache_dirs():
-    """Candidate folders for generated sources, most preferred first."""
-    if os.environ.get("NTKCORE_CACHE"):
-        yield Path(os.environ["NTKCORE_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    yield Path(base) / "ntkcore" / "kernels"
-    yield Path(tempfile.gettempdir()) / f"ntkcore-{os.getuid() if hasattr(os, 'getuid') else 0}"
-
-
-def _write_source(name: str, source: str) -> Path:
-    """The path of ``name`` holding ``source``, written atomically into the first usable folder."""
-    for folder in _cache_dirs():
-        path = folder / name
-        try:
-            if path.is_file() and path.read_text() == source:
-                return path
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(source)
-            os.replace(tmp, path)
-            return path
-        except OSError:
-            continue
-    raise OSError("no writable cache folder for the generated scoring kernels")
-
-
 @functools.lru_cache(maxsize=None)
 def scoring_kernel(C: int):
     """``score_rows(B, inv_d, half_sq, alphaT, R, out)`` compiled for class count C.
@@ -117,12 +86,4 @@ def scoring_kernel(C: int):
     B, out : (T, n) C-contiguous (``out`` may be ``B``); inv_d = 1 / diag(A^-1), half_sq =
     ||alpha_i||^2 / 2 : (n,); alphaT : (C, n) contiguous; R : (T, C) residuals.
     """
-    source = _render(C)
-    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
-    name = f"score_c{C}_{digest}.py"
-    path = _write_source(name, source)
-    spec = importlib.util.spec_from_file_location(f"ntkcore_generated_{name[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Numba's on-disk cache looks the module up by name
-    spec.loader.exec_module(module)
-    return module.score_rows
+    return load_generated(f"score_c{C}", _render(C), "score_rows")
