@@ -76,6 +76,24 @@ def test_an_estimate_below_minus_tau_disproves_psd(rng):
     assert packed["checks"]["psd"] is False
 
 
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_dense_solver_estimates_above_the_exact_spectrum_size(rng, monkeypatch, order):
+    """Beyond EXACT_SPECTRUM_MAX_N the dense solver's A.8 checks come from one pass over K
+    (1-norm and probes) and subspace iteration on L^-T L^-1 (the Numba triangle kernels):
+    they find an isolated eigenvalue -5e-4, the 1-norm, and an accurate inverse."""
+    from ntkcore.solvers import exact
+    monkeypatch.setattr(exact, "EXACT_SPECTRUM_MAX_N", 0)
+    ev = np.concatenate([np.linspace(0.1, 5, 198), [-5e-4]])
+    K = np.asarray(_spectrum_kernel(rng, ev), order=order)
+    Y, Kt, Yt = _targets(rng, 199)
+    d = nc.loo_influence(K, Y, Kt, Yt, lam=LAM, solver="exact").diagnostics
+    assert "lambda_min_K" not in d  # the estimators ran, not eigvalsh
+    assert d["lambda_min_K_estimate"] == pytest.approx(-5e-4, rel=1e-3)
+    assert d["checks"]["psd"] is False
+    assert d["A_norm_1"] == pytest.approx(np.abs(K).sum(axis=1).max() + LAM, rel=1e-13)
+    assert d["inverse_residual_probe"] < 1e-10
+
 # ------------------------------------------------------------------ indefinite kernels
 def test_every_solver_refuses_a_clearly_indefinite_kernel(rng):
     ev = np.linspace(0.01, 2, 60)
