@@ -51,7 +51,7 @@ def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool =
         a = a.astype(dtype, copy=False)
     elif a.dtype.kind not in "f":
         a = a.astype(xp.float64)
-    if a.size and not bool(xp.isfinite(a).all()):
+    if not all_finite(a):
         raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
     return a
 
@@ -66,6 +66,50 @@ def check_cols(a, b, name_a: str, name_b: str):
     if a.shape[1] != b.shape[1]:
         raise ShapeError(f"{name_a} and {name_b}: inconsistent feature dimensions: "
                          f"[{a.shape[1]}, {b.shape[1]}]")
+
+
+def check_min_cols(a, name: str, what: str = "feature column (d >= 1)"):
+    """ShapeError unless the 2-D ``a`` has at least one column (``what`` names it)."""
+    if a.shape[1] < 1:
+        raise ShapeError(f"{name}: expected at least one {what}, got shape {tuple(a.shape)}")
+    return a
+
+
+def may_share_memory(a, b) -> bool:
+    """Whether two arrays of one device may overlap in memory (a bounds check, no scan)."""
+    if is_gpu_array(a) != is_gpu_array(b):
+        return False
+    return bool(_xp(a).may_share_memory(a, b))
+
+
+#: entries per block of :func:`all_finite` (a boolean temporary of at most 16 MB)
+FINITE_CHECK_ENTRIES = 1 << 24
+
+
+def all_finite(a) -> bool:
+    """Whether every entry of ``a`` is finite: one pass by row blocks, so the boolean
+    temporary stays under FINITE_CHECK_ENTRIES bytes for any size."""
+    if a.size == 0:
+        return True
+    xp = _xp(a)
+    if a.ndim == 0:
+        return bool(xp.isfinite(a))
+    rows = max(1, FINITE_CHECK_ENTRIES // max(1, a.size // a.shape[0]))
+    return all(bool(xp.isfinite(a[i0:i0 + rows]).all()) for i0 in range(0, a.shape[0], rows))
+
+
+def check_result_finite(out, what: str):
+    """``out``, or NonFiniteError when it holds NaN or Inf.
+
+    For results computed from inputs already checked finite: a NaN or Inf there is float
+    overflow. One pass over ``out`` by row blocks (a bounded temporary, any size). Call sites
+    compute under ``np.errstate(over="ignore", invalid="ignore")`` so that the error, not
+    NumPy's RuntimeWarning, reports it.
+    """
+    if not all_finite(out):
+        raise NonFiniteError(f"{what}: the result overflowed {out.dtype} (NaN or Inf from "
+                             f"finite inputs); rescale the inputs")
+    return out
 
 
 def as_scalar(value):
@@ -101,6 +145,14 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     if not whole or value < minimum:
         raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool, or ParameterError unless it is True/False (or 0/1)."""
+    value = as_scalar(value)
+    if not (isinstance(value, (bool, np.bool_, int, np.integer)) and value in (0, 1)):
+        raise ParameterError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 def check_square_symmetric(K, name: str = "K", *, rtol: float | None = None):

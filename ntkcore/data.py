@@ -24,7 +24,13 @@ import numpy as np
 from . import _formats
 from ._dataset import Dataset
 from ._validate import check_count
-from .errors import CorruptDataError, EmptySelectionError, ParameterError, UnknownDatasetError
+from .errors import (
+    CorruptDataError,
+    EmptySelectionError,
+    MemoryBudgetError,
+    ParameterError,
+    UnknownDatasetError,
+)
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic")
 
@@ -253,6 +259,26 @@ def _require_every_class(y, classes, name: str, n_train, seed: int):
             f"(--n-train; at least {len(classes)}) or another seed (--seed)")
 
 
+def synthetic_bytes(n_train: int, n_test: int, dim: int) -> int:
+    """Peak bytes of generating synthetic data: the float64 pixels and int64 labels of both
+    splits, plus about three (n, dim) float64 temporaries of the larger split."""
+    return 8 * (dim + 1) * (n_train + n_test) + 24 * dim * max(n_train, n_test)
+
+
+def _check_synthetic_fits(n_train: int, n_test: int, dim: int):
+    """MemoryBudgetError, before allocating, when the request exceeds the available host RAM
+    (not NTKCORE_MEMORY_LIMIT, which budgets the kernel and solver work)."""
+    from . import backend
+    need = synthetic_bytes(n_train, n_test, dim)
+    free = backend.host_available_bytes()
+    if need > free:
+        raise MemoryBudgetError(
+            f"synthetic: n_train={n_train}, n_test={n_test}, dim={dim} needs about "
+            f"{need / 2**30:.3g} GiB to generate, over the {free / 2**30:.3g} GiB of available "
+            f"memory; ask for fewer samples or a smaller dim", needed_bytes=need,
+            budget_bytes=free)
+
+
 def _synthetic(classes, n_train, n_test, dim, seed):
     """Seeded Gaussian class mixture, pixels = sigmoid(mu_c + noise), class means per seed.
 
@@ -307,6 +333,8 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
     Raises
     ------
     UnknownDatasetError, DataNotFoundError, CorruptDataError
+    MemoryBudgetError
+        Synthetic data larger than the available memory (checked before allocating).
     EmptySelectionError
         A selected class has no training sample in the files or in the seeded subset.
     ParameterError
@@ -330,6 +358,7 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         d = dim or SYNTHETIC_DEFAULTS["dim"]
         nt = SYNTHETIC_DEFAULTS["n_train"] if n_train is None else n_train
         ne = SYNTHETIC_DEFAULTS["n_test"] if n_test is None else n_test
+        _check_synthetic_fits(nt, ne, d)
         px_tr, y_tr, px_te, y_te = _synthetic(cls, nt, ne, d, seed)
         _require_every_class(y_tr, cls, name, nt, seed)
         side = math.isqrt(d)

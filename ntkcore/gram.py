@@ -5,13 +5,23 @@ All functions accept NumPy or CuPy arrays and return the same kind (dispatch via
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_float_matrix, check_cols
+from ._validate import (
+    as_float_matrix,
+    as_scalar,
+    check_cols,
+    check_count,
+    check_flag,
+    check_min_cols,
+    check_result_finite,
+    is_real_number,
+)
 from .backend import backend_for
-from .errors import ParameterError, ShapeError
+from .errors import ConvergenceError, ParameterError, ShapeError
 
 
 def gram(X, X2=None):
@@ -25,14 +35,23 @@ def gram(X, X2=None):
     Returns
     -------
     (n, n2) array, same kind and dtype as X.
+
+    Raises
+    ------
+    ShapeError : d = 0, or X2 with another d. NonFiniteError : NaN/Inf in the inputs, or a
+    result that overflowed (rescale the inputs).
     """
-    X = as_float_matrix(X, "X")
-    if X2 is None:
-        G = _self_gram(X)
-        return (G + G.T) * 0.5  # exact symmetry regardless of BLAS blocking
-    X2 = as_float_matrix(X2, "X2")
-    check_cols(X, X2, "X", "X2")
-    return X @ X2.T
+    X = check_min_cols(as_float_matrix(X, "X"), "X")
+    if X2 is not None:
+        X2 = as_float_matrix(X2, "X2")
+        check_cols(X, X2, "X", "X2")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        if X2 is None:
+            G = _self_gram(X)
+            G = (G + G.T) * 0.5  # exact symmetry regardless of BLAS blocking
+        else:
+            G = X @ X2.T
+    return check_result_finite(G, "gram")
 
 
 def _self_gram(X):
@@ -63,19 +82,25 @@ def gram_power(X, p: int):
     Returns
     -------
     (n, n) symmetric array.
+
+    Raises
+    ------
+    ParameterError : p not an integer >= 1 (bools are refused). ShapeError : d = 0.
+    NonFiniteError : NaN/Inf in X, or a result that overflowed (rescale X or lower p).
     """
-    X = as_float_matrix(X, "X")
-    if not isinstance(p, (int, np.integer)) or p < 1:
-        raise ParameterError(f"p: expected an integer >= 1, got {p!r}")
+    X = check_min_cols(as_float_matrix(X, "X"), "X")
+    p = check_count(p, "p")
     n, d = X.shape
     xp = backend_for(X).xp
-    if n > d:
-        M = X.T @ X  # (d, d)
-        inner = _matrix_power(M, p - 1, xp)
-        out = X @ inner @ X.T
-    else:
-        out = _matrix_power(X @ X.T, p, xp)
-    return (out + out.T) * 0.5
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        if n > d:
+            M = X.T @ X  # (d, d)
+            inner = _matrix_power(M, p - 1, xp)
+            out = X @ inner @ X.T
+        else:
+            out = _matrix_power(X @ X.T, p, xp)
+        out = (out + out.T) * 0.5
+    return check_result_finite(out, f"gram_power(p={p})")
 
 
 def _matrix_power(A, p, xp):
@@ -92,6 +117,10 @@ def _matrix_power(A, p, xp):
 
 
 def _rownorm(A, xp):
+    """Unit rows (zero rows stay zero); each row is first divided by its largest |entry|, so
+    that the norm of a finite row never overflows."""
+    peak = xp.abs(A).max(axis=1, keepdims=True)  # d >= 1 (checked by the caller)
+    A = A / xp.where(peak > 0, peak, 1.0)
     norms = xp.linalg.norm(A, axis=1, keepdims=True)
     norms = xp.where(norms > 0, norms, 1.0)
     return A / norms
@@ -114,16 +143,21 @@ def attention_features(X, Q=None, normalize: bool = True):
     Returns
     -------
     (T, d) array (or (n, d) when Q is None).
+
+    Raises
+    ------
+    ShapeError : d = 0, or Q with another d. ParameterError : normalize not a bool.
+    NonFiniteError : NaN/Inf in the inputs, or features that overflowed (rescale X).
     """
-    X = as_float_matrix(X, "X")
-    xp = backend_for(X).xp
-    M = X.T @ X
-    if Q is None:
-        F = X @ M
-    else:
+    X = check_min_cols(as_float_matrix(X, "X"), "X")
+    if Q is not None:
         Q = as_float_matrix(Q, "Q")
         check_cols(X, Q, "X", "Q")
-        F = Q @ M
+    normalize = check_flag(normalize, "normalize")
+    xp = backend_for(X).xp
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        M = X.T @ X
+        F = check_result_finite(X @ M if Q is None else Q @ M, "attention_features")
     return _rownorm(F, xp) if normalize else F
 
 
@@ -133,7 +167,8 @@ class SpectrumResult:
 
     Attributes
     ----------
-    eigenvalues : (min(n, d),) descending nonzero-side eigenvalues of G (from the cheaper side)
+    eigenvalues : (min(n, d),) descending nonzero-side eigenvalues of G (from the cheaper side),
+        on X's device (NumPy or CuPy)
     kappa : lambda_1 / lambda_n of G (inf when G is singular, i.e. n > d or rank-deficient)
     kappa_effective : lambda_1 / lambda_r over the numerically nonzero eigenvalues (Remark B.11)
     kappa_cubed : kappa(G^3) from the eigenvalues of the matrix G^3 (Theorem 4.7: = kappa^3)
@@ -142,7 +177,7 @@ class SpectrumResult:
     n, d : shape of X
     """
 
-    eigenvalues: np.ndarray
+    eigenvalues: object
     kappa: float
     kappa_effective: float
     kappa_cubed: float
@@ -162,38 +197,62 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
 
     Parameters
     ----------
-    X : (n, d) array
-    rank_rtol : eigenvalues below rank_rtol * lambda_1 count as zero
+    X : (n, d) array, NumPy or CuPy (the eigenvalues are returned on X's device; the
+        condition numbers and rank are Python numbers).
+    rank_rtol : float >= 0, optional
+        Eigenvalues at or below rank_rtol * lambda_1 count as zero
         (default: max(n, d) * eps(float64), the usual numerical-rank threshold).
+
+    Raises
+    ------
+    ShapeError : no rows or no columns. ParameterError : rank_rtol not a finite number >= 0.
+    NonFiniteError : NaN/Inf in X, or G (or G^3) overflowed float64 (rescale X).
+    ConvergenceError : the eigensolver did not converge.
     """
-    X = as_float_matrix(X, "X", dtype=np.float64)
+    X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
     if X.shape[0] == 0:
         raise ShapeError(f"X: expected at least one row (a Gram matrix with a spectrum), got "
                          f"shape {tuple(X.shape)}")
+    if rank_rtol is not None:
+        value = as_scalar(rank_rtol)
+        if not is_real_number(value) or not (math.isfinite(value) and value >= 0):
+            raise ParameterError(f"rank_rtol: expected a finite number >= 0, got "
+                                 f"{rank_rtol!r}")
+        rank_rtol = float(value)
     be = backend_for(X)
+    xp = be.xp
     n, d = X.shape
-    small = X @ X.T if n <= d else X.T @ X
-    ev = be.to_host(be.eigvalsh((small + small.T) * 0.5))[::-1].copy()
-    ev = np.clip(ev, 0.0, None)
-    lam1 = float(ev[0]) if ev.size else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        small = check_result_finite(X @ X.T if n <= d else X.T @ X, "spectrum: X X^T")
+        # kappa(G^3) from the matrix G^3 itself (not by cubing lambda), so that the identity
+        # kappa(G^3) = kappa(G)^3 of Theorem 4.7 is a check, not a tautology. The nonzero
+        # spectrum of G^3 is that of small^3 (X^T X)^3 or (X X^T)^3 on the smaller side.
+        cube = check_result_finite(small @ small @ small, "spectrum: (X X^T)^3")
+    ev = _descending_eigenvalues(be, small)  # on X's device
+    lam1 = float(ev[0])
     rtol = max(n, d) * np.finfo(np.float64).eps if rank_rtol is None else rank_rtol
-    nonzero = ev[ev > rtol * lam1] if lam1 > 0 else ev[:0]
-    rank = int(nonzero.size)
+    rank = int(xp.count_nonzero(ev > rtol * lam1)) if lam1 > 0 else 0  # a prefix: descending
     notes = []
     full_rank = n <= d and rank == n
     kappa = lam1 / float(ev[-1]) if full_rank else float("inf")
-    kappa_eff = lam1 / float(nonzero[-1]) if rank else float("inf")
+    kappa_eff = lam1 / float(ev[rank - 1]) if rank else float("inf")
     if not full_rank:
         notes.append(f"G is singular (n={n}, d={d}, rank={rank}); kappa(G) is infinite, "
                      f"effective kappa over {rank} nonzero eigenvalues reported")
-    # kappa(G^3) from the matrix G^3 itself (not by cubing lambda), so that the identity
-    # kappa(G^3) = kappa(G)^3 of Theorem 4.7 is a check, not a tautology. The nonzero spectrum
-    # of G^3 is that of small^3 (X^T X)^3 or (X X^T)^3 on the smaller side.
-    cube = small @ small @ small
-    ev3 = np.clip(be.to_host(be.eigvalsh((cube + cube.T) * 0.5))[::-1], 0.0, None)
-    top3 = ev3[:rank] if rank else ev3[:0]
-    kappa3_eff = float(top3[0] / top3[-1]) if rank and top3[-1] > 0 else float("inf")
+    ev3 = _descending_eigenvalues(be, cube)
+    top3_last = float(ev3[rank - 1]) if rank else 0.0
+    kappa3_eff = float(ev3[0]) / top3_last if rank and top3_last > 0 else float("inf")
     kappa3 = kappa3_eff if full_rank else float("inf")
     return SpectrumResult(eigenvalues=ev, kappa=kappa, kappa_effective=kappa_eff,
                           kappa_cubed=kappa3, kappa_cubed_effective=kappa3_eff, rank=rank,
                           n=n, d=d, notes=notes)
+
+
+def _descending_eigenvalues(be, S):
+    """Eigenvalues of the symmetric part of S, descending, clipped at 0, on S's device."""
+    try:
+        ev = be.eigvalsh((S + S.T) * 0.5)
+    except np.linalg.LinAlgError as exc:
+        raise ConvergenceError(f"spectrum: the eigensolver did not converge on the "
+                               f"{S.shape[0]} x {S.shape[0]} Gram matrix ({exc})") from None
+    return be.xp.maximum(ev[::-1], 0.0)

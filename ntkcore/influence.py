@@ -21,10 +21,13 @@ import numpy as np
 from ._validate import (
     as_float_matrix,
     check_count,
+    check_flag,
+    check_min_cols,
     check_positive,
     check_rows,
     check_square_symmetric,
     is_kernel_operator,
+    may_share_memory,
 )
 from .backend import backend_for
 from .errors import ParameterError, ShapeError
@@ -68,17 +71,51 @@ def influence_scores(B, diag_inv, alpha, residuals):
     Parameters
     ----------
     B : (T, n) K_test A^-1
-    diag_inv : (n,) diag(A^-1)
-    alpha : (n, C)
-    residuals : (T, C) f(x_t) - y_t
+    diag_inv : (n,) diag(A^-1), every entry > 0
+    alpha : (n, C), or (n,) for C = 1
+    residuals : (T, C) f(x_t) - y_t, or (T,) for C = 1
+
+    Array-likes (NumPy, CuPy, torch CPU tensors, lists) are accepted; integers and bools
+    become float64, float32 B stays float32 (the other operands are cast to B's dtype). CuPy
+    inputs stay on the device.
 
     Returns
     -------
     (T, n) scores (a new array; B is not modified). One fused pass over B (Numba on the CPU,
     CUDA on the GPU: ntkcore.kernels, issue 3); no (T, n) temporaries.
+
+    Raises
+    ------
+    ShapeError : wrong dims, C = 0, or sizes that do not fit together (the message names both
+    arguments and their shapes). ParameterError : complex or non-numeric values, or an entry
+    of diag_inv <= 0. NonFiniteError : NaN or Inf.
     """
     from .kernels import influence_scores_fused
-    return influence_scores_fused(B, diag_inv, alpha, residuals)
+    return influence_scores_fused(*_scoring_inputs(B, diag_inv, alpha, residuals))
+
+
+def _scoring_inputs(B, diag_inv, alpha, residuals):
+    """influence_scores' operands validated (see its docstring for the rules)."""
+    B = as_float_matrix(B, "B")
+    diag_inv = as_float_matrix(diag_inv, "diag_inv", ndim=1)
+    alpha = check_min_cols(as_float_matrix(alpha, "alpha", allow_1d=True), "alpha",
+                           "output column (C >= 1)")
+    residuals = as_float_matrix(residuals, "residuals", allow_1d=True)
+    T, n = B.shape
+    if diag_inv.shape[0] != n:
+        raise ShapeError(f"B and diag_inv: expected diag_inv of shape ({n},) for B of shape "
+                         f"{tuple(B.shape)}, got {tuple(diag_inv.shape)}")
+    if alpha.shape[0] != n:
+        raise ShapeError(f"B and alpha: expected alpha with {n} rows for B of shape "
+                         f"{tuple(B.shape)}, got {tuple(alpha.shape)}")
+    if tuple(residuals.shape) != (T, alpha.shape[1]):
+        raise ShapeError(f"residuals: expected shape ({T}, {alpha.shape[1]}) for B of shape "
+                         f"{tuple(B.shape)} and alpha of shape {tuple(alpha.shape)}, got "
+                         f"{tuple(residuals.shape)}")
+    if not bool((diag_inv > 0).all()):
+        raise ParameterError("diag_inv: expected diag(A^-1) > 0 (A positive definite), got "
+                             "an entry <= 0")
+    return B, diag_inv, alpha, residuals
 
 
 def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto", *,
@@ -102,7 +139,12 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     check : bool, default True
         Run the A.8 checks (symmetry, conditioning, PSD, inversion accuracy) into diagnostics.
     overwrite_k : bool, default False
-        Let the exact solver factor K in place (K is destroyed).
+        Let the exact solver factor K in place (K is destroyed); ``solver="auto"`` then plans
+        for the smaller footprint (on the GPU 16 n^2 bytes instead of 24 n^2). An input that
+        shares memory with K (``K_test`` a view of the same buffer, e.g. self-influence
+        ``loo_influence(K, Y, K, Y, overwrite_k=True)``, or Y / Y_test) is read before K is
+        destroyed: the smaller of K_test and K is copied first (Y and Y_test always), so the
+        scores are those of the untouched inputs.
 
     Returns
     -------
@@ -121,6 +163,7 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     else:
         asym = None
     check_rows(K, Y, "K", "Y")
+    check_min_cols(Y, "Y", "output column (C >= 1)")
     if K_test.shape[1] != n:
         raise ShapeError(f"K_test: expected {n} columns (one per training point), got shape "
                          f"{tuple(K_test.shape)}")
@@ -135,9 +178,12 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
         top_k = check_count(top_k, "top_k")
     if not keep_scores and top_k is None:
         raise ParameterError("keep_scores=False needs top_k (otherwise nothing is returned)")
+    overwrite_k = check_flag(overwrite_k, "overwrite_k")
+    if overwrite_k and dense:
+        K_test, Y, Y_test, overwrite_k = _unshare_from_k(K, K_test, Y, Y_test)
 
     choose, fit_fn = get_solver(solver)
-    name, options, reason = choose(K, lam, **solver_options)
+    name, options, reason = choose(K, lam, overwrite_k=overwrite_k, **solver_options)
     timer = Timer(backend_for(K_test).synchronize)  # GPU stages end when their work does
     eager = {"K_test": K_test} if name == "exact" else {}  # packed storage solves it in the fit
     fit = fit_fn(name)(K, Y, lam, check=check, overwrite_k=overwrite_k, timer=timer, **options,
@@ -147,8 +193,9 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
         predictions = K_test @ fit.alpha
         residuals = predictions - Y_test
         hi = lo = None
-        if top_k is None:
-            scores = influence_scores(B, fit.diag_inv, fit.alpha, residuals)
+        if top_k is None:  # the fit's own outputs: no need to validate them again
+            from .kernels import influence_scores_fused
+            scores = influence_scores_fused(B, fit.diag_inv, fit.alpha, residuals)
         else:  # scoring and per-row top-k in one pass; no (T, n) buffer unless kept
             from .kernels import influence_topk_fused
             top = influence_topk_fused(B, fit.diag_inv, fit.alpha, residuals, top_k,
@@ -171,6 +218,22 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
                            predictions=predictions, loo_residuals=loo_res, diag_inv=fit.diag_inv,
                            solver=fit.solver, top_helpful=hi, top_harmful=lo,
                            diagnostics=diagnostics, timings=dict(timer.seconds))
+
+
+def _unshare_from_k(K, K_test, Y, Y_test):
+    """(K_test, Y, Y_test, overwrite_k) safe to use after K is factored in place.
+
+    Y and Y_test sharing memory with K are copied. K_test sharing it: the smaller of the two
+    is copied -- K_test itself, or K (by not overwriting it: the solver then factors a copy).
+    """
+    Y = Y.copy() if may_share_memory(Y, K) else Y
+    Y_test = Y_test.copy() if may_share_memory(Y_test, K) else Y_test
+    if may_share_memory(K_test, K):
+        if K_test.size <= K.size:
+            K_test = K_test.copy()
+        else:
+            return K_test, Y, Y_test, False
+    return K_test, Y, Y_test, True
 
 
 # A.8 thresholds, as in the paper.

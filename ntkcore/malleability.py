@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_scalar, check_positive, is_real_number
+from ._validate import as_scalar, check_count, check_positive, is_real_number
 from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
@@ -253,7 +253,8 @@ def topk_stability(a, b, k: int):
     """
     (A, B), one_d, xp = _pair(a, b)
     n = A.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+    k = check_count(k, "k")  # an integer >= 1; 2.0 counts, as for loo_influence's top_k
+    if k > n:
         raise ParameterError(f"k: expected an integer in 1..{n}, got {k!r}")
 
     def rows(A, B, t0):

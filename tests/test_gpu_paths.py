@@ -283,10 +283,11 @@ def test_every_public_array_function_takes_device_arrays(sim_cupy):
     assert isinstance(H, cp.ndarray)
     np.testing.assert_array_equal(H.get(), nc.malleability.high_influence_set(a[1], 0.2))
     host, dev = nc.spectrum(X), nc.spectrum(cp.asarray(X))
-    for field in ("eigenvalues",):
-        got = getattr(dev, field)
-        got = got.get() if isinstance(got, cp.ndarray) else got
-        assert_close(got, getattr(host, field), rtol=1e-10, what=f"spectrum.{field}")
+    assert isinstance(dev.eigenvalues, cp.ndarray), "spectrum.eigenvalues left the device"
+    assert_close(dev.eigenvalues.get(), host.eigenvalues, rtol=1e-10, what="spectrum.eigenvalues")
+    for field in ("kappa", "kappa_effective", "kappa_cubed", "kappa_cubed_effective"):
+        assert isinstance(getattr(dev, field), float), field
+        assert getattr(dev, field) == pytest.approx(getattr(host, field), rel=1e-10), field
 
 
 def test_training_device_follows_the_run(sim_cupy):

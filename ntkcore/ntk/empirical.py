@@ -68,7 +68,8 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         Default X: then K is symmetric and only tiles on or above the diagonal are computed.
     outputs : "trace" | "full" | int, default "trace"
         "trace": sum over outputs c of J_c(x) J_c(x')^T, shape (n, n2). "full": all pairs,
-        shape (n, n2, C, C) with K[i, j, c, d] = J_c(x_i) . J_d(x'_j). int c: output c only.
+        shape (n, n2, C, C) with K[i, j, c, d] = J_c(x_i) . J_d(x'_j). int c in [0, C):
+        output c only (negative indices are refused).
     params : list of str or callable, optional
         Parameters to differentiate, by name (``model.named_parameters()``), or a predicate
         ``name -> bool``. Default: every parameter with ``requires_grad``.
@@ -86,8 +87,8 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         Compute dtype (default: the model's). A different dtype works on a cast copy
         (``copy.deepcopy(model).to(dtype)``), so the model's own dtype hooks run.
     device : str or torch.device, optional
-        Default: the model's device (CUDA models run on the GPU). A different device works
-        on a copy; X is moved to it.
+        "cpu" or "cuda[:i]" (or the model's own device type). Default: the model's device
+        (CUDA models run on the GPU). A different device works on a copy; X is moved to it.
     return_report : bool, default False
         Also return an :class:`~ntkcore.ntk._entk_cost.EntkReport` (per-group strategy,
         estimated flops and bytes, blocks, timings).
@@ -102,7 +103,11 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     ------
     ParameterError : model not a Module, X not an array, unknown parameter names, bad
         outputs/strategy/budget values.
+    ShapeError or ParameterError : the model cannot be applied to X (or X2): probed on two
+        rows before anything else, the message gives the model's own error (ShapeError when
+        it speaks of shapes or sizes); or its output is not a tensor with one row per input.
     ShapeError : fewer than 2 dims, no rows, or X and X2 feature shapes differ.
+    BackendError / ParameterError : a device that is unavailable / not a torch device.
     NonFiniteError : NaN or Inf in X or X2.
     MemoryBudgetError : the output or one row's working set does not fit.
     """
@@ -128,6 +133,9 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         X2t = None if X2t is None else _to(X2t, dev, dt)
         budget = _budget(memory_budget, dev)
         call = _caller(work)
+        _check_applies(call, tensors, Xt, "X")
+        if X2t is not None:
+            _check_applies(call, tensors, X2t, "X2")
         try:
             with torch.no_grad():
                 K, report = _compute(call, tensors, names, Xt, X2t, outputs, strategy, budget,
@@ -261,7 +269,7 @@ def _working_model(model, dtype, device):
     cur_dt = first.dtype if first is not None and first.is_floating_point() else \
         torch.get_default_dtype()
     cur_dev = first.device if first is not None else torch.device("cpu")
-    dev = cur_dev if device is None else torch.device(device)
+    dev = cur_dev if device is None else _parse_device(device, cur_dev)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device: expected an available CUDA device, got "
                            f"{str(dev)!r} but torch sees no GPU")
@@ -275,6 +283,45 @@ def _working_model(model, dtype, device):
     finally:
         for m, f in flags.items():
             m.training = f
+
+
+def _parse_device(device, cur_dev):
+    """``device`` as a torch.device of type cpu, cuda or the model's own, else
+    ParameterError."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ParameterError(f"device: expected 'cpu', 'cuda' or 'cuda:<i>', got {device!r} "
+                             f"({e})") from None
+    if dev.type not in ("cpu", "cuda", cur_dev.type):
+        raise ParameterError(f"device: expected 'cpu', 'cuda' or 'cuda:<i>' (or the model's "
+                             f"own device type, {cur_dev.type!r}), got {device!r}")
+    return dev
+
+
+def _check_applies(call, tensors, X, name):
+    """Run the model once on (up to) two rows of X: a failure there is X's problem (feature
+    shape, dtype), reported as such before any strategy is tried; the output must be a tensor
+    with one row per input row."""
+    import torch
+    rows = X[:2]
+    try:
+        with torch.no_grad():
+            out = call(tensors, rows)
+    except Exception as e:  # any model error, reported with its own message
+        text = f"{type(e).__name__}: {e}"
+        kind = ShapeError if any(w in str(e).lower() for w in ("shape", "size")) \
+            else ParameterError
+        raise kind(f"{name}: the model could not be applied to {name} (rows of shape "
+                   f"{tuple(X.shape[1:])}, dtype {X.dtype}): {text}") from e
+    if not isinstance(out, torch.Tensor):
+        raise ParameterError(f"model: expected it to return a tensor of shape (b,) or "
+                             f"(b, C), got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != rows.shape[0] or out[0].numel() == 0:
+        raise ShapeError(f"model: expected outputs with one row per input row, (b,) or "
+                         f"(b, C) with C >= 1, got shape {tuple(out.shape)} for b = "
+                         f"{rows.shape[0]} rows of {name}")
 
 
 def _select(model, params):
@@ -307,8 +354,8 @@ def _outputs(outputs, n_out, device):
     if isinstance(outputs, str) and outputs in ("trace", "full"):
         return torch.arange(n_out, device=device), outputs == "full"
     if isinstance(outputs, (int, np.integer)) and not isinstance(outputs, bool) \
-            and -n_out <= outputs < n_out:
-        return torch.tensor([int(outputs) % n_out], device=device), False
+            and 0 <= outputs < n_out:
+        return torch.tensor([int(outputs)], device=device), False
     raise ParameterError(f"outputs: expected 'trace', 'full' or an output index in "
                          f"[0, {n_out}), got {outputs!r}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols
+from .._validate import as_float_matrix, check_cols, check_min_cols, check_result_finite
 from ..backend import backend_for
 
 
@@ -31,10 +31,15 @@ def relu_ntk_infinite(X, X2=None):
     Returns
     -------
     (n, n2) float64 array on the inputs' device. Rows of zero norm give zero rows.
+
+    Raises
+    ------
+    ShapeError : d = 0, or X2 with another d. NonFiniteError : NaN/Inf in the inputs, or a
+    kernel that overflowed float64 (rescale X).
     """
     from ..kernels import relu_ntk_infinite_fused
 
-    X = as_float_matrix(X, "X", dtype=np.float64)
+    X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
     sym = X2 is None
     X2 = None if sym else as_float_matrix(X2, "X2", dtype=np.float64)
     if not sym:
@@ -44,4 +49,6 @@ def relu_ntk_infinite(X, X2=None):
     # the kernels read whole C-contiguous rows
     X = xp.ascontiguousarray(X)
     X2 = None if sym else xp.ascontiguousarray(X2)
-    return relu_ntk_infinite_fused(X, X2, backend=be)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
+        K = relu_ntk_infinite_fused(X, X2, backend=be)
+    return check_result_finite(K, "relu_ntk_infinite")

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols, check_count
+from .._validate import (
+    as_float_matrix,
+    check_cols,
+    check_count,
+    check_flag,
+    check_min_cols,
+    check_result_finite,
+)
 from ..backend import backend_for
 from ..errors import BackendError, ParameterError, ShapeError
 from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
@@ -66,8 +73,13 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     Returns
     -------
     K : (n, n2) float64 array on the inputs' device.
+
+    Raises
+    ------
+    ShapeError : d = 0, W or X2 with another d, m = 0, a or out of the wrong shape.
+    NonFiniteError : NaN/Inf in the inputs, or a kernel that overflowed (rescale X or W).
     """
-    X = as_float_matrix(X, "X", dtype=np.float64)
+    X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
     W = as_float_matrix(W, "W", dtype=np.float64)
     check_cols(X, W, "X", "W")
     sym = X2 is None
@@ -76,15 +88,11 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
         check_cols(X, X2, "X", "X2")
     be = backend_for(X, W, None if sym else X2)
     xp = be.xp
-    n, d = X.shape
-    n2 = X2.shape[0]
-    m = W.shape[0]
+    n, n2, m = X.shape[0], X2.shape[0], W.shape[0]
     if m < 1:
         raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
                          f"{tuple(W.shape)}")
-    if not (isinstance(train_a, (bool, np.bool_, int, np.integer))
-            and train_a in (0, 1)):
-        raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
+    train_a = check_flag(train_a, "train_a")
     if tile is not None:
         tile = check_count(tile, "tile")
     weights = neuron_weights(a, m, xp)
@@ -93,6 +101,17 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
         out = xp.empty((n, n2), dtype=np.float64)
     else:
         _check_out(out, (n, n2), xp)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
+        K = _assemble(X, W, X2, sym, weights, train_a, tile, out, be)
+    return check_result_finite(K, "relu_ntk")
+
+
+def _assemble(X, W, X2, sym, weights, train_a, tile, out, be):
+    """relu_ntk's tiles into ``out`` (inputs validated)."""
+    xp = be.xp
+    n, d = X.shape
+    n2 = X2.shape[0]
+    m = W.shape[0]
     if weights is None:
         # +-1 output weights (a_r^2 = 1): fused bit-packed kernels, Numba on the CPU and CUDA
         # on the GPU (ntkcore.kernels, issue 3); general a keeps the pattern GEMM below.

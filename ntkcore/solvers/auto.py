@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from .._validate import check_positive
 from ..backend import backend_for
 from ..errors import MemoryBudgetError, ParameterError
 from .landmarks import DEFAULT_BLOCK, check_rank
@@ -63,8 +64,9 @@ _ALL_OPTIONS = sorted(set().union(*SOLVER_OPTIONS.values()))
 
 
 def exact_bytes(n: int, *, gpu: bool = False, private: bool = False) -> int:
-    """Bytes of the dense exact solver; ``private``: K is an operator the solver materialises
-    itself and factors in place (one n x n array fewer on the GPU)."""
+    """Bytes of the dense exact solver; ``private``: K is factored in place -- an operator
+    the solver materialises itself, or a dense K given with ``overwrite_k`` (one n x n array
+    fewer on the GPU)."""
     copies = (EXACT_COPIES_GPU - (1 if private else 0)) if gpu else EXACT_COPIES
     return copies * 8 * n * n
 
@@ -145,10 +147,7 @@ def _gib(b) -> str:
 
 def _budget(K, memory_budget):
     if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not memory_budget > 0:
-            raise ParameterError(f"memory_budget: expected a number of bytes > 0, got "
-                                 f"{memory_budget!r}")
-        return float(memory_budget), "given memory_budget"
+        return check_positive(memory_budget, "memory_budget (bytes)"), "given memory_budget"
     x = K if hasattr(K, "ndim") else getattr(K, "X", None)
     be = backend_for(x)
     return float(be.free_memory_bytes()), f"free {be.name} memory"
@@ -193,7 +192,7 @@ def check_solver_options(requested: str, options: dict) -> dict:
 
 
 def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None = None,
-                  **options):
+                  overwrite_k: bool = False, **options):
     """Pick the solver for A = K + lam I and say why.
 
     Parameters
@@ -201,8 +200,11 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     K : (n, n) array or kernel operator (only ``K.shape`` / the device are used).
     lam : float, ridge (not used by the choice; kept for the common signature).
     requested : "auto" | "exact" | "nystrom" | "cg".
-    memory_budget : int, optional, bytes the solver may plan for (default: free memory of
-        K's device).
+    memory_budget : int or float > 0, optional, bytes the solver may plan for (default: free
+        memory of K's device).
+    overwrite_k : bool, default False, whether the exact solver may factor a dense K in place
+        (``loo_influence(..., overwrite_k=True)``): on the GPU it then needs one n x n array
+        fewer, as for an operator (see ``exact_bytes``).
     **options : solver options; ``None`` values mean "default" and are dropped.
         nystrom: rank, landmarks ("uniform" | "rpcholesky"), seed, diag_correction.
         cg: rank, landmarks, seed, diag_correction (preconditioner), tol, atol, maxiter,
@@ -223,7 +225,9 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
     r_fit = max_rank(n, budget)
-    need = exact_bytes(n, gpu=not _on_cpu(K), private=not hasattr(K, "ndim"))
+    # K factored in place: an operator whose dense() is a new matrix, or overwrite_k
+    in_place = overwrite_k or (not hasattr(K, "ndim") and getattr(K, "dense_is_private", False))
+    need = exact_bytes(n, gpu=not _on_cpu(K), private=in_place)
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
         storage = opts.get("storage")
@@ -266,8 +270,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                                    f"({_gib(need_packed)})" + "".join(f", {a}" for a in approx)
                                    + _note(dropped))
         if 8 * n * n > budget:
-            gpu, private = not _on_cpu(K), not hasattr(K, "ndim")
-            n_fit = largest_n(lambda m: exact_bytes(m, gpu=gpu, private=private), budget)
+            gpu = not _on_cpu(K)
+            n_fit = largest_n(lambda m: exact_bytes(m, gpu=gpu, private=in_place), budget)
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                    else "more memory")
             raise MemoryBudgetError(
@@ -291,7 +295,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     # auto
     if any(options.get(k) is not None for k in ("storage", "precision", "diag_probes")):
         # options only the exact solver has: exact
-        return choose_solver(K, lam, requested="exact", memory_budget=memory_budget, **options)
+        return choose_solver(K, lam, requested="exact", memory_budget=memory_budget,
+                             overwrite_k=overwrite_k, **options)
     if need <= COMFORT * budget and _dense_allowed(K, n):
         opts, dropped = _split_options("exact", options)
         return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "

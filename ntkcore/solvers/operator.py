@@ -17,18 +17,47 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float_matrix, check_cols, check_count
+from .._validate import (
+    as_float_matrix,
+    check_cols,
+    check_count,
+    check_flag,
+    check_min_cols,
+)
 from ..backend import backend_for
 from ..errors import ParameterError, ShapeError
 from ..ntk.relu import neuron_weights, relu_ntk
 from ..ntk.tiling import tiles
 
 
+def _check_columns(idx, n, xp):
+    """``idx`` as an integer index array with every entry in [0, n), else ParameterError."""
+    idx = xp.asarray(idx)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise ParameterError(f"idx: expected a 1-D array of column indices, got dtype "
+                             f"{idx.dtype} and shape {tuple(idx.shape)}")
+    if idx.size and not (int(idx.min()) >= 0 and int(idx.max()) < n):
+        raise ParameterError(f"idx: expected column indices in [0, {n}), got values in "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def _check_block(V, n, xp):
+    """``V`` for ``matmat``: (n,) or (n, k) on the operator's device, else ShapeError."""
+    V = xp.asarray(V)
+    if V.ndim not in (1, 2) or V.shape[0] != n:
+        raise ShapeError(f"V: expected shape ({n},) or ({n}, k) for an operator of shape "
+                         f"({n}, {n}), got {tuple(V.shape)}")
+    return V
+
+
 class DenseKernel:
-    """Operator view of a dense (n, n) kernel matrix."""
+    """Operator view of a dense (n, n) kernel matrix (ShapeError unless square)."""
 
     def __init__(self, K):
         self.K = as_float_matrix(K, "K", dtype=np.float64)
+        if self.K.shape[0] != self.K.shape[1]:
+            raise ShapeError(f"K: expected a square matrix, got shape {tuple(self.K.shape)}")
         self.n = self.K.shape[0]
         self.shape = self.K.shape
         self.dtype = self.K.dtype
@@ -38,13 +67,13 @@ class DenseKernel:
         return self.xp.diagonal(self.K).copy()
 
     def columns(self, idx):
-        return self.K[:, idx]
+        return self.K[:, _check_columns(idx, self.n, self.xp)]
 
     def block(self, i0, i1, j0, j1):
         return self.K[i0:i1, j0:j1]
 
     def matmat(self, V):
-        return self.K @ V
+        return self.K @ _check_block(V, self.n, self.xp)
 
     def dense(self):
         return self.K
@@ -66,17 +95,19 @@ class ReluNTKOperator:
     tile : int >= 1, rows per tile for ``matmat`` (default 1024): memory O(tile * n).
     """
 
+    #: ``dense()`` assembles a new matrix nobody else holds: the exact solver may factor it
+    #: in place. Operators without this flag (``DenseKernel`` hands back the caller's K) are
+    #: copied first unless the caller passed ``overwrite_k=True``.
+    dense_is_private = True
+
     def __init__(self, X, W, *, a=None, train_a: bool = False, tile: int = 1024):
-        self.X = as_float_matrix(X, "X", dtype=np.float64)
+        self.X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
         self.W = as_float_matrix(W, "W", dtype=np.float64)
         check_cols(self.X, self.W, "X", "W")
         if self.W.shape[0] < 1:
             raise ShapeError(f"W: expected at least one hidden unit (m >= 1 rows), got shape "
                              f"{tuple(self.W.shape)}")
-        if not (isinstance(train_a, (bool, np.bool_, int, np.integer))
-                and train_a in (0, 1)):
-            raise ParameterError(f"train_a: expected True or False, got {train_a!r}")
-        self.train_a = bool(train_a)
+        self.train_a = check_flag(train_a, "train_a")
         self.tile = check_count(tile, "tile")
         self.n = self.X.shape[0]
         self.shape = (self.n, self.n)
@@ -108,7 +139,7 @@ class ReluNTKOperator:
         return relu_ntk(X, self.W, X2, a=self.a, train_a=self.train_a, tile=self.tile)
 
     def columns(self, idx):
-        return self._kernel(self.X, self.X[idx])
+        return self._kernel(self.X, self.X[_check_columns(idx, self.n, self.xp)])
 
     def rows(self, i0: int, i1: int):
         return self._kernel(self.X[i0:i1], self.X)
@@ -119,7 +150,7 @@ class ReluNTKOperator:
     def matmat(self, V):
         """K @ V for V (n, k), one (tile, n) block of K at a time."""
         xp = self.xp
-        V = xp.asarray(V)
+        V = _check_block(V, self.n, xp)
         out = xp.empty((self.n,) + V.shape[1:], dtype=np.float64)
         for i0, i1 in tiles(self.n, self.tile):
             out[i0:i1] = self.rows(i0, i1) @ V
