@@ -279,3 +279,18 @@ def test_a_kernel_psd_only_to_float32_rounding_runs_under_every_solver(rng):
         for solver, opts in [("nystrom", {"rank": 100}), ("cg", {"rank": 100, "progress": False,
                                                                "tol": 1e-6})]:
             nc.loo_influence(K, Y, Kt, Yt, lam=1e-2, solver=solver, **opts)
+
+
+def test_a_dense_kernel_operator_is_not_factored_in_place(rng):
+    """DenseKernel.dense() hands back the caller's K: the exact solver copies it (only
+    operators that assemble a new matrix are factored in place), and the scores equal those
+    of the plain array."""
+    from ntkcore.solvers.operator import DenseKernel
+    X = rng.standard_normal((60, 7))
+    K = X @ X.T
+    before = K.copy()
+    Y, Kt, Yt = _targets(rng, 60)
+    via_operator = nc.loo_influence(DenseKernel(K), Y, Kt, Yt, lam=LAM, solver="exact")
+    assert np.array_equal(K, before)
+    plain = nc.loo_influence(before, Y, Kt, Yt, lam=LAM, solver="exact")
+    np.testing.assert_allclose(via_operator.scores, plain.scores, rtol=0, atol=1e-12)

@@ -35,6 +35,7 @@ def _exact_adapter(exact_fit):
             fit.diagnostics["symmetry_rel"] = 0.0  # one triangle is all that is stored
             return fit
         if not hasattr(K, "ndim"):
+            operator = K
             timer = kw.get("timer")
             if timer is not None:
                 with timer("kernel_assembly"):
@@ -44,7 +45,8 @@ def _exact_adapter(exact_fit):
             # Mirrored tiles make K symmetric by construction; measure it anyway (A.8).
             from .._validate import check_square_symmetric
             asym = check_square_symmetric(K, "K")
-            kw["overwrite_k"] = True  # the materialised K is ours: factor it in place
+            if getattr(operator, "dense_is_private", False):
+                kw["overwrite_k"] = True  # the materialised K is ours: factor it in place
             fit = exact_fit(K, Y, lam, **kw)
             fit.diagnostics["symmetry_rel"] = asym
             return fit

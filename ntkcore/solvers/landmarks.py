@@ -192,6 +192,10 @@ class CachedReluNTK:
             out[q0:q1] = self._rows_block(Xq[q0:q1], self._pattern(Z > 0), Hq)
         return out
 
+    @property
+    def dense_is_private(self) -> bool:
+        return getattr(self.op, "dense_is_private", False)
+
     def dense(self):
         return self.op.dense()
 
