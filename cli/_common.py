@@ -25,8 +25,9 @@ def handle_errors(fn):
         except NtkcoreError as exc:
             _fail(f"error: {_one_line(exc)}", EXIT_USER)
         except MemoryError as exc:
-            _fail(f"error: out of memory ({_one_line(exc) or 'allocation failed'}); use a smaller "
-                  f"--n-train or --solver nystrom/cg", EXIT_USER)
+            _fail(f"error: out of memory ({_one_line(exc) or 'allocation failed'}); use smaller "
+                  f"sizes (--n-train, --n-test, --width, or --dim for synthetic data) or "
+                  f"--solver nystrom/cg", EXIT_USER)
         except KeyboardInterrupt:
             _fail("interrupted: finished files in the output folder are complete; rerun the same "
                   "command to resume", 130)
@@ -37,7 +38,12 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback
             if os.environ.get("NTKCORE_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+            from ntkcore.nn._memory import oom_message
+            detail = oom_message(exc)  # torch's allocator outside training: no C++ frames
+            if detail is not None:
+                _fail(f"error: out of memory{detail}; use smaller sizes (--n-train, --n-test, "
+                      f"--width) or --solver nystrom/cg", EXIT_USER)
+            _fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} "
                   f"(set NTKCORE_DEBUG=1 for the traceback)", EXIT_INTERNAL)
 
     return wrapper
@@ -45,6 +51,35 @@ def handle_errors(fn):
 
 def _one_line(exc) -> str:
     return " ".join(str(exc).split())
+
+
+def _first_line(exc, limit: int = 300) -> str:
+    """The first line of an unexpected error, at most ``limit`` characters (C++ errors from
+    torch carry kilobytes of stack frames after it)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def usage_error_line(exc, command: str) -> str:
+    """``error: <message> (see ntkcore <command> --help)`` for a Click usage error."""
+    return f"error: {' '.join(exc.format_message().split())} (see {command} --help)"
+
+
+def check_out_dir(ctx, param, value):
+    """Click callback of --out: a folder name, not blank (None: the command's default)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(f"expected a folder name, got {value!r}", ctx=ctx,
+                                 param=param)
+    return value
+
+
+def explicit(ctx, *names) -> list:
+    """The options among ``names`` (parameter names) given on the command line or through
+    the environment, not left at their defaults."""
+    from click.core import ParameterSource
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return [n for n in names if ctx.get_parameter_source(n) in given]
 
 
 def _fail(message: str, code: int):

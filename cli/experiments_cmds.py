@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import click
 
-from ._common import handle_errors
+from ._common import check_out_dir, handle_errors
 
 
 def _split(value, name):
     items = tuple(v.strip().lower() for v in value.split(",") if v.strip())
     if not items:
-        raise click.BadParameter("expected a comma-separated list", param_hint=name)
+        raise click.BadParameter(f"expected a comma-separated list, got {value!r}",
+                                 ctx=click.get_current_context(silent=True),
+                                 param_hint=f"'{name}'")
     return items
 
 
-def _data_options(fn):
+def _data_options(fn, n_train_help="Seeded training subset size (default: from --preset, "
+                                   "quick 500)."):
     for opt in reversed([
         click.option("--dataset", default="digits", show_default=True,
                      help="digits (embedded), mnist, fashion-mnist, cifar10 or synthetic."),
@@ -29,8 +32,7 @@ def _data_options(fn):
                      help="Fetch missing files with torchvision (needs a network)."),
         click.option("--classes", default="10", show_default=True,
                      help='"10" all, "5" the first five, or a pair such as "3,8" (binary).'),
-        click.option("--n-train", type=int, default=None,
-                     help="Seeded training subset size (default: from --preset, quick 500; spectrum: all)."),
+        click.option("--n-train", type=int, default=None, help=n_train_help),
         click.option("--seed", type=int, default=42, show_default=True),
     ]):
         fn = opt(fn)
@@ -41,7 +43,7 @@ def _out_options(fn):
     fn = click.option("--quiet", is_flag=True, help="No progress bars.")(fn)
     fn = click.option("--overwrite", is_flag=True,
                       help="Replace results already in the output folder.")(fn)
-    fn = click.option("--out", "out_dir", default=None,
+    fn = click.option("--out", "out_dir", default=None, callback=check_out_dir,
                       help="Output folder (default runs/<command>-<dataset>-<classes>).")(fn)
     return fn
 
@@ -133,8 +135,12 @@ def distance(dataset, data_root, download, classes, n_train, seed, n_test, archs
                f"({res['seconds']:.1f} s)")
 
 
+def _spectrum_data_options(fn):
+    return _data_options(fn, n_train_help="Seeded training subset size (default: all).")
+
+
 @click.command()
-@_data_options
+@_spectrum_data_options
 @_out_options
 @handle_errors
 def spectrum(dataset, data_root, download, classes, n_train, seed, out_dir, overwrite, quiet):

@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from ._common import handle_errors, timing_table
+from ._common import (EXIT_USER, check_out_dir, explicit, handle_errors, timing_table,
+                      usage_error_line)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+#: Click >= 8.2 raises it for a bare ``ntkcore``; it shows the help, not an error.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class OneLineErrors(click.Group):
+    """The ``ntkcore`` group: every usage error (bad value, unknown option, missing
+    argument) is one line ``error: <message> (see ntkcore <command> --help)``, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # bare ``ntkcore``: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            click.echo(usage_error_line(exc, self._command_path(exc, args)), err=True)
+            sys.exit(EXIT_USER)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _command_path(self, exc, args) -> str:
+        """``ntkcore <command>`` of the failing command (the group's name when none)."""
+        ctx = exc.ctx
+        names = []
+        while ctx is not None and ctx.parent is not None:
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        if not names and exc.ctx is None:  # raised inside a command without its context
+            names = [a for a in args if a in self.commands][:1]
+        return " ".join(["ntkcore"] + names[::-1])
+
+
+@click.group(name="ntkcore", cls=OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ntkcore")
 def main():
     """ntkcore: exact NTK leave-one-out influence and influence malleability."""
@@ -16,6 +62,15 @@ def main():
         click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
     warnings.showwarning = show  # numerical rescue stays visible, as one line
+    _check_environment()
+
+
+@handle_errors
+def _check_environment():
+    """NTKCORE_MEMORY_LIMIT is read where memory is planned; a bad value fails here, before
+    any work, rather than after training."""
+    from ntkcore.backend import memory_limit_from_env
+    memory_limit_from_env()
 
 
 @main.command()
@@ -60,7 +115,7 @@ def main():
 @click.option("--model-input", default="rows", show_default=True,
               type=click.Choice(["rows", "images"]),
               help="What --model receives: preprocessed (n, d) rows or (n, C, H, W) images.")
-@click.option("--out", "out_dir", default=None,
+@click.option("--out", "out_dir", default=None, callback=check_out_dir,
               help="Output folder (default runs/influence-<dataset>-<arch>).")
 @click.option("--overwrite", is_flag=True, help="Replace results already in the output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -73,6 +128,15 @@ def influence(dataset, data_root, download, classes, n_train, n_test, dim, arch,
     from ntkcore.experiments.influence_run import run_influence
     from ntkcore.experiments.pipeline import InfluenceConfig
 
+    ctx = click.get_current_context()
+    if model_spec is not None:
+        ignored = explicit(ctx, "arch", "width", "epochs", "preset")
+        if ignored:
+            names = ", ".join(f"--{n}" for n in ignored)
+            raise click.UsageError(f"{names}: options of the built-in networks; --model scores "
+                                   f"your model as it is (drop {names})", ctx=ctx)
+    elif weights is not None:
+        raise click.UsageError("--weights needs --model", ctx=ctx)
     solver_options = {k: v for k, v in (("rank", rank), ("landmarks", landmarks), ("tol", tol),
                                         ("precision", precision),
                                         ("diag_probes", diag_probes)) if v is not None}
@@ -87,19 +151,30 @@ def influence(dataset, data_root, download, classes, n_train, n_test, dim, arch,
                                            overwrite=overwrite, progress=not quiet,
                                            log=click.echo, model_input=model_input)
     else:
-        if weights is not None:
-            raise click.UsageError("--weights needs --model")
         summary = run_influence(cfg, out_dir, overwrite=overwrite, progress=not quiet,
                                 log=click.echo)
-    _print_summary(summary, out_dir)
+    _print_summary(summary, out_dir, solver_options)
 
 
-def _print_summary(summary, out_dir):
+def _print_summary(summary, out_dir, solver_options=()):
+    import re
+
+    from ntkcore.solvers.auto import SOLVER_OPTIONS
     acc = summary.get("accuracy", {})
-    click.echo(f"solver: {summary.get('solver')} ({summary.get('solver_reason')})")
+    solver = str(summary.get("solver"))
+    click.echo(f"solver: {solver} ({summary.get('solver_reason')})")
+    chosen = re.match(r"[a-z]*", solver).group()
+    unused = [k for k in solver_options if k not in SOLVER_OPTIONS.get(chosen, ())]
+    if unused:  # only --solver auto gets here: an explicit solver refuses them up front
+        click.echo(f"note: {', '.join('--' + k.replace('_', '-') for k in unused)} not used: "
+                   f"auto chose the {chosen} solver")
     checks = summary.get("diagnostics", {}).get("checks", {})
     if checks:
         click.echo("A.8 checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+        if "float32" in solver and checks.get("inverse_accurate") is False:
+            click.echo("note: inverse_accurate=False is expected with --precision float32: "
+                       "its inverse is accurate to float32 rounding, not to the float64 "
+                       "tolerance of the check (see README, \"Scale past memory\")")
     if acc:
         click.echo("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()
                                                   if v is not None))

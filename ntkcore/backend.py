@@ -149,14 +149,25 @@ class Backend:
             free = int(free + _cupy().get_default_memory_pool().free_bytes())
         else:
             free = host_available_bytes()
-        limit = os.environ.get("NTKCORE_MEMORY_LIMIT")
-        if limit:
-            try:
-                free = min(free, int(float(limit)))
-            except ValueError:
-                raise ParameterError(f"NTKCORE_MEMORY_LIMIT: expected a number of bytes, "
-                                     f"got {limit!r}") from None
-        return free
+        limit = memory_limit_from_env()
+        return free if limit is None else min(free, limit)
+
+
+def memory_limit_from_env() -> int | None:
+    """NTKCORE_MEMORY_LIMIT as bytes (None when unset or blank), or ParameterError unless it
+    is a finite number >= 1 (such as 8e9)."""
+    import math
+    text = os.environ.get("NTKCORE_MEMORY_LIMIT", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 1):
+        raise ParameterError(f"NTKCORE_MEMORY_LIMIT: expected a number of bytes >= 1 (such as "
+                             f"8e9), got {text!r}")
+    return int(value)
 
 
 def host_available_bytes() -> int:

@@ -24,8 +24,10 @@ import numpy as np
 from . import _formats
 from ._dataset import Dataset
 from ._validate import check_count
+from ._units import format_bytes
 from .errors import (
     CorruptDataError,
+    DataNotFoundError,
     EmptySelectionError,
     MemoryBudgetError,
     ParameterError,
@@ -196,6 +198,25 @@ def dataset_status(root=None) -> list:
     return [(name, find_dataset(name, root)) for name in DATASETS]
 
 
+def check_data_root(name: str, root, download: bool = False):
+    """DataNotFoundError when an explicit ``root`` does not exist (with ``download`` it may:
+    the download creates it) or is not a folder, rather than reading the data from another
+    folder; None and existing folders pass. Where no folder holds ``name``'s files either,
+    the message is the usual not-found one (every folder tried, the fixes)."""
+    if root is None:
+        return
+    from pathlib import Path
+    path = Path(root).expanduser()
+    if path.is_dir() or (download and not path.exists()):
+        return
+    what = "is not a folder" if path.exists() else "does not exist"
+    if name in _formats._SUBDIRS and _formats.find_dir(name) is None:
+        raise _formats.not_found_error(name, root, extra=f"(The data root {root} {what}.)")
+    raise DataNotFoundError(f"data_root: {root} {what}; expected the folder holding the "
+                            f"dataset files (or --download, download=True, to create it and "
+                            f"fetch them)")
+
+
 def _check_count(value, name: str, minimum: int):
     """None (the default), or ``value`` as an int >= ``minimum`` (see _validate.check_count)."""
     return None if value is None else check_count(value, name, minimum)
@@ -217,6 +238,10 @@ def _read_raw(name: str, root, download: bool) -> dict:
         if not download:
             raise _formats.not_found_error(name, root)
         folder = _formats.download(name, root)
+    elif root is not None and folder not in _formats._root_dirs(name, root):
+        import warnings
+        warnings.warn(f"{name}: the data root {root} holds no {name} files; reading them from "
+                      f"{folder}", stacklevel=3)
     reader = _formats.read_cifar10 if name == "cifar10" else _formats.read_idx_dataset
     raw = reader(folder)
     dim = DATASET_INFO[name].dim
@@ -260,9 +285,10 @@ def _require_every_class(y, classes, name: str, n_train, seed: int):
 
 
 def synthetic_bytes(n_train: int, n_test: int, dim: int) -> int:
-    """Peak bytes of generating synthetic data: the float64 pixels and int64 labels of both
-    splits, plus about three (n, dim) float64 temporaries of the larger split."""
-    return 8 * (dim + 1) * (n_train + n_test) + 24 * dim * max(n_train, n_test)
+    """Peak bytes of generating synthetic data: the ten float64 class means, the float64
+    pixels and int64 labels of both splits, plus about three (n, dim) float64 temporaries of
+    the larger split."""
+    return 8 * 10 * dim + 8 * (dim + 1) * (n_train + n_test) + 24 * dim * max(n_train, n_test)
 
 
 def _check_synthetic_fits(n_train: int, n_test: int, dim: int):
@@ -272,11 +298,13 @@ def _check_synthetic_fits(n_train: int, n_test: int, dim: int):
     need = synthetic_bytes(n_train, n_test, dim)
     free = backend.host_available_bytes()
     if need > free:
+        # the dimension is the cause when one sample per split would not fit either
+        fix = ("a smaller dim (--dim)" if synthetic_bytes(1, 1, dim) > free else
+               "fewer samples (--n-train, --n-test) or a smaller dim (--dim)")
         raise MemoryBudgetError(
             f"synthetic: n_train={n_train}, n_test={n_test}, dim={dim} needs about "
-            f"{need / 2**30:.3g} GiB to generate, over the {free / 2**30:.3g} GiB of available "
-            f"memory; ask for fewer samples or a smaller dim", needed_bytes=need,
-            budget_bytes=free)
+            f"{format_bytes(need)} to generate, over the {format_bytes(free)} of available "
+            f"memory; ask for {fix}", needed_bytes=need, budget_bytes=free)
 
 
 def _synthetic(classes, n_train, n_test, dim, seed):
@@ -349,6 +377,7 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         raise ParameterError(f"seed: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
     dim = _check_count(dim, "dim", 1)
+    check_data_root(name, root, download)
     if dim is not None and name != "synthetic":
         raise ParameterError(f"dim: only synthetic data takes a dimension, got dim={dim} "
                              f"for {name} (fixed at {info.dim})")

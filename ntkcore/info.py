@@ -6,6 +6,8 @@ import importlib.metadata as md
 import os
 import platform
 
+from ._units import format_bytes
+
 
 def _version(pkg):
     try:
@@ -69,6 +71,9 @@ def collect_info(data_root=None) -> dict:
         "numba": _numba_status(),
         "cuda": _cupy_status(),
         "datasets": [{"name": name, "found": path} for name, path in dataset_status(data_root)],
+        "data_root": None if data_root is None else {
+            "path": str(data_root), "is_dir": os.path.isdir(os.path.expanduser(data_root)),
+            "exists": os.path.exists(os.path.expanduser(data_root))},
     }
 
 
@@ -76,18 +81,24 @@ def format_info(info: dict) -> str:
     lines = ["versions:"]
     lines += [f"  {k}: {v}" for k, v in info["versions"].items() if v]
     cpu = info["cpu"]
-    lines.append(f"cpu: {cpu['cores']} cores, {cpu['available_memory_gib']:.1f} GiB available")
+    lines.append(f"cpu: {cpu['cores']} cores, "
+                 f"{format_bytes(cpu['available_memory_gib'] * 2**30)} available")
     for b in cpu["blas"]:
         lines.append(f"  blas: {b['api']} ({b['arch']}), {b['threads']} threads")
     nb = info["numba"]
     lines.append(f"numba: {'ok ' + nb['version'] + ', ' + str(nb['threads']) + ' threads' if nb['ok'] else 'NOT usable: ' + nb['error']}")
     cu = info["cuda"]
     if cu["ok"]:
-        lines.append(f"cuda: {cu['name']} x{cu['devices']}, {cu['free_gib']:.1f} of "
-                     f"{cu['total_gib']:.1f} GiB free (CuPy {cu['version']})")
+        lines.append(f"cuda: {cu['name']} x{cu['devices']}, {format_bytes(cu['free_gib'] * 2**30)}"
+                     f" of {format_bytes(cu['total_gib'] * 2**30)} free (CuPy {cu['version']})")
     else:
         lines.append(f"cuda: not available — {cu['error']}")
     lines.append("datasets:")
+    root = info.get("data_root")
+    if root is not None and not root["is_dir"]:
+        what = "is not a folder" if root["exists"] else "does not exist"
+        lines.append(f"  data root {root['path']}: {what}; only the default folders were "
+                     f"searched")
     for d in info["datasets"]:
         lines.append(f"  {d['name']}: {d['found'] or 'not found (see --data-root / --download)'}")
     return "\n".join(lines)

@@ -184,7 +184,7 @@ def test_bad_solver_options_fail_before_training(tmp_path):
 def test_too_large_for_memory_prints_estimate_and_fitting_n(tmp_path):
     r = invoke("influence", "--n-train", 300, "--n-test", 5, "--solver", "exact",
                "--out", tmp_path / "o", *TINY, env={"NTKCORE_MEMORY_LIMIT": str(100 * 100 * 8)})
-    one_line_error(r, "GiB", "would fit")
+    one_line_error(r, "KiB", "would fit")  # 703 KiB over a 78.1 KiB budget
 
 
 def test_info_lists_backends_and_datasets():

@@ -51,6 +51,36 @@ def test_other_settings_are_refused_naming_them_and_finished_runs_too(tmp_path):
         RunFolder(tmp_path, "cmd", CFG)
 
 
+def test_settings_outside_the_identity_reopen_the_run_keeping_its_finished_stages(tmp_path):
+    """identity= names what the stages depend on: other settings reopen the run, finished or
+    not; its finished stages are kept, everything else it wrote is deleted up front."""
+    for finished in (False, True):
+        out = tmp_path / str(finished)
+        with RunFolder(out, "cmd", {**CFG, "solver": "a"}, identity=CFG,
+                       about={"source": "here"}) as run:
+            _write(run, "model.pt")
+            run.record("training", ["model.pt"])
+            _write(run, "scores.npz")
+            if finished:
+                run.finish()
+        with RunFolder(out, "cmd", {**CFG, "solver": "b"}, identity=CFG,
+                       about={"source": "there"}) as run:  # about: recorded, not compared
+            assert run.resumed and run.changed == ["solver"] and run.done("training")
+            assert sorted(p.name for p in out.iterdir()) == [".run.lock", "model.pt",
+                                                             "run.json"]
+            m = json.loads((out / "run.json").read_text())
+            assert m["config"]["solver"] == "b" and not m["complete"]
+            assert m["about"] == {"source": "there"}
+            assert m["files"] == ["model.pt"]
+            run.finish()
+        with pytest.raises(OutputExistsError, match=r"finished results of these settings"):
+            RunFolder(out, "cmd", {**CFG, "solver": "b"}, identity=CFG)
+        with pytest.raises(OutputExistsError, match=r"other settings \(seed\);"):
+            RunFolder(out, "cmd", {**CFG, "seed": 2, "solver": "c"},
+                      identity={**CFG, "seed": 2})
+        assert (out / "model.pt").exists()
+
+
 def test_overwrite_deletes_only_what_the_manifest_lists_and_never_through_links(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with RunFolder(tmp_path, "cmd", CFG) as run:
@@ -123,6 +153,19 @@ def test_dataset_identity_sees_the_data_not_the_path(tmp_path):
     assert dataset_identity(a) == dataset_identity(
         nc.load_dataset("synthetic", n_train=40, n_test=5, seed=1))
     assert dataset_identity(a)["content_hash"] != dataset_identity(b)["content_hash"]
+
+
+def test_the_data_identity_holds_no_path_of_the_current_folder(tmp_path, monkeypatch):
+    import ntkcore as nc
+    from ntkcore.experiments.output import dataset_source
+    seen = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        monkeypatch.chdir(tmp_path / sub)
+        ds = nc.load_dataset("digits", n_train=60, n_test=5)
+        seen.append(dataset_identity(ds))
+        assert dataset_source(ds) == "sklearn.datasets.load_digits (embedded)"
+    assert seen[0] == seen[1] and str(tmp_path) not in json.dumps(seen[0])
 
 
 # --------------------------------------------------------------------------- through the CLI

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset
+from .pipeline import DataOptions, apply_preset, check_lam
 
 ARCHS = ("relu", "attn")
 ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
@@ -67,8 +67,7 @@ class DistanceConfig(DataOptions):
         e = d["epochs"]
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
             raise ParameterError(f"epochs: expected an integer >= 0, got {e!r}")
-        if not (d["lam"] > 0):
-            raise ParameterError(f"lam: expected a value > 0, got {d['lam']!r}")
+        check_lam(d["lam"])
         return d
 
 
@@ -110,6 +109,9 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
     if ds.n_test < 1:
         raise ParameterError("n_test: the NTK distance compares test outputs; expected at least "
                              "one test point, got 0")
+    from ..nn._memory import check_model_fits
+    for arch in s["archs"]:  # the widest network, refused before any training
+        check_model_fits(arch, ds.dim, s["max_width"], ds.Y_train.shape[1])
     folder = (RunFolder(out_dir, "distance", {**s, "data": dataset_identity(ds)},
                         overwrite=overwrite) if out_dir else contextlib.nullcontext())
     with folder as run:

@@ -4,7 +4,8 @@ Stages (each timed): data, training, LOO influence (kernel assembly, factorisati
 writing. Outputs, each written atomically into the output folder:
 
 - ``model.pt``       trained weights (written right after training, so a later failure keeps them:
-                     the same command rerun on the folder resumes from them instead of training)
+                     the command rerun on the folder with the same training settings resumes
+                     from them instead of training, whatever its solver or display options)
 - ``influence.npz``  scores (T, n), train/test indices into the original files, labels,
                      kernel predictions, network outputs, LOO residuals, top-k indices
 - ``summary.json``   config, versions, timings, diagnostics, accuracies, top-5 helpful/harmful
@@ -24,10 +25,10 @@ import numpy as np
 
 from ..backend import get_backend
 from ..errors import ParameterError
-from .output import (RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz,
-                     dataset_identity)
-from .pipeline import (InfluenceConfig, accuracy_from_outputs, config_dict, kernel_influence,
-                       load_data, train_network)
+from .output import RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz
+from .pipeline import (InfluenceConfig, accuracy_from_outputs, check_solver_fits, config_dict,
+                       kernel_influence, load_data, run_settings, train_network,
+                       training_identity)
 
 # Scores above this many entries are stored as float32 (halves the file; stated in summary).
 FLOAT64_SCORE_LIMIT = 2 ** 27
@@ -37,8 +38,10 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
                   progress: bool = True, log=print) -> dict:
     """Run the whole influence job and write its outputs; returns the summary dict.
 
-    An unfinished run of the same settings in ``out_dir`` is resumed: a model it finished
-    training is loaded from its ``model.pt`` instead of trained again.
+    A run in ``out_dir`` with the same training settings (:func:`training_identity`) is
+    resumed, unfinished or finished: the model it trained is loaded from its ``model.pt``
+    instead of trained again, and the rest (solve, scores, figures) is computed with this
+    run's settings. Other training settings are refused unless ``overwrite``.
     """
     cfg.validate()
     epochs = cfg.resolved_epochs()
@@ -55,8 +58,11 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     if ds.n_test < 1:
         raise ParameterError("n_test: influence is scored on test points; expected at least "
                              "one, got 0")
-    identity = {**config_dict(cfg), "device_resolved": be.name, "data": dataset_identity(ds)}
-    with RunFolder(out_dir, "influence", identity, overwrite=overwrite) as run:
+    check_solver_fits(cfg, ds.n_train, be.name)  # refused before training, not after it
+    identity = training_identity(cfg, ds, be.name)
+    config, about = run_settings(cfg, ds, be.name, identity)
+    with RunFolder(out_dir, "influence", config, identity=identity, about=about,
+                   overwrite=overwrite) as run:
         return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
 
 
@@ -68,8 +74,10 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     if resumed_training:
         trained = run.info("training")
         model = _load_model(ds, cfg, out / "model.pt", be.name)
-        log(f"training: resumed, {out / 'model.pt'} was finished by an earlier run of these "
-            f"settings")
+        changed = (f"; {', '.join(run.changed)} changed, computing the rest again"
+                   if run.changed else "")
+        log(f"training: reusing the trained model from {out / 'model.pt'} (same training "
+            f"settings{changed})")
     else:
         model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
                                          seed=cfg.seed, progress=progress, device=be.name)
@@ -108,7 +116,8 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
                      y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=preds,
                      network_outputs=net_out_test, loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
-    fig_path = _figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
+    fig_path = (_figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
+                if shown else None)  # --show 0: no figure
     from .complexity import complexity_figure
     deciles = complexity_figure(None, be.to_host(res.alpha), scores,
                                 run.output("complexity_deciles.png"), Y=ds.Y_train,
@@ -143,7 +152,8 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
             "definition": "c_i = alpha_i . (K alpha)_i (share of ||f||_H^2); groups by mean "
                           "influence over test points, 1 = most harmful",
             "mean_complexity": deciles.mean_complexity, "mean_influence": deciles.mean_influence},
-        "files": ["model.pt", "influence.npz", "summary.json", Path(fig_path).name,
+        "files": ["model.pt", "influence.npz", "summary.json",
+                  *([Path(fig_path).name] if fig_path else []),  # --show 0: no figure
                   "complexity_deciles.png", "run.json"],
     }
     atomic_write_json(run.output("summary.json"), summary)

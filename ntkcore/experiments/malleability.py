@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset
+from .pipeline import DataOptions, apply_preset, check_lam
 from .. import malleability as mm
 
 ARCHS = ("relu", "attn")
@@ -109,12 +109,9 @@ class MalleabilityConfig(DataOptions):
             _int_at_least(d[key], key, 1)
         _int_at_least(d["epochs"], "epochs", 0)
         _int_at_least(d["lipschitz_directions"], "lipschitz_directions", 0)
-        for key in ("eps", "momentum"):
-            if not (d[key] >= 0):
-                raise ParameterError(f"{key}: expected a value >= 0, got {d[key]!r}")
-        for key in ("step", "lam"):
-            if not (d[key] > 0):
-                raise ParameterError(f"{key}: expected a value > 0, got {d[key]!r}")
+        from ..nn.attacks import _check_budget
+        _check_budget(d["eps"], d["step"], d["iters"], d["momentum"])  # finite, as the attacks
+        check_lam(d["lam"])
         if not (0 < d["tau"] < 1):
             raise ParameterError(f"tau: expected a value in (0, 1), got {d['tau']!r}")
         return d
@@ -397,6 +394,13 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     if s["test_points"] > ds.n_test:
         raise ParameterError(f"test_points: expected at most {ds.n_test} (the test set size), "
                              f"got {s['test_points']}")
+    if s["topk"] >= ds.n_train:  # the top K of all n points are all n points: stability 1
+        raise ParameterError(f"topk: expected K < n_train ({ds.n_train}), got {s['topk']}; "
+                             f"top-K stability over all training points is 1 by definition")
+    from ..nn._memory import check_model_fits
+    for arch in s["archs"]:  # refused before any training
+        check_model_fits(arch, ds.dim, s["width"], ds.Y_train.shape[1],
+                         device=torch_device(s["device"]))
     sel = np.sort(np.random.default_rng(s["seed"]).choice(ds.n_test, s["test_points"],
                                                           replace=False))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "

@@ -2,12 +2,22 @@
 
 A command's output folder is a :class:`RunFolder`: a manifest ``run.json`` names the command,
 its settings (with what identifies its data and the ntkcore version), the stages finished so
-far and every file the run writes, registered *before* it is written. Rerunning the same
-command with the same settings on an unfinished folder resumes it: a finished stage whose
-files are all present is skipped, not redone. Anything else that would mix two runs is refused;
-with ``overwrite`` the old run's files are deleted before any work starts. One run at a time
-holds a folder (an advisory lock on ``.run.lock``), and a run that fails before finishing any
-stage leaves no manifest behind (so the corrected command is not blocked by it).
+far and every file the run writes, registered *before* it is written.
+
+Resuming is decided by *identity*, the part of the settings that the recorded stages depend on
+(``identity=``; by default all the settings). Rerunning the command on a folder whose stored
+identity is equal reuses it: a finished stage whose files are all present is skipped, not
+redone. Settings outside the identity (for ``influence``: the solver and its options, the solve
+device, ``show``, ``top_k``) may differ, on an unfinished or a finished run: ``run.json``
+then takes the new settings, and the previous outputs that belong to no finished stage are
+deleted before any work, to be computed again. A different identity, another command, or
+finished results of the very same settings are refused; with ``overwrite`` the old run's files
+are deleted before any work starts. One run at a time holds a folder (an advisory lock on
+``.run.lock``), and a run that fails before finishing any stage leaves no manifest behind (so
+the corrected command is not blocked by it).
+
+The data's identity is its name and a hash of its contents, never where it was read from: the
+same command run from another folder, or with the same files under another path, resumes.
 """
 
 from __future__ import annotations
@@ -41,26 +51,37 @@ class RunFolder:
     ----------
     path : folder to create or reuse.
     command : the command's name ("influence", "malleability", ...).
-    config : JSON-able dict of everything that determines the results (settings, and
-        :func:`dataset_identity` of the data); a folder resumes only a run whose stored config
-        is equal. The ntkcore version is added.
+    config : JSON-able dict of the run's settings (with :func:`dataset_identity` of the
+        data), recorded in ``run.json``. The ntkcore version is added.
+    identity : JSON-able dict, optional, what the stages this run records depend on (default:
+        all of ``config``); a folder is reused only by a run of equal identity. The ntkcore
+        version is added.
+    about : JSON-able dict, optional, recorded for information only (where the data was
+        found, the device as typed): it decides nothing.
     overwrite : delete the previous run's files first instead of refusing.
 
     Attributes
     ----------
-    path : Path; resumed : bool, an unfinished run of the same config was found.
+    path : Path
+    resumed : bool, an earlier run of the same identity was found; its finished stages are
+        reused (:meth:`done`).
+    changed : list of str, the settings that differ from that run's (empty if none).
     """
 
-    def __init__(self, path, command: str, config: dict, *, overwrite: bool = False):
+    def __init__(self, path, command: str, config: dict, *, identity: dict | None = None,
+                 about: dict | None = None, overwrite: bool = False):
         self.path, self._created = _make_dir(path)
         self._lock = _acquire_lock(self.path)
         try:
-            self._open(command, config, overwrite)
+            self._open(command, config, identity, overwrite)
+            if about is not None:
+                self.manifest["about"] = _jsonable(about)
+                self._write()
         except BaseException:
             self.close(failed=True)
             raise
 
-    def _open(self, command, config, overwrite):
+    def _open(self, command, config, identity, overwrite):
         from importlib.metadata import PackageNotFoundError, version
         try:
             ver = version("ntkcore")
@@ -68,14 +89,28 @@ class RunFolder:
             ver = "unknown"
         self.command = command
         self.config = _jsonable({**config, "ntkcore_version": ver})
+        self.identity = (self.config if identity is None
+                         else _jsonable({**identity, "ntkcore_version": ver}))
         old = self._read_manifest(overwrite)
-        self.resumed = False
+        self.resumed, self.changed = False, []
         if old is not None and not overwrite:
-            same = old["command"] == command and old["config"] == self.config
-            if old["complete"] or not same:
-                raise OutputExistsError(self._refusal(old, same))
-            self.manifest = old
-            self.resumed = True
+            old_identity = old.get("identity")
+            if old_identity is None:  # a manifest from before identity=
+                old_identity = (old["config"] if identity is None else
+                                {k: old["config"].get(k) for k in self.identity})
+            same = old["command"] == command and old_identity == self.identity
+            if not same or (old["complete"] and old["config"] == self.config):
+                raise OutputExistsError(self._refusal(old, old_identity, same))
+            self.manifest, self.resumed = old, True
+            self.changed = _differing(old["config"], self.config)
+            if self.changed or old["complete"]:
+                # other settings of the same identity: keep the finished stages, drop the
+                # outputs computed from the old settings (they are computed again)
+                kept = [f for info in old["stages"].values() for f in info["files"]]
+                self._delete([f for f in old["files"] if f not in kept])
+                old.update(config=self.config, identity=self.identity, complete=False,
+                           files=[f for f in old["files"] if f in kept])
+                self._write()
             return
         legacy = [f for f in LEGACY_FILES if (self.path / f).exists()] if old is None else []
         if legacy and not overwrite:
@@ -84,7 +119,8 @@ class RunFolder:
         if overwrite:
             self._delete(legacy + list((old or {}).get("files", [])))
         self.manifest = {MARKER: 1, "command": command, "config": self.config,
-                         "complete": False, "stages": {}, "files": []}
+                         "identity": self.identity, "complete": False, "stages": {},
+                         "files": []}
         self._write()
 
     def __enter__(self):
@@ -180,14 +216,12 @@ class RunFolder:
         raise OutputExistsError(f"{f}: damaged run manifest; pass --overwrite to replace the "
                                 f"run or choose another --out")
 
-    def _refusal(self, old, same):
+    def _refusal(self, old, old_identity, same):
         what = "finished results" if old["complete"] else "an unfinished run"
         if not same and old["command"] != self.command:
             diff = f"of `{old['command']}`"
         elif not same:
-            keys = sorted(k for k in set(old["config"]) | set(self.config)
-                          if old["config"].get(k) != self.config.get(k))
-            diff = f"with other settings ({', '.join(keys)})"
+            diff = f"with other settings ({', '.join(_differing(old_identity, self.identity))})"
         else:
             diff = "of these settings"
         resume = "; rerun with its settings to resume it" if not (old["complete"] or same) else ""
@@ -205,9 +239,15 @@ class RunFolder:
                 target.unlink()
 
 
+def _differing(a: dict, b: dict) -> list:
+    """Sorted keys whose values differ between the settings ``a`` and ``b``."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _valid_manifest(m) -> bool:
     return (isinstance(m, dict) and isinstance(m.get("command"), str)
             and isinstance(m.get("config"), dict) and isinstance(m.get("complete"), bool)
+            and isinstance(m.get("identity", {}), dict)
             and isinstance(m.get("files"), list) and isinstance(m.get("stages"), dict)
             and all(isinstance(v, dict) and isinstance(v.get("files"), list) and "info" in v
                     for v in m["stages"].values()))
@@ -234,16 +274,25 @@ def _acquire_lock(path: Path):
 
 
 def dataset_identity(ds) -> dict:
-    """What identifies a run's data beyond the options typed: its name, resolved source and a
-    hash of the preprocessed rows, labels and subset indices (so a resume with other files
-    behind the same --data-root is refused)."""
+    """What identifies a run's data beyond the options typed: its name and a hash of the
+    preprocessed rows, labels and subset indices (so a resume with other files behind the same
+    --data-root is refused). Where the data was read from is not part of it: the same files
+    under another path, or a command run from another folder, are the same data (see
+    :func:`dataset_source` for the path, recorded for information)."""
     h = hashlib.blake2b(digest_size=16)
     for a in (ds.X_train, ds.y_train, ds.X_test, ds.y_test, ds.train_indices, ds.test_indices):
         a = np.ascontiguousarray(a)
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(a.data)
-    source = os.path.abspath(ds.source) if ds.source else None
-    return {"name": ds.name, "source": source, "content_hash": h.hexdigest()}
+    return {"name": ds.name, "content_hash": h.hexdigest()}
+
+
+def dataset_source(ds) -> str | None:
+    """Where the data came from, for information: the absolute path of a folder it was read
+    from, else the loader's fixed label ("sklearn.datasets.load_digits (embedded)", ...)."""
+    if not ds.source:
+        return None
+    return os.path.abspath(ds.source) if os.path.isdir(ds.source) else ds.source
 
 
 _NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

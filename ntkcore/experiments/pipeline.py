@@ -50,6 +50,29 @@ def apply_preset(cfg, presets: dict) -> dict:
 MAX_LAM = 1e6
 
 
+def check_lam(lam) -> float:
+    """``lam`` as a float, or ParameterError unless 0 < lam <= MAX_LAM: the one ridge rule
+    of every command (influence, malleability, distance)."""
+    from .._validate import check_positive
+    lam = check_positive(lam, "lam")
+    if lam > MAX_LAM:  # beyond it the objective overflows float32 training
+        raise ParameterError(f"lam: expected a value <= {MAX_LAM:g}, got {lam!r}")
+    return lam
+
+
+def check_solver_uses(solver: str, options: dict) -> None:
+    """ParameterError naming an option the explicitly chosen ``solver`` does not use (e.g.
+    rank with 'exact', tol with 'nystrom'); 'auto' keeps every option (its choice decides)."""
+    from ..solvers.auto import SOLVER_OPTIONS
+    if solver == "auto" or solver not in SOLVER_OPTIONS:
+        return
+    for name in options:
+        if name not in SOLVER_OPTIONS[solver]:
+            users = [s for s, names in SOLVER_OPTIONS.items() if name in names]
+            raise ParameterError(f"{name}: not used by solver={solver!r}; drop it, or choose "
+                                 f"a solver that uses it ({', '.join(users)})")
+
+
 @dataclass
 class InfluenceConfig(DataOptions):
     """Options of ``ntkcore influence`` (same names, same defaults)."""
@@ -68,11 +91,9 @@ class InfluenceConfig(DataOptions):
 
     def validate(self) -> "InfluenceConfig":
         """Check every option before any work starts (bad input fails in milliseconds)."""
-        from .._validate import check_count, check_positive
+        from .._validate import check_count
         from ..backend import DEVICES
-        check_positive(self.lam, "lam")
-        if self.lam > MAX_LAM:  # beyond it the objective overflows float32 training
-            raise ParameterError(f"lam: expected a value <= {MAX_LAM:g}, got {self.lam!r}")
+        check_lam(self.lam)
         for name in ("width", "n_train", "top_k"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name, minimum=1)
@@ -88,6 +109,7 @@ class InfluenceConfig(DataOptions):
         self.resolved_epochs()
         from ..solvers.auto import check_solver_options
         check_solver_options(self.solver, self.solver_options)
+        check_solver_uses(self.solver, self.solver_options)
         return self
 
     def resolved_epochs(self) -> int:
@@ -214,6 +236,73 @@ def kernel_influence(model, dataset, *, lam: float = 1e-3, solver: str = "auto",
                         solver=solver, top_k=top_k, **solver_options)
     res.timings["kernel_test_assembly"] = t_cross
     return res, t_cross
+
+
+#: Options that choose the data (with its content hash, they identify it); data_root and
+#: download only say where to find it.
+DATA_FIELDS = ("dataset", "classes", "n_train", "n_test", "dim")
+#: Options the trained network depends on, besides the data and the resolved epochs.
+TRAINING_FIELDS = ("arch", "width", "lam", "seed")
+
+
+def data_identity(cfg: DataOptions, ds) -> dict:
+    """The data options that choose the data, and the hash of what was loaded."""
+    from .output import dataset_identity
+    return {**{k: getattr(cfg, k) for k in DATA_FIELDS}, "data": dataset_identity(ds)}
+
+
+def training_identity(cfg: InfluenceConfig, ds, device: str) -> dict:
+    """What the trained network (``model.pt``) depends on: the data, the architecture, width,
+    lam, seed, the preset-resolved epochs and the device torch trains on (``device`` "auto"
+    and "cpu" that both train on the CPU are the same). Solver, solve device and display
+    options are not part of it: changing them reuses the trained model."""
+    return {**data_identity(cfg, ds), **{k: getattr(cfg, k) for k in TRAINING_FIELDS},
+            "epochs": cfg.resolved_epochs(), "training_device": torch_device(device).type}
+
+
+class _PlannedKernel:
+    """What :func:`ntkcore.solvers.auto.choose_solver` reads of the kernel a run will build:
+    its shape, the device it lives on and whether the solver may factor it in place."""
+
+    def __init__(self, n: int, device: str, private: bool):
+        self.shape = (n, n)
+        self.X = get_backend(device).asarray(np.zeros((1, 1)))
+        self.dense_is_private = private
+
+
+def check_solver_fits(cfg: InfluenceConfig, n: int, device: str, *,
+                      private: bool = True) -> None:
+    """Refuse, before any training or kernel work, a solver request that cannot fit an
+    n x n kernel on ``device``: the check (and message) the solve itself would make later.
+
+    private : the kernel will be an operator the exact solver materialises and factors in
+        place (the built-in networks' eNTK); False for a dense eNTK (``--model``).
+
+    Raises
+    ------
+    MemoryBudgetError, ParameterError : as ``choose_solver`` would at solve time.
+    """
+    from ..solvers.auto import choose_solver
+    if n < 1:
+        return  # nothing to plan; the run refuses empty data with its own message
+    choose_solver(_PlannedKernel(n, device, private), cfg.lam, requested=cfg.solver,
+                  **cfg.solver_options)
+
+
+#: Options that say where to find things, not what to compute: recorded, never compared.
+LOCATION_FIELDS = ("data_root", "download", "device")
+
+
+def run_settings(cfg: InfluenceConfig, ds, device: str, identity: dict, *,
+                 drop=()) -> tuple:
+    """(config, about) of an influence run folder: the settings its results depend on (the
+    resolved device instead of the one typed), and where the data and device came from."""
+    from .output import dataset_source
+    config = {**{k: v for k, v in config_dict(cfg).items()
+                 if k not in LOCATION_FIELDS and k not in drop},
+              **identity, "device_resolved": device}
+    about = {**{k: getattr(cfg, k) for k in LOCATION_FIELDS}, "data_source": dataset_source(ds)}
+    return config, about
 
 
 def config_dict(cfg: InfluenceConfig) -> dict:

@@ -9,7 +9,9 @@ same output files as the built-in architectures; no training happens here.
 ``cfg.device`` is honoured as on the built-in route: "cuda" without a usable GPU is a
 BackendError; on the GPU the eNTK runs in torch on CUDA (where torch has it) and the solve on
 CuPy. The options that only shape the built-in networks (arch, width, epochs, preset) are
-left out of the run's recorded config.
+left out of the run's recorded config. The run's identity is the data, the model, its weights'
+hash and the model input: the same folder may be scored again with another solver or display
+options (its previous results are replaced), but not with another model or data.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ import numpy as np
 from ..backend import get_backend
 from ..errors import ParameterError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions
-from .output import RunFolder, atomic_write_json, atomic_write_npz, dataset_identity
+from .output import RunFolder, atomic_write_json, atomic_write_npz
 from .pipeline import (
     InfluenceConfig,
     accuracy_from_outputs,
+    check_solver_fits,
     config_dict,
+    data_identity,
     load_data,
+    run_settings,
     torch_device,
 )
 
@@ -60,10 +65,15 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     ds = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test}")
-    identity = {**{k: v for k, v in config_dict(cfg).items() if k not in BUILTIN_ONLY},
-                "model": spec, "weights": _file_hash(weights), "model_input": model_input,
-                "device_resolved": be.name, "data": dataset_identity(ds)}
-    with RunFolder(out_dir, "influence", identity, overwrite=overwrite) as run:
+    check_solver_fits(cfg, ds.n_train, be.name, private=False)  # before the eNTK is built
+    identity = {**data_identity(cfg, ds), "model": spec, "weights": _file_hash(weights),
+                "model_input": model_input}
+    config, about = run_settings(cfg, ds, be.name, identity, drop=BUILTIN_ONLY)
+    with RunFolder(out_dir, "influence", config, identity=identity, about=about,
+                   overwrite=overwrite) as run:
+        if run.changed:
+            log(f"replacing the results in {run.path} ({', '.join(run.changed)} changed; same "
+                f"model and data)")
         return _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings)
 
 
@@ -117,7 +127,8 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
                      network_outputs=net_out, loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful),
                      top_harmful=be.to_host(res.top_harmful))
-    fig = _figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
+    fig = (_figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
+           if shown else None)  # --show 0: no figure
     timings["writing"] = time.perf_counter() - t0
     summary = {
         "command": "influence",
@@ -139,7 +150,7 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
         "timings": {**timings, "influence_stages": res.timings},
         "scores_dtype": "float32" if store32 else "float64",
         "top_influences": _top_table(ds, scores, shown, cfg.top_k),
-        "files": ["influence.npz", "summary.json", fig.name, "run.json"],
+        "files": ["influence.npz", "summary.json", *([fig.name] if fig else []), "run.json"],
     }
     atomic_write_json(run.output("summary.json"), summary)
     run.finish()

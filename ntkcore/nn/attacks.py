@@ -15,8 +15,11 @@ coupling of Prop. 4.5 then reaches every training feature.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .._validate import as_scalar, is_real_number
 from ..errors import NonFiniteError, ParameterError
 from ._loss import per_sample_loss, targets
 
@@ -36,14 +39,17 @@ def _check_pixels(x) -> torch.Tensor:
 
 
 def _check_budget(eps, step=None, iters=None, momentum=None):
-    if not (eps >= 0):
-        raise ParameterError(f"eps: expected a value >= 0, got {eps!r}")
-    if step is not None and not (step > 0):
-        raise ParameterError(f"step: expected a value > 0, got {step!r}")
-    if iters is not None and (isinstance(iters, bool) or int(iters) != iters or iters < 1):
-        raise ParameterError(f"iters: expected an integer >= 1, got {iters!r}")
-    if momentum is not None and not (momentum >= 0):
-        raise ParameterError(f"momentum: expected a value >= 0, got {momentum!r}")
+    """ParameterError unless eps (and momentum) are finite numbers >= 0, step a finite
+    number > 0 and iters an integer >= 1 (None: not used by the attack)."""
+    from .._validate import check_count, check_positive
+    for name, value in (("eps", eps), ("momentum", momentum)):
+        v = as_scalar(value)
+        if value is not None and not (is_real_number(v) and math.isfinite(v) and v >= 0):
+            raise ParameterError(f"{name}: expected a finite value >= 0, got {value!r}")
+    if step is not None:
+        check_positive(step, "step")
+    if iters is not None:
+        check_count(iters, "iters")
 
 
 def _grad(loss_fn, x: torch.Tensor) -> torch.Tensor:

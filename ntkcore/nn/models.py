@@ -249,17 +249,29 @@ def make_model(arch: str, X_train, width: int, n_outputs: int, *, kappa: float =
         Training inputs; "relu" uses only d, "attn" forms M = X^T X from them.
     width, n_outputs, kappa, seed, dtype, train_a, device
         As in :class:`TwoLayerNet`.
+
+    Raises
+    ------
+    MemoryBudgetError
+        The network would not fit the device's free memory (estimate of the first layer, its
+        training state and one batch of activations; checked before allocating).
     """
+    from ._memory import check_model_fits, torch_memory_errors
+
     if arch not in ARCHS:
         raise ParameterError(f"arch: expected one of {ARCHS}, got {arch!r}")
     _check_int(width, "width")
-    kw = dict(kappa=kappa, seed=seed, dtype=dtype, train_a=train_a, device=device)
-    if arch == "attn":
-        return MLPAttn(X_train, width, n_outputs, **kw)
     shape = tuple(X_train.shape)
     if len(shape) != 2:
         raise ShapeError(f"X_train: expected a 2-D array (n, d), got shape {shape}")
-    return TwoLayerNet(shape[1], width, n_outputs, **kw)
+    if dtype in (torch.float32, torch.float64):  # any other dtype: the model says it is wrong
+        check_model_fits(arch, shape[1], width, _check_int(n_outputs, "n_outputs"),
+                         itemsize=torch.finfo(dtype).bits // 8, device=device)
+    kw = dict(kappa=kappa, seed=seed, dtype=dtype, train_a=train_a, device=device)
+    with torch_memory_errors("model"):
+        if arch == "attn":
+            return MLPAttn(X_train, width, n_outputs, **kw)
+        return TwoLayerNet(shape[1], width, n_outputs, **kw)
 
 
 def closed_form_entk(model, X, X2=None, *, output: int = 0, tile: int | None = None):

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import NonFiniteError, ParameterError
 from ._loss import per_sample_loss, targets
+from ._memory import torch_memory_errors
 from .attacks import _loss_fn_from_targets, pgd
 
 
@@ -104,6 +105,7 @@ def _batch_objective(model, out, t, kind, lam, theta0):
     return data + 0.5 * lam * reg
 
 
+@torch_memory_errors("train")
 def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
           lam: float = 1e-3, loss: str = "auto", seed: int = 42, progress: bool = True,
           callback=None, preprocess=None, adv_eps: float | None = None,
@@ -206,7 +208,9 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
             epoch_loss = total / n
             if not np.isfinite(epoch_loss):
                 raise NonFiniteError(f"train: the objective became {epoch_loss} at epoch "
-                                     f"{epoch}; lower lr")
+                                     f"{epoch} (training diverged); lower lam, or the "
+                                     f"learning rate (lr={lr:g}, an option of the "
+                                     f"ntkcore.nn.train API only)")
             result.history.append(epoch_loss)
             result.epochs = epoch + 1
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
@@ -222,6 +226,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
 
 
 @torch.no_grad()
+@torch_memory_errors("predict")
 def predict(model, X, *, preprocess=None, batch_size: int = 8192) -> np.ndarray:
     """Model outputs f(X) as a float64 NumPy array (n, C), evaluated in batches."""
     p = next(model.parameters())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .._units import format_bytes
 from ..errors import MemoryBudgetError, ParameterError
 
 STRATEGIES = ("auto", "jacobian", "ntvp", "structured", "structured-gram", "structured-outer")
@@ -97,8 +98,8 @@ class EntkReport:
 
     def __str__(self):
         head = (f"empirical_ntk n={self.n} n2={self.n2} outputs={self.outputs!r} C={self.C} "
-                f"{self.dtype} on {self.device}; budget {self.memory_budget / 2**20:.0f} MiB, "
-                f"est. peak {self.est_peak_bytes / 2**20:.0f} MiB; blocks {self.blocks}; "
+                f"{self.dtype} on {self.device}; budget {format_bytes(self.memory_budget)}, "
+                f"est. peak {format_bytes(self.est_peak_bytes)}; blocks {self.blocks}; "
                 f"{self.seconds:.2f} s")
         rows = [f"  {g['name']:<28} {g['kind']:<6} {g['n_params']:>10}  "
                 f"{g['strategy'] + '/' + g['method']:<24} {g['est_flops']:.2e} flop  "
@@ -243,9 +244,9 @@ def plan_blocks(*, n, n2, sym, feat_row, compute_row, work_pair, budget, block=N
         if block is not None:
             fit = int(max(0, budget // max(feat_row + per_stream + block * work_pair, 1)))
         raise MemoryBudgetError(
-            f"memory_budget: expected at least {need_one if block is None else peak:.3g} "
-            f"bytes of working memory for {'one row' if block is None else f'block={block}'}"
-            f", got {budget:.3g}" + (f" (block <= {fit} would fit)" if fit else "") +
+            f"memory_budget: expected at least {format_bytes(need_one if block is None else peak)} "
+            f"of working memory for {'one row' if block is None else f'block={block}'}"
+            f", got {format_bytes(budget)}" + (f" (block <= {fit} would fit)" if fit else "") +
             "; raise memory_budget, or use strategy='ntvp' for groups with many parameters",
             needed_bytes=int(need_one if block is None else peak), budget_bytes=int(budget))
     return dict(panel=bp, stream=bs, work_bytes=int(work), work_pair=int(work_pair),
@@ -273,6 +274,6 @@ def plan_ntvp(*, n, n2, C, s, p_ntvp, act_row, budget):
     if peak > budget:
         raise MemoryBudgetError(
             f"memory_budget: expected at least "
-            f"{2 * s * C * p_ntvp + 3 * s * C * act_row:.3g} bytes for one NTK-vector "
-            f"product, got {budget:.3g}", budget_bytes=int(budget))
+            f"{format_bytes(2 * s * C * p_ntvp + 3 * s * C * act_row)} for one NTK-vector "
+            f"product, got {format_bytes(budget)}", budget_bytes=int(budget))
     return rows, chunk, int(peak)

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from .._units import format_bytes
 from ..backend import host_available_bytes
 from ..errors import (
     BackendError,
@@ -379,8 +380,8 @@ def _check_output(shape, itemsize, dev):
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else host_available_bytes()
     if need > 0.9 * free:
         raise MemoryBudgetError(
-            f"empirical_ntk output: needs {need / 2**30:.2f} GiB for a "
-            f"{'x'.join(map(str, shape))} kernel but {free / 2**30:.2f} GiB are free "
+            f"empirical_ntk output: needs {format_bytes(need)} for a "
+            f"{'x'.join(map(str, shape))} kernel but {format_bytes(free)} are free "
             f"(use outputs='trace' or fewer rows)", needed_bytes=need, budget_bytes=free)
 
 

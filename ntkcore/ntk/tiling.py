@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from .._units import format_bytes
 from ..backend import Backend
 from ..errors import MemoryBudgetError
 
@@ -50,8 +51,8 @@ def check_output_fits(shape, itemsize: int, backend: Backend, *, what: str,
             n_fit = int(math.sqrt(budget / itemsize))
         hint = f"; n <= {n_fit} would fit" if n_fit else ""
         raise MemoryBudgetError(
-            f"{what}: needs {need / 2**30:.1f} GiB for a {'x'.join(map(str, shape))} array but "
-            f"only {budget / 2**30:.1f} GiB of {backend.name} memory is available{hint} "
+            f"{what}: needs {format_bytes(need)} for a {'x'.join(map(str, shape))} array but "
+            f"only {format_bytes(budget)} of {backend.name} memory is available{hint} "
             f"(or use solver='nystrom'/'cg', which never form the n x n matrix)",
             needed_bytes=need, budget_bytes=budget, n_fit=n_fit)
     return need

@@ -142,7 +142,8 @@ def largest_n(needs, budget: float) -> int:
 
 
 def _gib(b) -> str:
-    return f"{b / 2**30:.3g} GiB"
+    from .._units import format_bytes
+    return format_bytes(b)
 
 
 def _budget(K, memory_budget):
@@ -288,7 +289,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         if nystrom_bytes(n, rank) > budget:
             raise MemoryBudgetError(
                 f"{requested}: rank {rank} at n={n} needs {_gib(nystrom_bytes(n, rank))}, "
-                f"over the {_gib(budget)} budget ({source}); rank <= {r_fit} fits",
+                f"over the {_gib(budget)} budget ({source}); "
+                + (f"rank <= {r_fit} fits" if r_fit >= 1 else "no rank fits in this budget"),
                 needed_bytes=nystrom_bytes(n, rank), budget_bytes=int(budget))
         opts["rank"] = rank
         return requested, opts, f"solver={requested!r} requested (rank {rank})" + _note(dropped)
