@@ -373,3 +373,17 @@ def test_abs_row_sums_and_product_in_one_pass(shape, k):
     rows2, MV2 = abs_row_sums_and_product(np.asfortranarray(M), V)
     assert_close(rows2, np.abs(M).sum(axis=1), what="fallback row sums")
     assert_close(MV2, M @ V, what="fallback M V")
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 13, 67])
+def test_lower_gram_apply_on_lapacks_fortran_order(n):
+    """LAPACK's trtri leaves L^-1 in Fortran order: the kernel then streams the C-ordered
+    transpose (upper triangle, poisoned below) and must give the same product."""
+    from ntkcore.kernels.triangular import lower_gram_apply
+    rng = np.random.default_rng(n)
+    Lt = np.tril(rng.standard_normal((n, n)))
+    poisoned = Lt.copy()
+    poisoned[np.triu_indices(n, 1)] = np.nan
+    V = rng.standard_normal((n, 11))
+    assert_close(lower_gram_apply(np.asfortranarray(poisoned), V), Lt.T @ (Lt @ V),
+                 what="F-ordered L^-1")

@@ -7,6 +7,8 @@ matrix once at memory bandwidth, where BLAS packs the big operand for a GEMM wit
   passes. Pass 1 forms Y = Li V (row dot products); pass 2 scatters Z = Li^T Y row by row into
   one partial Z per part of the rows (parts of equal triangle area, ``bounds``), summed at the
   end, so no two threads write the same Z.
+* ``upper_gram_apply(U, VT, outT, bounds, partial)``: the same product from U = Li^T stored
+  row-major (LAPACK leaves L^-1 in Fortran order; its transpose is then C-ordered).
 * ``abs_rows_matmat(K, VT, YT, rowabs)``: YT = (K V)^T and rowabs[i] = sum_j |K[i, j]| in one
   pass over K (the 1-norm of symmetric K and the A.8 residual probes A V).
 
@@ -117,6 +119,76 @@ def _render_lower_gram_apply() -> str:
     return "\n".join(L) + "\n"
 
 
+def _render_upper_gram_apply() -> str:
+    """The same product from U = L^-T stored row-major (an F-ordered L^-1, as LAPACK leaves
+    it): A^-1 V = U (U^T V). Pass 1 scatters Y = U^T V row by row into per-part partials
+    (row i of U holds columns j >= i), pass 2 forms U Y by row dot products over j >= i."""
+    cols, rows = range(COLS), range(_ROWS)
+    R = _ROWS
+    L = ["@njit(parallel=True, cache=True, fastmath=_FM)",
+         "def upper_gram_apply(U, VT, outT, bounds, partial):",
+         '    """outT = (U (U^T VT^T))^T, U upper triangular (its lower part is not read)."""',
+         _ind(1) + "n = VT.shape[1]",
+         _ind(1) + "parts = bounds.shape[0] - 1",
+         _ind(1) + "YT = np.empty((8, n))",
+         _ind(1) + "for p in prange(parts):",
+         _ind(2) + "ZT = partial[p]",
+         _ind(2) + "ZT[:, bounds[p]:] = 0.0",
+         _ind(2) + "; ".join(f"z{c} = ZT[{c}]" for c in cols),
+         _ind(2) + "i = bounds[p]",
+         _ind(2) + "while i < bounds[p + 1]:",
+         _ind(3) + f"if i + {R} <= bounds[p + 1]:"]
+    L += [_ind(4) + "; ".join(f"x{r}{c} = VT[{c}, i + {r}]" for c in cols) for r in rows]
+    L += [_ind(4) + f"u{r} = U[i + {r}]" for r in rows]
+    for r in range(R - 1):  # the head: columns i .. i + 2 that only some rows have
+        L += [_ind(4) + f"for j in range(i + {r}, i + {r + 1}):"]
+        L += [_ind(5) + f"z{c}[j] += " + " + ".join(f"u{q}[j] * x{q}{c}" for q in range(r + 1))
+              for c in cols]
+    L += [_ind(4) + f"for j in range(i + {R - 1}, n):",
+          _ind(5) + "; ".join(f"m{r} = u{r}[j]" for r in rows)]
+    L += [_ind(5) + f"z{c}[j] += " + " + ".join(f"m{r} * x{r}{c}" for r in rows) for c in cols]
+    L += [_ind(4) + f"i += {R}",
+          _ind(3) + "else:",
+          _ind(4) + "u0 = U[i]",
+          _ind(4) + "; ".join(f"x0{c} = VT[{c}, i]" for c in cols),
+          _ind(4) + "for j in range(i, n):",
+          _ind(5) + "m = u0[j]"]
+    L += [_ind(5) + f"z{c}[j] += m * x0{c}" for c in cols]
+    L += [_ind(4) + "i += 1",
+          _ind(1) + "for j in prange(n):",
+          _ind(2) + "for c in range(8):",
+          _ind(3) + "s = 0.0",
+          _ind(3) + "for p in range(parts):",
+          _ind(4) + "if j >= bounds[p]:",
+          _ind(5) + "s += partial[p, c, j]",
+          _ind(3) + "YT[c, j] = s",
+          _ind(1) + "; ".join(f"y{c} = YT[{c}]" for c in cols),
+          _ind(1) + "for p in prange(parts):",
+          _ind(2) + "i = bounds[p]",
+          _ind(2) + "while i < bounds[p + 1]:",
+          _ind(3) + f"if i + {R} <= bounds[p + 1]:"]
+    L += [_ind(4) + "; ".join(f"a{r}{c} = 0.0" for c in cols) for r in rows]
+    L += [_ind(4) + f"u{r} = U[i + {r}]" for r in rows]
+    for r in range(R - 1):  # head columns i + r: rows 0 .. r have them
+        L += [_ind(4) + f"for j in range(i + {r}, i + {r + 1}):"]
+        L += [_ind(5) + "; ".join(f"a{q}{c} += u{q}[j] * y{c}[j]" for c in cols)
+              for q in range(r + 1)]
+    L += [_ind(4) + f"for j in range(i + {R - 1}, n):",
+          _ind(5) + "; ".join(f"m{r} = u{r}[j]" for r in rows)]
+    L += [_ind(5) + "; ".join(f"a{r}{c} += m{r} * y{c}[j]" for c in cols) for r in rows]
+    L += [_ind(4) + "; ".join(f"outT[{c}, i + {r}] = a{r}{c}" for c in cols) for r in rows]
+    L += [_ind(4) + f"i += {R}",
+          _ind(3) + "else:",
+          _ind(4) + "; ".join(f"a0{c} = 0.0" for c in cols),
+          _ind(4) + "u0 = U[i]",
+          _ind(4) + "for j in range(i, n):",
+          _ind(5) + "m = u0[j]",
+          _ind(5) + "; ".join(f"a0{c} += m * y{c}[j]" for c in cols),
+          _ind(4) + "; ".join(f"outT[{c}, i] = a0{c}" for c in cols),
+          _ind(4) + "i += 1"]
+    return "\n".join(L) + "\n"
+
+
 def _render_abs_rows_matmat() -> str:
     cols = range(COLS)
     L = ["@njit(parallel=True, cache=True, fastmath=_FM)",
@@ -146,12 +218,13 @@ def _render_abs_rows_matmat() -> str:
 
 
 def _render() -> str:
-    return "\n\n".join([_HEADER, _render_lower_gram_apply(), _render_abs_rows_matmat()])
+    return "\n\n".join([_HEADER, _render_lower_gram_apply(), _render_upper_gram_apply(),
+                         _render_abs_rows_matmat()])
 
 
 @functools.lru_cache(maxsize=None)
 def tri_kernels():
-    """(lower_gram_apply, abs_rows_matmat), compiled once per machine."""
+    """(lower_gram_apply, upper_gram_apply, abs_rows_matmat), compiled once per machine."""
     source = _render()
-    return (load_generated("tri_cols8", source, "lower_gram_apply"),
-            load_generated("tri_cols8", source, "abs_rows_matmat"))
+    return tuple(load_generated("tri_cols8", source, name) for name in
+                 ("lower_gram_apply", "upper_gram_apply", "abs_rows_matmat"))

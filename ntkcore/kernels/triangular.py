@@ -35,35 +35,45 @@ def _column_blocks(V):
         yield k0, k1, VT
 
 
-def _area_bounds(n: int, parts: int) -> np.ndarray:
-    """Row boundaries splitting the lower triangle of an n x n matrix into equal areas."""
-    p = np.arange(parts + 1)
-    bounds = np.minimum(n, np.ceil(n * np.sqrt(p / parts))).astype(np.int64)
-    bounds[-1] = n
+def _area_bounds(n: int, parts: int, *, upper: bool = False) -> np.ndarray:
+    """Row boundaries splitting a triangle of an n x n matrix into parts of equal area (the
+    lower triangle's rows grow with i, the upper's shrink)."""
+    frac = np.arange(parts + 1) / parts
+    cut = np.sqrt(frac) if not upper else 1.0 - np.sqrt(1.0 - frac)
+    bounds = np.minimum(n, np.ceil(n * cut)).astype(np.int64)
+    bounds[0], bounds[-1] = 0, n
     return bounds
 
 
 def lower_gram_apply(Linv, V):
     """A^-1 V = Linv^T (Linv V), Linv (n, n) lower triangular (its upper part is not read on
-    the CPU), V (n, k). Returns (n, k) on V's device."""
+    the CPU), V (n, k). Returns (n, k) on V's device.
+
+    CPU: C-ordered Linv runs the lower-triangle kernel; F-ordered Linv (LAPACK's trtri
+    output) runs the upper-triangle kernel on Linv^T, a C-ordered view: no copy either way.
+    """
     if is_gpu_array(Linv):
         return Linv.T @ (Linv @ V)
     Linv = np.asarray(Linv)
     V = np.asarray(V, dtype=np.float64).reshape(Linv.shape[0], -1)
-    if not _numba_ready(Linv):
+    if _numba_ready(Linv):
+        matrix, upper = Linv, False
+    elif _numba_ready(Linv.T):
+        matrix, upper = Linv.T, True
+    else:
         return Linv.T @ (Linv @ V)
     import numba
 
     from .numba_tri import COLS, tri_kernels
-    apply, _ = tri_kernels()
+    lower_kernel, upper_kernel, _ = tri_kernels()
     n = Linv.shape[0]
     parts = _PARTS_PER_THREAD * numba.get_num_threads()
-    bounds = _area_bounds(n, parts)
+    bounds = _area_bounds(n, parts, upper=upper)
     partial = np.empty((parts, COLS, n))
     out = np.empty_like(V)
     outT = np.empty((COLS, n))
     for k0, k1, VT in _column_blocks(V):
-        apply(Linv, VT, outT, bounds, partial)
+        (upper_kernel if upper else lower_kernel)(matrix, VT, outT, bounds, partial)
         out[:, k0:k1] = outT[:k1 - k0].T
     return out
 
@@ -85,7 +95,7 @@ def abs_row_sums_and_product(K, V):
         return _abs_row_sums_tiled(K), K @ V
     V = np.asarray(V, dtype=np.float64).reshape(K.shape[1], -1)
     from .numba_tri import COLS, tri_kernels
-    _, rows_pass = tri_kernels()
+    _, _, rows_pass = tri_kernels()
     n = K.shape[0]
     out = np.empty((n, V.shape[1]))
     rowabs = np.empty(n)
