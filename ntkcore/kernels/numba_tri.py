@@ -61,15 +61,55 @@ def _row_block(d: int, first: str, src: str, acc: str, full: bool, absacc: bool)
     return L
 
 
+def _sum_partials(dest: str, keep: str) -> list:
+    """Lines adding the parts' partial sums into ``dest[c, j]`` where ``keep`` holds."""
+    return [_ind(1) + "for j in prange(n):",
+            _ind(2) + "for c in range(8):",
+            _ind(3) + "s = 0.0",
+            _ind(3) + "for p in range(parts):",
+            _ind(4) + f"if {keep}:",
+            _ind(5) + "s += partial[p, c, j]",
+            _ind(3) + f"{dest}[c, j] = s"]
+
+
+def _scatter_one_row(row: str, coef: str, columns: str) -> list:
+    """Lines of the one-row scatter z_c[j] += row[j] * w_c for j in ``columns`` (a range
+    expression), w_c = coef[c, i]; then the next row."""
+    return ([_ind(4) + f"r0 = {row}",
+             _ind(4) + "; ".join(f"w{c} = {coef}[{c}, i]" for c in range(COLS)),
+             _ind(4) + f"for j in {columns}:",
+             _ind(5) + "m = r0[j]"]
+            + [_ind(5) + f"z{c}[j] += m * w{c}" for c in range(COLS)] + [_ind(4) + "i += 1"])
+
+
+def _scatter_part_header(zeroed: str) -> list:
+    """Lines opening a scatter pass: each part zeroes ``zeroed`` of its own partial Z and
+    walks its rows, four at a time while four remain."""
+    return [_ind(1) + "for p in prange(parts):",
+            _ind(2) + "ZT = partial[p]",
+            _ind(2) + f"ZT[:, {zeroed}] = 0.0",
+            _ind(2) + "; ".join(f"z{c} = ZT[{c}]" for c in range(COLS)),
+            _ind(2) + "i = bounds[p]",
+            _ind(2) + "while i < bounds[p + 1]:",
+            _ind(3) + f"if i + {_ROWS} <= bounds[p + 1]:"]
+
+
+def _dot_one_row(row: str, vec: str, dest: str, columns: str) -> list:
+    """Lines of the one-row dot products dest[c, i] = sum_j row[j] * vec_c[j] for j in
+    ``columns``; then the next row."""
+    cols = range(COLS)
+    return [_ind(4) + "; ".join(f"a0{c} = 0.0" for c in cols),
+            _ind(4) + f"r0 = {row}",
+            _ind(4) + f"for j in {columns}:",
+            _ind(5) + "m = r0[j]",
+            _ind(5) + "; ".join(f"a0{c} += m * {vec}{c}[j]" for c in cols),
+            _ind(4) + "; ".join(f"{dest}[{c}, i] = a0{c}" for c in cols),
+            _ind(4) + "i += 1"]
+
+
 def _render_lower_gram_apply() -> str:
     cols = range(COLS)
-    one_row = [_ind(4) + "; ".join(f"a0{c} = 0.0" for c in cols),
-               _ind(4) + "l0 = Li[i]",
-               _ind(4) + "for j in range(i + 1):",
-               _ind(5) + "m = l0[j]",
-               _ind(5) + "; ".join(f"a0{c} += m * v{c}[j]" for c in cols),
-               _ind(4) + "; ".join(f"YT[{c}, i] = a0{c}" for c in cols),
-               _ind(4) + "i += 1"]
+    one_row = _dot_one_row("Li[i]", "v", "YT", "range(i + 1)")
     L = ["@njit(parallel=True, cache=True, fastmath=_FM)",
          "def lower_gram_apply(Li, VT, outT, bounds, partial):",
          '    """outT = (Li^T (Li VT^T))^T, Li lower triangular (its upper part is not read)."""',
@@ -85,13 +125,7 @@ def _render_lower_gram_apply() -> str:
     L += [_ind(4) + "; ".join(f"YT[{c}, i + {r}] = a{r}{c}" for c in cols) for r in range(_ROWS)]
     L += [_ind(4) + f"i += {_ROWS}", _ind(3) + "else:"] + one_row
     # pass 2: Z[j] += sum_r Li[i + r, j] Y[i + r], into this part's own partial Z
-    L += [_ind(1) + "for p in prange(parts):",
-          _ind(2) + "ZT = partial[p]",
-          _ind(2) + "ZT[:, :bounds[p + 1]] = 0.0",
-          _ind(2) + "; ".join(f"z{c} = ZT[{c}]" for c in cols),
-          _ind(2) + "i = bounds[p]",
-          _ind(2) + "while i < bounds[p + 1]:",
-          _ind(3) + f"if i + {_ROWS} <= bounds[p + 1]:"]
+    L += _scatter_part_header(":bounds[p + 1]")
     L += [_ind(4) + "; ".join(f"y{r}{c} = YT[{c}, i + {r}]" for c in cols) for r in range(_ROWS)]
     L += [_ind(4) + f"l{r} = Li[i + {r}]" for r in range(_ROWS)]
     L += [_ind(4) + "for j in range(i + 1):",
@@ -102,20 +136,9 @@ def _render_lower_gram_apply() -> str:
         L += [_ind(4) + f"for j in range(i + 1, i + {r + 1}):", _ind(5) + f"m = l{r}[j]"]
         L += [_ind(5) + f"z{c}[j] += m * y{r}{c}" for c in cols]
     L += [_ind(4) + f"i += {_ROWS}",
-          _ind(3) + "else:",
-          _ind(4) + "l0 = Li[i]",
-          _ind(4) + "; ".join(f"y0{c} = YT[{c}, i]" for c in cols),
-          _ind(4) + "for j in range(i + 1):",
-          _ind(5) + "m = l0[j]"]
-    L += [_ind(5) + f"z{c}[j] += m * y0{c}" for c in cols]
-    L += [_ind(4) + "i += 1",
-          _ind(1) + "for j in prange(n):",
-          _ind(2) + "for c in range(8):",
-          _ind(3) + "s = 0.0",
-          _ind(3) + "for p in range(parts):",
-          _ind(4) + "if j < bounds[p + 1]:",
-          _ind(5) + "s += partial[p, c, j]",
-          _ind(3) + "outT[c, j] = s"]
+          _ind(3) + "else:"]
+    L += _scatter_one_row("Li[i]", "YT", "range(i + 1)")
+    L += _sum_partials("outT", "j < bounds[p + 1]")
     return "\n".join(L) + "\n"
 
 
@@ -130,14 +153,8 @@ def _render_upper_gram_apply() -> str:
          '    """outT = (U (U^T VT^T))^T, U upper triangular (its lower part is not read)."""',
          _ind(1) + "n = VT.shape[1]",
          _ind(1) + "parts = bounds.shape[0] - 1",
-         _ind(1) + "YT = np.empty((8, n))",
-         _ind(1) + "for p in prange(parts):",
-         _ind(2) + "ZT = partial[p]",
-         _ind(2) + "ZT[:, bounds[p]:] = 0.0",
-         _ind(2) + "; ".join(f"z{c} = ZT[{c}]" for c in cols),
-         _ind(2) + "i = bounds[p]",
-         _ind(2) + "while i < bounds[p + 1]:",
-         _ind(3) + f"if i + {R} <= bounds[p + 1]:"]
+         _ind(1) + "YT = np.empty((8, n))"]
+    L += _scatter_part_header("bounds[p]:")
     L += [_ind(4) + "; ".join(f"x{r}{c} = VT[{c}, i + {r}]" for c in cols) for r in rows]
     L += [_ind(4) + f"u{r} = U[i + {r}]" for r in rows]
     for r in range(R - 1):  # the head: columns i .. i + 2 that only some rows have
@@ -148,21 +165,10 @@ def _render_upper_gram_apply() -> str:
           _ind(5) + "; ".join(f"m{r} = u{r}[j]" for r in rows)]
     L += [_ind(5) + f"z{c}[j] += " + " + ".join(f"m{r} * x{r}{c}" for r in rows) for c in cols]
     L += [_ind(4) + f"i += {R}",
-          _ind(3) + "else:",
-          _ind(4) + "u0 = U[i]",
-          _ind(4) + "; ".join(f"x0{c} = VT[{c}, i]" for c in cols),
-          _ind(4) + "for j in range(i, n):",
-          _ind(5) + "m = u0[j]"]
-    L += [_ind(5) + f"z{c}[j] += m * x0{c}" for c in cols]
-    L += [_ind(4) + "i += 1",
-          _ind(1) + "for j in prange(n):",
-          _ind(2) + "for c in range(8):",
-          _ind(3) + "s = 0.0",
-          _ind(3) + "for p in range(parts):",
-          _ind(4) + "if j >= bounds[p]:",
-          _ind(5) + "s += partial[p, c, j]",
-          _ind(3) + "YT[c, j] = s",
-          _ind(1) + "; ".join(f"y{c} = YT[{c}]" for c in cols),
+          _ind(3) + "else:"]
+    L += _scatter_one_row("U[i]", "VT", "range(i, n)")
+    L += _sum_partials("YT", "j >= bounds[p]")
+    L += [_ind(1) + "; ".join(f"y{c} = YT[{c}]" for c in cols),
           _ind(1) + "for p in prange(parts):",
           _ind(2) + "i = bounds[p]",
           _ind(2) + "while i < bounds[p + 1]:",
@@ -178,14 +184,8 @@ def _render_upper_gram_apply() -> str:
     L += [_ind(5) + "; ".join(f"a{r}{c} += m{r} * y{c}[j]" for c in cols) for r in rows]
     L += [_ind(4) + "; ".join(f"outT[{c}, i + {r}] = a{r}{c}" for c in cols) for r in rows]
     L += [_ind(4) + f"i += {R}",
-          _ind(3) + "else:",
-          _ind(4) + "; ".join(f"a0{c} = 0.0" for c in cols),
-          _ind(4) + "u0 = U[i]",
-          _ind(4) + "for j in range(i, n):",
-          _ind(5) + "m = u0[j]",
-          _ind(5) + "; ".join(f"a0{c} += m * y{c}[j]" for c in cols),
-          _ind(4) + "; ".join(f"outT[{c}, i] = a0{c}" for c in cols),
-          _ind(4) + "i += 1"]
+          _ind(3) + "else:"]
+    L += _dot_one_row("U[i]", "y", "outT", "range(i, n)")
     return "\n".join(L) + "\n"
 
 
