@@ -21,6 +21,8 @@ class OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
         args = sys.argv[1:] if args is None else list(args)
+        if self._does_work(args):
+            _check_environment()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NO_ARGS_IS_HELP as exc:  # bare ``ntkcore``: the help
@@ -38,6 +40,14 @@ class OneLineErrors(click.Group):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _does_work(self, args) -> bool:
+        """Whether ``args`` run a command that plans memory: not help, not --version, not
+        ``info`` (which must work to diagnose a bad environment)."""
+        if any(a in ("-h", "--help", "--version") for a in args):
+            return False
+        named = [a for a in args if a in self.commands]
+        return bool(named) and named[0] != "info"
 
     def _command_path(self, exc, args) -> str:
         """``ntkcore <command>`` of the failing command (the group's name when none)."""
@@ -62,7 +72,6 @@ def main():
         click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
     warnings.showwarning = show  # numerical rescue stays visible, as one line
-    _check_environment()
 
 
 @handle_errors

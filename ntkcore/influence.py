@@ -32,6 +32,7 @@ from ._validate import (
 from .backend import backend_for
 from .errors import ParameterError, ShapeError
 from .solvers import get_solver
+from .solvers.operator import DenseKernel
 from .solvers.base import Timer
 
 
@@ -179,8 +180,9 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     if not keep_scores and top_k is None:
         raise ParameterError("keep_scores=False needs top_k (otherwise nothing is returned)")
     overwrite_k = check_flag(overwrite_k, "overwrite_k")
-    if overwrite_k and dense:
-        K_test, Y, Y_test, overwrite_k = _unshare_from_k(K, K_test, Y, Y_test)
+    if overwrite_k and (dense or isinstance(K, DenseKernel)):  # DenseKernel: the caller's K
+        K_test, Y, Y_test, overwrite_k = _unshare_from_k(K if dense else K.K, K_test, Y,
+                                                         Y_test)
 
     choose, fit_fn = get_solver(solver)
     name, options, reason = choose(K, lam, overwrite_k=overwrite_k, **solver_options)

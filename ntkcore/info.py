@@ -59,6 +59,18 @@ def _blas_status():
         return []
 
 
+def _memory_limit_status() -> dict | None:
+    """NTKCORE_MEMORY_LIMIT as the planners read it, or the error a bad value gives (None
+    when unset): ``info`` is where a user looks when every command refuses the value."""
+    from .backend import memory_limit_from_env
+    from .errors import NtkcoreError
+    try:
+        limit = memory_limit_from_env()
+    except NtkcoreError as exc:
+        return {"ok": False, "error": str(exc)}
+    return None if limit is None else {"ok": True, "bytes": limit}
+
+
 def collect_info(data_root=None) -> dict:
     from .backend import host_available_bytes
     from .data import dataset_status
@@ -68,6 +80,7 @@ def collect_info(data_root=None) -> dict:
                                                  "torchvision", "cupy-cuda12x", "cupy-cuda13x")}},
         "cpu": {"cores": os.cpu_count(), "available_memory_gib": host_available_bytes() / 2**30,
                 "blas": _blas_status()},
+        "memory_limit": _memory_limit_status(),
         "numba": _numba_status(),
         "cuda": _cupy_status(),
         "datasets": [{"name": name, "found": path} for name, path in dataset_status(data_root)],
@@ -85,6 +98,10 @@ def format_info(info: dict) -> str:
                  f"{format_bytes(cpu['available_memory_gib'] * 2**30)} available")
     for b in cpu["blas"]:
         lines.append(f"  blas: {b['api']} ({b['arch']}), {b['threads']} threads")
+    limit = info.get("memory_limit")
+    if limit is not None:
+        lines.append(f"memory limit: {format_bytes(limit['bytes'])} (NTKCORE_MEMORY_LIMIT)"
+                     if limit["ok"] else f"memory limit: NOT usable: {limit['error']}")
     nb = info["numba"]
     lines.append(f"numba: {'ok ' + nb['version'] + ', ' + str(nb['threads']) + ' threads' if nb['ok'] else 'NOT usable: ' + nb['error']}")
     cu = info["cuda"]

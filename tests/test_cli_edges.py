@@ -191,8 +191,16 @@ def test_small_memory_limit_is_readable(tmp_path):
 
 
 @pytest.mark.parametrize("limit", ["-5", "0", "abc", "nan"])
-def test_bad_memory_limit_is_refused(limit):
-    one_line_error(invoke("info", env={"NTKCORE_MEMORY_LIMIT": limit}), "NTKCORE_MEMORY_LIMIT")
+def test_bad_memory_limit_is_refused(tmp_path, limit):
+    """A command that plans memory refuses the value before any work; help and ``info``
+    (where a user looks to diagnose it) still work, and ``info`` names the problem."""
+    env = {"NTKCORE_MEMORY_LIMIT": limit}
+    one_line_error(invoke("influence", *INF, "--out", tmp_path / "o", env=env),
+                   "NTKCORE_MEMORY_LIMIT")
+    assert not (tmp_path / "o").exists()
+    assert invoke("influence", "--help", env=env).exit_code == 0
+    r = invoke("info", env=env)
+    assert r.exit_code == 0 and "memory limit: NOT usable: NTKCORE_MEMORY_LIMIT" in r.output
 
 
 def test_nystrom_says_when_no_rank_fits():

@@ -214,3 +214,58 @@ def test_the_same_files_under_another_path_are_the_same_data(tmp_path, monkeypat
 def _real_influence():
     from ntkcore.experiments.pipeline import kernel_influence
     return kernel_influence
+
+
+def _as_legacy(out, cwd):
+    """Rewrite a run.json into the format ntkcore wrote before run identities (up to commit
+    8ef7771): no identity / about, location options and the data's source path in the config,
+    the training device only as "device_resolved", and an unfinished run."""
+    m = _manifest(out)
+    about = m.pop("about", {})
+    m.pop("identity", None)
+    cfg = m["config"]
+    cfg.pop("training_device", None)
+    for key in ("data_root", "download", "device"):
+        if key in about:
+            cfg[key] = about[key]
+    cfg["data"] = {"name": cfg["data"]["name"],
+                   "source": str(Path(cwd) / f"{cfg['data']['name']} (embedded)"),
+                   "content_hash": cfg["data"]["content_hash"]}
+    m["complete"] = False
+    (out / "run.json").write_text(json.dumps(m))
+
+
+def test_an_unfinished_run_from_before_identities_resumes(tmp_path, monkeypatch):
+    """A run folder written by the previous release resumes with its settings (no retraining,
+    the model it trained is kept) instead of being refused as "other settings (data,
+    training_device)"; a finished one with the same settings is refused as finished."""
+    import ntkcore.experiments.influence_run as ir
+    out = tmp_path / "old"
+    assert invoke("influence", *TINY, "--solver", "exact", "--out", out).exit_code == 0
+    _as_legacy(out, tmp_path)
+    monkeypatch.setattr(ir, "train_network", _no_training)
+    r = invoke("influence", *TINY, "--solver", "exact", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "reusing the trained model" in r.output
+    r = invoke("influence", *TINY, "--solver", "exact", "--out", out)
+    assert r.exit_code != 0 and "finished results of these settings" in one_line_error(r)
+
+
+def test_distance_ignores_where_the_data_came_from(tmp_path):
+    """distance records --data-root (and the legacy source path) but does not compare it:
+    an unfinished run resumes with another --data-root for the embedded digits."""
+    out = tmp_path / "d"
+    args = ("distance", "--dataset", "digits", "--n-train", 40, "--n-test", 5,
+            "--max-width", 8, "--epochs", 1, "--out", out)
+    (tmp_path / "dr1").mkdir()
+    (tmp_path / "dr2").mkdir()
+    assert invoke(*args, "--data-root", tmp_path / "dr1").exit_code == 0
+    m = _manifest(out)
+    m["complete"] = False
+    (out / "run.json").write_text(json.dumps(m))
+    r = invoke(*args, "--data-root", tmp_path / "dr2")
+    assert r.exit_code == 0, r.output
+    assert _manifest(out)["about"]["data_root"] == str(tmp_path / "dr2")
+    _as_legacy(out, tmp_path)
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output

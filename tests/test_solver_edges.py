@@ -294,3 +294,16 @@ def test_a_dense_kernel_operator_is_not_factored_in_place(rng):
     assert np.array_equal(K, before)
     plain = nc.loo_influence(before, Y, Kt, Yt, lam=LAM, solver="exact")
     np.testing.assert_allclose(via_operator.scores, plain.scores, rtol=0, atol=1e-12)
+
+
+def test_a_dense_kernel_operator_with_overwrite_k_still_reads_an_aliased_k_test(rng):
+    """overwrite_k=True on DenseKernel(K) lets the solver factor the caller's K; a K_test that
+    is that same memory (self-influence) is copied first, as for a plain array."""
+    from ntkcore.solvers.operator import DenseKernel
+    X = rng.standard_normal((50, 6))
+    Kc = np.asfortranarray(X @ X.T)
+    Y = _targets(rng, 50)[0]
+    expected = nc.loo_influence(Kc.copy(), Y, Kc.copy(), Y, lam=1e-2, solver="exact").scores
+    got = nc.loo_influence(DenseKernel(Kc), Y, Kc, Y, lam=1e-2, solver="exact",
+                           overwrite_k=True).scores
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset, check_lam
+from .pipeline import DataOptions, apply_preset, check_lam, experiment_settings
 
 ARCHS = ("relu", "attn")
 ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
@@ -99,7 +99,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
 
     from ..nn import make_model, predict
     from .malleability import load_for
-    from .output import RunFolder, atomic_write_json, atomic_write_text, dataset_identity
+    from .output import RunFolder, atomic_write_json, atomic_write_text
     from .pipeline import accuracy_from_outputs, train_network
     from .plots import distance_figure
 
@@ -112,8 +112,9 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
     from ..nn._memory import check_model_fits
     for arch in s["archs"]:  # the widest network, refused before any training
         check_model_fits(arch, ds.dim, s["max_width"], ds.Y_train.shape[1])
-    folder = (RunFolder(out_dir, "distance", {**s, "data": dataset_identity(ds)},
-                        overwrite=overwrite) if out_dir else contextlib.nullcontext())
+    config, about = experiment_settings(s, ds)
+    folder = (RunFolder(out_dir, "distance", config, about=about, overwrite=overwrite)
+              if out_dir else contextlib.nullcontext())
     with folder as run:
         log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
             f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}")

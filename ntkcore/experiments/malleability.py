@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset, check_lam
+from .pipeline import DataOptions, apply_preset, check_lam, experiment_settings
 from .. import malleability as mm
 
 ARCHS = ("relu", "attn")
@@ -385,7 +385,7 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     """
     import contextlib
 
-    from .output import RunFolder, dataset_identity
+    from .output import RunFolder
     from .pipeline import torch_device, train_network
 
     s = cfg.resolved()
@@ -405,10 +405,9 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
                                                           replace=False))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} n_test={ds.n_test} d={ds.dim}; {len(sel)} test points")
-    identity = {**s, "device_resolved": torch_device(s["device"]).type,
-                "data": dataset_identity(ds)}
-    folder = (RunFolder(out_dir, "malleability", identity, overwrite=overwrite) if out_dir
-              else contextlib.nullcontext())
+    config, about = experiment_settings(s, ds)
+    folder = (RunFolder(out_dir, "malleability", config, about=about, overwrite=overwrite)
+              if out_dir else contextlib.nullcontext())
     with folder as run:
         modes = [("standard", None)] + ([("adv-trained", s["eps"])] if s["adv_train"] else [])
         runs, scores = [], {}

@@ -94,15 +94,16 @@ class RunFolder:
         old = self._read_manifest(overwrite)
         self.resumed, self.changed = False, []
         if old is not None and not overwrite:
+            old_config = old["config"]
             old_identity = old.get("identity")
             if old_identity is None:  # a manifest from before identity=
-                old_identity = (old["config"] if identity is None else
-                                {k: old["config"].get(k) for k in self.identity})
+                old_config = _upgraded_legacy_config(old_config, self.config)
+                old_identity = {k: old_config.get(k) for k in self.identity}
             same = old["command"] == command and old_identity == self.identity
-            if not same or (old["complete"] and old["config"] == self.config):
+            if not same or (old["complete"] and old_config == self.config):
                 raise OutputExistsError(self._refusal(old, old_identity, same))
             self.manifest, self.resumed = old, True
-            self.changed = _differing(old["config"], self.config)
+            self.changed = _differing(old_config, self.config)
             if self.changed or old["complete"]:
                 # other settings of the same identity: keep the finished stages, drop the
                 # outputs computed from the old settings (they are computed again)
@@ -237,6 +238,23 @@ class RunFolder:
             target = self.path / name
             if target.is_symlink() or target.is_file():
                 target.unlink()
+
+
+def _upgraded_legacy_config(old: dict, new: dict) -> dict:
+    """The settings of a manifest written before run identities (ntkcore up to 2026-11-27),
+    in today's terms, on the keys today's settings ``new`` have: the data entry without the
+    "source" path it then carried (where data came from is no longer compared), and the device
+    torch trains on, which those runs recorded as "device_resolved" (influence) or only as the
+    typed "device" (distance, spectrum: "auto" is taken to resolve as it does now)."""
+    out = {k: old.get(k) for k in new}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k != "source"}
+    if "training_device" in new and "training_device" not in old:
+        out["training_device"] = old.get("device_resolved")
+    if "device_resolved" in new and "device_resolved" not in old and "device" in old:
+        out["device_resolved"] = (old["device"] if old["device"] in ("cpu", "cuda")
+                                  else new["device_resolved"])
+    return out
 
 
 def _differing(a: dict, b: dict) -> list:

@@ -305,6 +305,21 @@ def run_settings(cfg: InfluenceConfig, ds, device: str, identity: dict, *,
     return config, about
 
 
+def experiment_settings(settings: dict, ds) -> tuple:
+    """(config, about) of a ``distance`` / ``malleability`` / ``spectrum`` run folder: the
+    resolved settings with the data's identity and, where the command trains on a device, the
+    device torch resolves (not the one typed); where the data came from (``data_root``,
+    ``download``, the source folder) goes to ``about``: recorded, never compared."""
+    from .output import dataset_identity, dataset_source
+    config = {k: v for k, v in settings.items() if k not in LOCATION_FIELDS}
+    if "device" in settings:
+        config["device_resolved"] = torch_device(settings["device"]).type
+    config["data"] = dataset_identity(ds)
+    about = {**{k: settings[k] for k in LOCATION_FIELDS if k in settings},
+             "data_source": dataset_source(ds)}
+    return config, about
+
+
 def config_dict(cfg: InfluenceConfig) -> dict:
     d = asdict(cfg)
     d["epochs"] = cfg.resolved_epochs()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .pipeline import DataOptions
+from .pipeline import DataOptions, experiment_settings
 
 
 @dataclass
@@ -91,7 +91,7 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     """Compute the Theorem 4.7 report; write table.md, results.json and the spectrum plot."""
     from ..data import load_dataset
-    from .output import RunFolder, atomic_write_json, atomic_write_text, dataset_identity
+    from .output import RunFolder, atomic_write_json, atomic_write_text
     from .plots import spectrum_figure
 
     s = asdict(cfg)
@@ -101,8 +101,9 @@ def run_spectrum(cfg: SpectrumConfig, out_dir=None, *, overwrite: bool = False,
                       dim=s.get("dim"))
     log(f"data: {ds.name} classes={list(ds.classes)} ({', '.join(ds.class_names)}) "
         f"n_train={ds.n_train} d={ds.dim}")
-    folder = (RunFolder(out_dir, "spectrum", {**s, "data": dataset_identity(ds)},
-                        overwrite=overwrite) if out_dir is not None else contextlib.nullcontext())
+    config, about = experiment_settings(s, ds)
+    folder = (RunFolder(out_dir, "spectrum", config, about=about, overwrite=overwrite)
+              if out_dir is not None else contextlib.nullcontext())
     with folder as run:
         rep = spectrum_report(ds.X_train, seed=s["seed"])
         results = {"command": "spectrum", "config": s,
