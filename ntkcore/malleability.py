@@ -380,6 +380,25 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
                              estimator=desc)
 
 
+#: finite-difference steps of :func:`lipschitz_by_step` (model inputs have unit norm).
+LIPSCHITZ_STEPS = (1.0, 0.1, 0.01, 0.001)
+
+
+def lipschitz_by_step(kernel_rows, points, *, steps=LIPSCHITZ_STEPS, n_random: int = 8,
+                      seed: int = 0) -> dict:
+    """{h: L_K estimate at step h} from :func:`kernel_lipschitz` (random directions only, the
+    same seeded directions at every step).
+
+    Why a profile: a finite-width ReLU eNTK is piecewise smooth and jumps where an activation
+    flips, so ||k(x + h u) - k(x)|| / h has no limit that bounds it: it follows the Jacobian
+    for steps that cross no flip, grows like 1/h for steps that cross one, and averages over
+    many flips at h ~ 1 (the paper's sup over ||delta|| <= 1). An S compares across
+    architectures only at the same h; the profile shows how much it moves with h.
+    """
+    return {float(h): kernel_lipschitz(kernel_rows, points, n_random=n_random, h=h,
+                                       seed=seed).value for h in steps}
+
+
 # --------------------------------------------------------------------------- intervals
 
 def mean_ci95(values) -> dict:

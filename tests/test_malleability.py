@@ -130,6 +130,27 @@ def test_kernel_lipschitz_exact_for_a_linear_kernel():
     assert rand_only.value <= sigma * (1 + 1e-12)  # sampled directions: a lower bound
 
 
+
+def test_lipschitz_profile_is_flat_for_a_smooth_kernel_and_not_for_a_jump():
+    """lipschitz_by_step: the linear kernel's ratio is the same at every step (the same seeded
+    directions); a kernel row that jumps by 1 across a hyperplane (like a ReLU eNTK entry
+    where an activation flips) gives a ratio that grows like 1/h for steps that cross it."""
+    from ntkcore.malleability import LIPSCHITZ_STEPS, lipschitz_by_step
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((20, 5))
+    flat = lipschitz_by_step(lambda Q: Q @ X.T, X[:3], n_random=4)
+    assert list(flat) == list(LIPSCHITZ_STEPS)
+    values = np.array(list(flat.values()))
+    np.testing.assert_allclose(values, values[0], rtol=1e-9)
+    assert values[0] <= np.linalg.norm(X, 2) * (1 + 1e-12)
+    w = np.array([1.0, 0, 0, 0, 0])
+    x0 = np.array([[1e-4, 0.3, 0.2, 0.1, 0.0]])  # 1e-4 from the jump
+    jump = lipschitz_by_step(lambda Q: (Q @ w > 0).astype(float)[:, None] * np.ones((1, 3)),
+                             x0, steps=(1.0, 0.1, 0.01, 0.001), n_random=64)
+    ratios = np.array(list(jump.values()))
+    assert np.all(np.diff(ratios) > 0)  # smaller steps that cross the jump: larger ratio
+    assert ratios[-1] == pytest.approx(np.sqrt(3) / 1e-3, rel=1e-12)
+
 def test_complexity_by_decile_decomposes_the_rkhs_norm():
     rng = np.random.default_rng(3)
     Z = rng.standard_normal((40, 5))
