@@ -250,3 +250,33 @@ def test_a_large_top_k_keeps_its_lists_but_not_a_huge_figure(tmp_path):
     assert time.perf_counter() - t0 < 60  # 201 subplot columns per row took minutes
     assert len(summary["top_influences"][0]["helpful"]) == 60  # all n_train, capped at n
     assert FIGURE_MAX_K < 60
+
+
+def test_malleability_saves_every_perturbed_score_and_its_metrics_follow(tmp_path):
+    """scores.npz holds I_orig and the scores after each intervention (Curated: NaN at the
+    removed H_t), so results.json's flip rates and Spearman rho can be recomputed from it."""
+    import json
+
+    from scipy import stats
+
+    from ntkcore.experiments.malleability import MalleabilityConfig, run_malleability
+    from ntkcore.malleability import flip_rate, high_influence_set
+    cfg = MalleabilityConfig(dataset="digits", classes="3,8", n_train=60, n_test=20,
+                             test_points=3, archs=("relu",), attacks=("fgsm",), width=16, epochs=2,
+                             topk=5)
+    run_malleability(cfg, tmp_path / "m", progress=False, log=lambda *a: None)
+    z = np.load(tmp_path / "m" / "scores.npz")
+    res = json.loads((tmp_path / "m" / "results.json").read_text())["runs"][0]
+    I0 = z["relu_standard"]
+    for name in ("curated", "transformed_fgsm", "adversarial_fgsm"):
+        assert z[f"relu_standard__{name}"].shape == I0.shape
+    It, Ia = z["relu_standard__transformed_fgsm"], z["relu_standard__adversarial_fgsm"]
+    flips = [flip_rate(I0[t], It[t], tau=0.1) for t in range(3)]
+    assert np.mean(flips) == pytest.approx(
+        res["interventions"]["transformed"]["fgsm"]["flip_rate"]["mean"], abs=1e-12)
+    rho = [stats.spearmanr(I0[t], Ia[t])[0] for t in range(3)]
+    assert np.mean(rho) == pytest.approx(
+        res["interventions"]["adversarial"]["fgsm"]["spearman"]["mean"], abs=1e-12)
+    Ic = z["relu_standard__curated"]
+    for t in range(3):
+        assert np.isnan(Ic[t, high_influence_set(I0[t], 0.1)]).all()

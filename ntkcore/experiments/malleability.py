@@ -301,6 +301,9 @@ def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print)
               "positive_share_of_H": float(np.mean([np.mean(I0[t, H[t]] > 0)
                                                     for t in range(T)])),
               "interventions": {}, "attacks": {}}
+    #: the scores after each intervention, (T, n) on the original training slots (Curated:
+    #: NaN at the removed H_t), saved beside I_orig so every metric can be recomputed
+    perturbed = {}
 
     if "curated" in s["interventions"]:
         t0 = time.perf_counter()
@@ -309,6 +312,7 @@ def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print)
                       leave=False):
             keep = np.setdiff1d(np.arange(n), H[t])
             I1 = scorer(replace_training(ds, keep=keep), rows=[t])[0]
+            perturbed.setdefault("curated", np.full((T, n), np.nan))[t, keep] = I1
             pts.append(_metrics(I0[t, keep], I1, s["tau"], s["topk"]))
         result["interventions"]["curated"] = {"none": _summarise(pts)}
         timings["curated"] = time.perf_counter() - t0
@@ -327,12 +331,14 @@ def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print)
                 px = ds.pixels_train.copy()
                 px[H[t]] = adv[H[t]]
                 I1 = scorer(replace_training(ds, pixels=px), rows=[t])[0]
+                perturbed.setdefault(f"transformed_{attack}", np.empty((T, n)))[t] = I1
                 pts.append(_metrics(I0[t], I1, s["tau"], s["topk"]))
             result["interventions"].setdefault("transformed", {})[attack] = _summarise(pts)
             timings[f"transformed_{attack}"] = time.perf_counter() - t0
         if "adversarial" in s["interventions"]:
             t0 = time.perf_counter()
             I1 = scorer(replace_training(ds, pixels=adv))
+            perturbed[f"adversarial_{attack}"] = np.asarray(I1)
             pts = [_metrics(I0[t], I1[t], s["tau"], s["topk"]) for t in range(T)]
             result["interventions"].setdefault("adversarial", {})[attack] = _summarise(pts)
             timings[f"adversarial_{attack}"] = time.perf_counter() - t0
@@ -361,7 +367,7 @@ def evaluate_model(model, ds, s, sel, *, adv_eps=None, progress=True, log=print)
         result["_deciles"] = dec
     result["retrainings"] = scorer.trainings
     result["timings"] = timings
-    result["_scores"] = I0
+    result["_scores"] = {"original": I0, **perturbed}
     return result
 
 
@@ -468,7 +474,7 @@ def _save_run(run, key, r, scores):
 
     from .output import atomic_write_npz
     dec = r.get("_deciles")
-    arrays = {"scores": scores}
+    arrays = {f"scores__{name}": v for name, v in scores.items()}
     if dec is not None:
         arrays.update({f"deciles_{k}": np.asarray(v) for k, v in asdict(dec).items()})
     atomic_write_npz(run.output(_partial_name(key)), **arrays)
@@ -480,7 +486,8 @@ def _load_run(run, key):
     """(run dict, scores) of a run finished by an earlier invocation (see _save_run)."""
     r = dict(run.info(key)["result"])
     with np.load(run.file(_partial_name(key))) as z:
-        scores = z["scores"]
+        scores = ({"original": z["scores"]} if "scores" in z.files else  # before session 6
+                  {k[len("scores__"):]: z[k] for k in z.files if k.startswith("scores__")})
         fields = {k[len("deciles_"):]: z[k] for k in z.files if k.startswith("deciles_")}
     if fields:
         fields["total_complexity"] = float(fields["total_complexity"])
@@ -602,7 +609,9 @@ def _write_outputs(run, results, scores):
             plot_complexity_by_decile(dec, out(name), title=f"{ARCH_LABEL[r['arch']]} "
                                       f"({r['training']}): complexity vs influence group")
             files.append(name)
-    atomic_write_npz(out("scores.npz"), test_points=results["test_points"], **scores)
+    flat = {(key if name == "original" else f"{key}__{name}"): v
+            for key, by_name in scores.items() for name, v in by_name.items()}
+    atomic_write_npz(out("scores.npz"), test_points=results["test_points"], **flat)
     results["files"] = files
     atomic_write_text(out("table.md"), results["table"])
     atomic_write_json(out("results.json"),
