@@ -1,6 +1,7 @@
-"""Numba kernels for the A.8 checks on the CPU: products with a few columns that stream a
-matrix once at memory bandwidth, where BLAS packs the big operand for a GEMM with 8 columns
-(OpenBLAS reaches ~6 GB/s on ``Linv @ V`` with 8 columns on 2 cores, a streaming read ~28).
+"""Numba kernels for the A.8 checks on the CPU: products with a few columns that read the big
+matrix once per pass, where BLAS packs it for a GEMM with 8 columns (OpenBLAS reaches ~6 GB/s
+on ``Linv @ V`` with 8 columns on 2 cores; these kernels ~8 GB/s, short of the ~28 GB/s of a
+streaming read because their 32 accumulators spill registers: bench/RESULTS.md).
 
 * ``lower_gram_apply(Li, VT, outT, bounds, partial)``: outT = (Li^T (Li V))^T for lower
   triangular Li, i.e. A^-1 V with A^-1 = L^-T L^-1, reading only the lower triangle, two

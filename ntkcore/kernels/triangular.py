@@ -1,4 +1,4 @@
-"""Products with a few columns for the A.8 checks, at memory bandwidth on either backend.
+"""Products with a few columns for the A.8 checks, one read of the big matrix per pass.
 
 * :func:`lower_gram_apply` — A^-1 V = L^-T (L^-1 V) from the inverse Cholesky factor
   (subspace iteration for lambda_min(K), the inverse-residual probes).
@@ -6,7 +6,8 @@
   read of K (the 1-norm for pocon and the probes A V, taken before K may be overwritten).
 
 NumPy inputs run the Numba kernels of :mod:`.numba_tri` (eight columns a call, the matrix
-streamed once per pass); CuPy inputs run cuBLAS GEMMs, which are at bandwidth there already.
+streamed once per pass: ~8 GB/s on the 2-core machine of bench/RESULTS.md, where OpenBLAS's
+8-column GEMM reaches ~6 and a plain streaming pass ~30); CuPy inputs run cuBLAS GEMMs.
 """
 
 from __future__ import annotations
