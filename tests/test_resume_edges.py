@@ -80,6 +80,31 @@ def test_a_finished_run_is_solved_again_and_its_old_results_do_not_survive(tmp_p
     assert _manifest(out)["complete"]
 
 
+
+def test_only_display_options_changed_reuses_the_scores(tmp_path, monkeypatch):
+    """--show on a finished run: the model and the solve (influence.npz) are reused, the
+    figures and summary written again; a solver setting (--tol) solves again."""
+    import ntkcore.experiments.influence_run as ir
+    out = tmp_path / "D"
+    assert invoke("influence", *TINY, "--solver", "exact", "--out", out).exit_code == 0
+    saved = np.load(out / "influence.npz")["scores"]
+    monkeypatch.setattr(ir, "train_network", _no_training)
+    real_influence = ir.kernel_influence
+    monkeypatch.setattr(ir, "kernel_influence", lambda *a, **kw: 1 / 0)
+    r = invoke("influence", *TINY, "--solver", "exact", "--show", 0, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "reusing the scores from" in r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores_reused_from_influence_npz"] and summary["solver"] == "exact"
+    assert "checks" in summary["diagnostics"] and not (out / "influence_examples.png").exists()
+    np.testing.assert_array_equal(np.load(out / "influence.npz")["scores"], saved)
+    r = invoke("influence", *TINY, "--solver", "cg", "--tol", 1e-8, "--out", out)
+    assert r.exit_code == 1 and "ZeroDivisionError" in r.output  # it solved again: the stub
+    monkeypatch.setattr(ir, "kernel_influence", real_influence)
+    r = invoke("influence", *TINY, "--solver", "cg", "--tol", 1e-8, "--out", out)
+    assert r.exit_code == 0 and "reusing the scores" not in r.output
+    assert json.loads((out / "summary.json").read_text())["solver"].startswith("cg")
+
 @pytest.mark.parametrize("change,named", [(("--width", 8), "width"),
                                           (("--epochs", 2), "epochs"),
                                           (("--lam", 1e-2), "lam"),

@@ -81,6 +81,29 @@ def test_settings_outside_the_identity_reopen_the_run_keeping_its_finished_stage
         assert (out / "model.pt").exists()
 
 
+
+def test_a_stage_with_its_own_settings_is_kept_only_while_they_hold(tmp_path):
+    """record(..., depends_on=) names settings beyond the identity a stage depends on: a run
+    that changes only other settings (display) keeps it and its files; one that changes one of
+    them drops the stage and deletes its files up front."""
+    out = tmp_path / "r"
+    with RunFolder(out, "cmd", {**CFG, "solver": "a", "show": 5}, identity=CFG) as run:
+        _write(run, "model.pt")
+        run.record("training", ["model.pt"])
+        _write(run, "scores.npz")
+        run.record("solve", ["scores.npz"], depends_on=("solver",), note="first")
+        _write(run, "figure.png")
+        run.finish()
+    with RunFolder(out, "cmd", {**CFG, "solver": "a", "show": 2}, identity=CFG) as run:
+        assert run.changed == ["show"] and run.done("solve") and run.done("training")
+        assert run.info("solve") == {"note": "first"}
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock", "model.pt", "run.json",
+                                                         "scores.npz"]
+        run.finish()
+    with RunFolder(out, "cmd", {**CFG, "solver": "b", "show": 2}, identity=CFG) as run:
+        assert run.done("training") and not run.done("solve")
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock", "model.pt", "run.json"]
+
 def test_overwrite_deletes_only_what_the_manifest_lists_and_never_through_links(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with RunFolder(tmp_path, "cmd", CFG) as run:

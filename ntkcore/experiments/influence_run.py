@@ -7,7 +7,8 @@ writing. Outputs, each written atomically into the output folder:
                      the command rerun on the folder with the same training settings resumes
                      from them instead of training, whatever its solver or display options)
 - ``influence.npz``  scores (T, n), train/test indices into the original files, labels,
-                     kernel predictions, network outputs, LOO residuals, top-k indices
+                     kernel predictions, network outputs, LOO residuals, top-k indices,
+                     alpha (the "solve" stage: reused when only display options change)
 - ``summary.json``   config, versions, timings, diagnostics, accuracies, top-5 helpful/harmful
                      training points for each shown test point
 - ``influence_examples.png``  most helpful / harmful training images for a few test points
@@ -97,29 +98,19 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     net_acc = accuracy_from_outputs(ds, net_out_test, ds.y_test)
 
     t0 = time.perf_counter()
-    res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
-                              top_k=cfg.top_k, **cfg.solver_options)
-    be.synchronize()
+    solved = _solve(run, cfg, ds, model, be, net_out_test, log)
     timings["influence"] = time.perf_counter() - t0
     stages.done()
-    scores = be.to_host(res.scores)
-    preds = be.to_host(res.predictions)
+    scores, preds = solved["scores"], solved["kernel_predictions"]
     kernel_acc = accuracy_from_outputs(ds, preds, ds.y_test)
 
     t0 = time.perf_counter()
     shown = _shown_test_points(ds, cfg.show)
     top = _top_table(ds, scores, shown, cfg.top_k)
-    store32 = scores.size > FLOAT64_SCORE_LIMIT
-    atomic_write_npz(run.output("influence.npz"),
-                     scores=scores.astype(np.float32 if store32 else np.float64),
-                     train_indices=ds.train_indices, test_indices=ds.test_indices,
-                     y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=preds,
-                     network_outputs=net_out_test, loo_residuals=be.to_host(res.loo_residuals),
-                     top_helpful=be.to_host(res.top_helpful), top_harmful=be.to_host(res.top_harmful))
     fig_path = (_figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
                 if shown else None)  # --show 0: no figure
     from .complexity import complexity_figure
-    deciles = complexity_figure(None, be.to_host(res.alpha), scores,
+    deciles = complexity_figure(None, solved["alpha"], scores,
                                 run.output("complexity_deciles.png"), Y=ds.Y_train,
                                 lam=cfg.lam,
                                 n_groups=min(10, ds.n_train),
@@ -142,11 +133,12 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
                      "train_accuracy": trained["train_accuracy"],
                      "resumed_from_model_pt": resumed_training},
         "accuracy": {"network_test": net_acc, "kernel_predictor_test": kernel_acc},
-        "solver": res.solver,
-        "solver_reason": res.diagnostics.get("solver_reason"),
-        "diagnostics": res.diagnostics,
-        "timings": {**timings, "influence_stages": res.timings},
-        "scores_dtype": "float32" if store32 else "float64",
+        "solver": solved["solver"],
+        "solver_reason": solved["diagnostics"].get("solver_reason"),
+        "diagnostics": solved["diagnostics"],
+        "timings": {**timings, "influence_stages": solved["influence_stages"]},
+        "scores_reused_from_influence_npz": solved["reused"],
+        "scores_dtype": str(scores.dtype),
         "top_influences": top,
         "complexity_by_influence_decile": {
             "definition": "c_i = alpha_i . (K alpha)_i (share of ||f||_H^2); groups by mean "
@@ -159,6 +151,40 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     atomic_write_json(run.output("summary.json"), summary)
     run.finish()
     return summary
+
+
+#: settings the solve depends on beyond the trained model (its stage is redone when one changes)
+SOLVE_FIELDS = ("solver", "solver_options", "device_resolved", "top_k")
+
+
+def _solve(run, cfg, ds, model, be, net_out_test, log) -> dict:
+    """The LOO influence of the trained model, written to influence.npz and recorded as the
+    "solve" stage; reused from there when an earlier run of this folder finished it with the
+    same SOLVE_FIELDS (e.g. only ``--show`` changed). Host arrays and the solve's report."""
+    path = run.file("influence.npz")
+    if run.done("solve"):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in ("scores", "kernel_predictions", "alpha")}
+        log(f"influence: reusing the scores from {path} (same solver settings)")
+        return {**arrays, **run.info("solve"), "reused": True}
+    res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
+                              top_k=cfg.top_k, **cfg.solver_options)
+    be.synchronize()
+    scores = be.to_host(res.scores)
+    store32 = scores.size > FLOAT64_SCORE_LIMIT  # stored (and then used) as float32
+    arrays = {"scores": scores.astype(np.float32 if store32 else np.float64),
+              "kernel_predictions": be.to_host(res.predictions),
+              "alpha": be.to_host(res.alpha)}
+    atomic_write_npz(run.output("influence.npz"), **arrays,
+                     train_indices=ds.train_indices, test_indices=ds.test_indices,
+                     y_train=ds.y_train, y_test=ds.y_test, network_outputs=net_out_test,
+                     loo_residuals=be.to_host(res.loo_residuals),
+                     top_helpful=be.to_host(res.top_helpful),
+                     top_harmful=be.to_host(res.top_harmful))
+    report = {"solver": res.solver, "diagnostics": res.diagnostics,
+              "influence_stages": res.timings}
+    run.record("solve", ["influence.npz"], depends_on=SOLVE_FIELDS, **report)
+    return {**arrays, **run.info("solve"), "reused": False}
 
 
 class _StageBar:

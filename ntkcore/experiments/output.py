@@ -105,8 +105,11 @@ class RunFolder:
             self.manifest, self.resumed = old, True
             self.changed = _differing(old_config, self.config)
             if self.changed or old["complete"]:
-                # other settings of the same identity: keep the finished stages, drop the
-                # outputs computed from the old settings (they are computed again)
+                # other settings of the same identity: keep the finished stages whose own
+                # settings are unchanged, drop the outputs computed from the old settings
+                old["stages"] = {name: st for name, st in old["stages"].items()
+                                 if all(self.config.get(k) == v
+                                        for k, v in st.get("depends_on", {}).items())}
                 kept = [f for info in old["stages"].values() for f in info["files"]]
                 self._delete([f for f in old["files"] if f not in kept])
                 old.update(config=self.config, identity=self.identity, complete=False,
@@ -167,10 +170,18 @@ class RunFolder:
         holds as "nan" / "inf" strings, come back as floats)."""
         return _revive(self.manifest["stages"][stage]["info"])
 
-    def record(self, stage: str, files=(), **info) -> None:
-        """Mark ``stage`` finished, with the files it wrote and JSON-able ``info``."""
+    def record(self, stage: str, files=(), *, depends_on=(), **info) -> None:
+        """Mark ``stage`` finished, with the files it wrote and JSON-able ``info``.
+
+        depends_on : names of settings beyond the run's identity that the stage's results
+            depend on (e.g. the solver): a later run whose settings differ in one of them
+            computes the stage again; one that differs only elsewhere (display options) keeps
+            it. A stage without them depends on the identity alone.
+        """
         files = [str(f) for f in files]
-        self.manifest["stages"][stage] = {"files": files, "info": _jsonable(info)}
+        self.manifest["stages"][stage] = {
+            "files": files, "info": _jsonable(info),
+            "depends_on": {k: self.config.get(k) for k in depends_on}}
         self._add_files(files, write=False)
         self._write()
 
@@ -268,6 +279,7 @@ def _valid_manifest(m) -> bool:
             and isinstance(m.get("identity", {}), dict)
             and isinstance(m.get("files"), list) and isinstance(m.get("stages"), dict)
             and all(isinstance(v, dict) and isinstance(v.get("files"), list) and "info" in v
+                    and isinstance(v.get("depends_on", {}), dict)
                     for v in m["stages"].values()))
 
 
