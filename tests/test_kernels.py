@@ -139,7 +139,8 @@ def _scores_reference(B, dinv, alpha, R):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("T,n,C", [(7, 1000, 3), (1, 1, 1), (20, 513, 10), (9, 2000, 1),
-                                   (6, 4100, 4), (5, 300, 33)])
+                                   (6, 4100, 4), (5, 300, 33), (11, 37, 24), (6, 17, 25),
+                                   (4, 16, 5), (3, 15, 2), (8, 48, 7)])
 def test_influence_scores_fused_matches_formula(backend, T, n, C):
     rng = np.random.default_rng(T + n + C)
     B, dinv, alpha, R = _scoring_problem(rng, T, n, C)
@@ -242,7 +243,9 @@ def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypat
         rng = np.random.default_rng(5)
         B, dinv, alpha, R = _scoring_problem(rng, 9, 70, 2)
         out = np.full_like(B, np.nan)
-        kern(B, 1.0 / dinv, 0.5 * (alpha ** 2).sum(1), np.ascontiguousarray(alpha.T), R, out)
+        g, alpha_blocks = numba_scoring.pack_operands(1.0 / dinv, 0.5 * (alpha ** 2).sum(1),
+                                                      np.ascontiguousarray(alpha.T))
+        kern(B, g, alpha_blocks, R, out)
         assert_close(out, _scores_reference(B, dinv, alpha, R), what="generated kernel")
     finally:
         numba_scoring.scoring_kernel.cache_clear()

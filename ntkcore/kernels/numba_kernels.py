@@ -192,8 +192,8 @@ def influence_rows(B, dinv, half_sq, alphaT, R, out):
     half_sq = ||alpha_i||^2 / 2, alphaT = alpha^T (C, n) contiguous. ``out`` may be ``B``.
     Tiled over test points: _ROWS rows share each (C, _BLOCK) block of alpha^T while it is in
     L1, instead of streaming all of alpha^T (C n doubles) once per row. The generic kernel,
-    used for C > 32 classes; smaller C runs the per-C kernels of :mod:`.numba_scoring`,
-    which keep the cross term in registers (about 2x faster).
+    used for C > ``numba_scoring.MAX_SPECIALISED_C`` classes; smaller C runs the per-C
+    kernels of :mod:`.numba_scoring`, which keep the cross term in registers (2-4x faster).
     """
     T, n = B.shape
     nblocks = (T + _ROWS - 1) // _ROWS

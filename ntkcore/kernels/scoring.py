@@ -120,16 +120,23 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
 
 
-def _scores_cpu(B, dinv, half_sq, alphaT, R, out):
-    """Numba scoring: the kernel specialised for this class count C when C is small (four
-    test rows per loop, residuals in registers), else the generic one."""
+def _cpu_scorer(dinv, half_sq, alphaT):
+    """``score(B, R, out)`` for row chunks of one problem: the kernel specialised for this
+    class count C when C is small (four test rows per loop, residuals in registers, its
+    per-column operands packed once here), else the generic one."""
     C = alphaT.shape[0]
     if 1 <= C <= MAX_SPECIALISED_C:
-        from .numba_scoring import scoring_kernel
-        scoring_kernel(C)(B, 1.0 / dinv, half_sq, alphaT, R, out)
-    else:
-        from . import numba_kernels as nk
-        nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+        from .numba_scoring import pack_operands, scoring_kernel
+        kernel = scoring_kernel(C)
+        g, alpha_blocks = pack_operands(1.0 / dinv, half_sq, alphaT)
+        return lambda B, R, out: kernel(B, g, alpha_blocks, R, out)
+    from . import numba_kernels as nk
+    return lambda B, R, out: nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+
+
+def _scores_cpu(B, dinv, half_sq, alphaT, R, out):
+    """Numba scoring of every row of B into ``out`` (see :func:`_cpu_scorer`)."""
+    _cpu_scorer(dinv, half_sq, alphaT)(B, R, out)
 
 
 def _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
@@ -139,9 +146,10 @@ def _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo
     T, n = B.shape
     rows = max(4, min(T, _TOPK_CHUNK_BYTES // max(1, n * B.itemsize)) // 4 * 4)
     buf = None if S is not None else np.empty((min(rows, T), n), dtype=B.dtype)
+    score = _cpu_scorer(dinv, half_sq, alphaT)
     for t0, t1 in tiles(T, rows):
         chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
-        _scores_cpu(B[t0:t1], dinv, half_sq, alphaT, R[t0:t1], chunk)
+        score(B[t0:t1], R[t0:t1], chunk)
         nk.topk_scan(chunk, k, hi_idx[t0:t1], hi_val[t0:t1], lo_idx[t0:t1], lo_val[t0:t1])
 
 
