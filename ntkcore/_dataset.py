@@ -194,8 +194,15 @@ class Dataset:
         return np.argmax(out, axis=1).astype(np.int64)
 
     def as_images(self, pixels) -> np.ndarray:
-        """Pixels (n, d) -> images for plotting: (n, H, W), or (n, H, W, 3) for CIFAR-10."""
+        """Pixels (n, d) -> images for plotting: (n, H, W), or (n, H, W, 3) for CIFAR-10; one
+        row (d,) gives one image (H, W) or (H, W, 3)."""
         p = np.asarray(pixels)
+        d = int(np.prod(self.image_shape))
+        if p.ndim == 1 and p.shape[0] == d:
+            return self.as_images(p[None])[0]
+        if p.ndim != 2 or p.shape[1] != d:
+            raise ShapeError(f"pixels: expected (n, {d}) rows of {self.name} pixels, got shape "
+                             f"{p.shape}")
         imgs = p.reshape((p.shape[0],) + tuple(self.image_shape))
         if len(self.image_shape) == 3:
             imgs = np.moveaxis(imgs, 1, -1)

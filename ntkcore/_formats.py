@@ -31,6 +31,7 @@ import gzip
 import math
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,14 @@ def not_found_error(name: str, root=None, *, extra: str = "",
     if name == "cifar10":
         expected = ("cifar-10-batches-py/ with " + ", ".join(CIFAR_FILES)
                     + " (the CIFAR-10 'python version')")
+        fix = f"pass --data-root DIR (root=DIR in Python) or set NTKCORE_DATA=DIR with {expected}"
     else:
-        expected = ", ".join(f + "[.gz]" for f in IDX_FILES)
-        expected += f" (flat, or in torchvision's {_SUBDIRS[name][0]}/)"
-    fix = f"pass --data-root DIR (root=DIR in Python) or set NTKCORE_DATA=DIR with {expected}"
+        files = ", ".join(f + "[.gz]" for f in IDX_FILES)
+        subdirs = " or ".join(f"DIR/{s}/" for s in _SUBDIRS[name])
+        fix = (f"pass --data-root DIR (root=DIR in Python) with {files} in DIR itself or in "
+               f"DIR/{_SUBDIRS[name][0]}/ (torchvision's layout), or set NTKCORE_DATA=DIR with "
+               f"them in {subdirs} (a flat NTKCORE_DATA folder is not read: it cannot tell "
+               f"MNIST from Fashion-MNIST)")
     if download_fix:
         fix += f", or {download_fix}"
     if name == "fashion-mnist":
@@ -207,7 +212,7 @@ def _read_bytes(path: Path) -> bytes:
         opener = gzip.open if head == b"\x1f\x8b" else open
         with opener(path, "rb") as fh:
             return fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise CorruptDataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
 
 
@@ -259,6 +264,10 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, li
     lab_p = _idx_file(folder, f"{split}-labels-idx1-ubyte")
     images = read_idx(img_p, magic=IDX_IMAGES_MAGIC)
     labels = read_idx(lab_p, magic=IDX_LABELS_MAGIC).astype(np.int64)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise CorruptDataError(
+            f"{img_p}: expected 28 x 28 images (IDX shape (N, 28, 28)), header says "
+            f"{images.shape}")
     if images.shape[0] != labels.shape[0]:
         raise CorruptDataError(
             f"{img_p}, {lab_p}: inconsistent numbers of samples: "

@@ -136,7 +136,9 @@ def parse_classes(spec="10", *, n_classes: int = 10, class_names=None) -> tuple:
     if isinstance(spec, (int, np.integer)):
         single = int(spec)
     elif isinstance(spec, str):
-        tokens = [t for t in spec.replace(",", " ").split() if t]
+        # commas separate when present, so names with spaces ("Ankle boot,Bag") stay whole
+        parts = spec.split(",") if "," in spec else spec.split()
+        tokens = [t.strip() for t in parts if t.strip()]
         if len(tokens) == 1 and "," not in spec and _INT_TOKEN.fullmatch(tokens[0]):
             single = int(tokens[0])
     else:
@@ -343,7 +345,9 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         Subset sizes; None takes every sample of the selected classes (synthetic: 1000 and 200).
         The subset is ``sort(permutation(indices of selected classes)[:n])`` drawn with
         independent streams of ``np.random.SeedSequence(seed)`` for train and test, so it is
-        reproducible, and a smaller ``n`` with the same seed gives a subset of a larger one.
+        reproducible, and a smaller ``n`` with the same seed gives a subset of a larger one
+        (for the file-based sets; ``synthetic`` generates n points, so a smaller n with the
+        same seed gives the same labels as the larger draw's first n but other pixels).
         It is uniformly random, not stratified (class shares follow the data, as in the
         paper's random subsets); a draw that leaves a selected class without training
         samples is refused (EmptySelectionError) rather than trained on fewer classes. The

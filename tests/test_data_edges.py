@@ -240,3 +240,72 @@ def test_failed_download_does_not_suggest_download(tmp_path, monkeypatch, downlo
                "--out", tmp_path / "o", *TINY)
     err = user_error(r, needle)
     assert "--download" not in err, err
+
+
+# --------------------------------------------------------------------------- session 7 review
+
+def test_damaged_deflate_stream_is_corrupt_data(tmp_path):
+    """A bit flip inside a .gz's compressed data raised zlib.error (an internal error in the
+    CLI) instead of CorruptDataError naming the file."""
+    root = write_mnist(tmp_path / "d", 200, 20, gz=True)
+    path = root / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    import zlib
+    hits = 0
+    for pos in range(12, min(len(raw) - 8, 200)):
+        trial = bytearray(raw)
+        trial[pos] ^= 0x40
+        path.write_bytes(bytes(trial))
+        try:
+            load_dataset("mnist", root=root, n_train=50, n_test=10)
+        except CorruptDataError as exc:
+            assert "train-labels-idx1-ubyte.gz" in str(exc)
+            hits += "zlib" in str(exc) or "error" in str(exc)
+        except zlib.error as exc:  # the bug
+            raise AssertionError(f"untyped zlib.error at byte {pos}: {exc}") from exc
+        except (ParameterError, EmptySelectionError):
+            pass  # a flip that still decodes may change labels; that is not this test
+    assert hits, "no flip reached the deflate decoder"
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("shape", [(30, 14, 56), (30, 784, 1)])
+def test_idx_images_must_be_28_by_28(tmp_path, shape):
+    """Headers (N, 14, 56) or (N, 784, 1) loaded silently as 28 x 28 images."""
+    root = write_mnist(tmp_path / "d", 30, 10, gz=False)
+    pixels = np.arange(30 * 784, dtype=np.uint8).reshape(shape)
+    write_idx(root / "train-images-idx3-ubyte", pixels)
+    with pytest.raises(CorruptDataError, match=r"expected 28 x 28 images"):
+        load_dataset("mnist", root=root)
+
+
+def test_not_found_message_says_where_ntkcore_data_is_read(tmp_path, monkeypatch):
+    """The fix advised files 'flat' in NTKCORE_DATA, which is never read flat."""
+    flat = write_mnist(tmp_path / "flat", 20, 10)
+    monkeypatch.setenv("NTKCORE_DATA", str(flat))
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("mnist")
+    msg = str(info.value)
+    assert "DIR/MNIST/raw/ or DIR/mnist/" in msg and "flat NTKCORE_DATA folder is not read" in msg
+    monkeypatch.setenv("NTKCORE_DATA", str(tmp_path / "env"))
+    (tmp_path / "env").mkdir()
+    (flat).rename(tmp_path / "env" / "mnist")
+    assert load_dataset("mnist").n_train == 20  # found in DIR/mnist/
+
+
+def test_class_names_with_spaces_split_on_commas():
+    from ntkcore.data import DATASET_INFO
+    names = DATASET_INFO["fashion-mnist"].class_names
+    assert parse_classes("Ankle boot,Bag", class_names=names) == (9, 8)
+    assert parse_classes(" Ankle boot , T-shirt/top", class_names=names) == (9, 0)
+    assert parse_classes("3, 8") == (3, 8)
+    assert parse_classes("3 8") == (3, 8)
+
+
+def test_as_images_one_row_and_bad_shapes():
+    from ntkcore.errors import ShapeError
+    d = load_dataset("digits", n_train=40, n_test=10)
+    assert d.as_images(d.pixels_train[0]).shape == (8, 8)
+    assert d.as_images(d.pixels_train[:3]).shape == (3, 8, 8)
+    with pytest.raises(ShapeError):
+        d.as_images(d.pixels_train[:3, :10])
