@@ -30,7 +30,7 @@ def main(argv=None):
 
     from ntkcore.kernels import numba_kernels as nk
     from ntkcore.kernels.numba_scoring import MAX_SPECIALISED_C, pack_operands, scoring_kernel
-    from ntkcore.kernels.scoring import _prepare
+    from ntkcore.kernels.scoring import _prepare, _transposed_operands
 
     print(f"# bench_scoring_classes — {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"load average at start: {os.getloadavg()}; MAX_SPECIALISED_C = {MAX_SPECIALISED_C}")
@@ -44,8 +44,9 @@ def main(argv=None):
     for C in args.C:
         alpha = rng.standard_normal((n, C))
         R = rng.standard_normal((T, C))
-        Bp, dp, half_sq, alphaT, Rp = _prepare(B, dinv, alpha, R, np)
-        g, blocks = pack_operands(1.0 / dp, half_sq, alphaT)
+        Bp, dp, ap, Rp = _prepare(B, dinv, alpha, R, np)
+        g, blocks = pack_operands(dp, ap)
+        half_sq, alphaT = _transposed_operands(ap, np)
         kern = scoring_kernel(C)
         kern(Bp[:8], g, blocks, Rp[:8], S[:8])  # compile or load outside the timings
         nk.influence_rows(Bp[:8], dp, half_sq, alphaT, Rp[:8], S[:8])

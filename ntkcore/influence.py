@@ -25,12 +25,13 @@ from ._validate import (
     check_min_cols,
     check_positive,
     check_rows,
+    check_result_finite,
     check_square_symmetric,
     is_kernel_operator,
     may_share_memory,
 )
 from .backend import backend_for
-from .errors import ParameterError, ShapeError
+from .errors import NonFiniteError, ParameterError, ShapeError
 from .solvers import get_solver
 from .solvers.operator import DenseKernel
 from .solvers.base import Timer
@@ -92,7 +93,32 @@ def influence_scores(B, diag_inv, alpha, residuals):
     of diag_inv <= 0. NonFiniteError : NaN or Inf.
     """
     from .kernels import influence_scores_fused
-    return influence_scores_fused(*_scoring_inputs(B, diag_inv, alpha, residuals))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
+        scores = influence_scores_fused(*_scoring_inputs(B, diag_inv, alpha, residuals))
+    return check_result_finite(scores, "influence scores")
+
+
+def _check_score_bound(B, diag_inv, alpha, residuals):
+    """NonFiniteError when the scores could overflow B's dtype; for the top-k path, which
+    keeps no scores to check afterwards (a NaN score would simply never be ranked).
+
+    |I| <= u (u h + rho a) with u = max|B| / min diag, h = max ||alpha_i||^2 / 2, rho =
+    max_t ||r_t||_1, a = max|alpha|. The CPU kernel's folded form b (b g - r . alpha / diag)
+    has the same bound and one more intermediate, g <= h / min diag^2. Two reductions over
+    B, no temporaries; only magnitudes near the square root of the dtype's range trip it.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the answer
+        bmax = max(float(B.max()), -float(B.min()))
+        dmin = float(diag_inv.min())
+        u = bmax / dmin
+        h = 0.5 * float((alpha * alpha).sum(axis=1).max())
+        rho = float(abs(residuals).sum(axis=1).max())
+        a = float(abs(alpha).max())
+    bound = max(u * (u * h + rho * a), h / dmin / dmin)  # Python floats: overflow is inf
+    if not bound <= 0.5 * float(np.finfo(B.dtype).max):
+        raise NonFiniteError(
+            f"influence scores: they can overflow {B.dtype} (bound {bound:.3g}): K, Y or the "
+            f"test targets are too large in magnitude; rescale them")
 
 
 def _scoring_inputs(B, diag_inv, alpha, residuals):
@@ -195,14 +221,19 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
         predictions = K_test @ fit.alpha
         residuals = predictions - Y_test
         hi = lo = None
-        if top_k is None:  # the fit's own outputs: no need to validate them again
-            from .kernels import influence_scores_fused
-            scores = influence_scores_fused(B, fit.diag_inv, fit.alpha, residuals)
-        else:  # scoring and per-row top-k in one pass; no (T, n) buffer unless kept
-            from .kernels import influence_topk_fused
-            top = influence_topk_fused(B, fit.diag_inv, fit.alpha, residuals, top_k,
-                                       keep_scores=keep_scores)
-            scores, hi, lo = top.scores, top.helpful, top.harmful
+        if not keep_scores:  # nothing to check afterwards: bound the scores first
+            _check_score_bound(B, fit.diag_inv, fit.alpha, residuals)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            if top_k is None:  # the fit's own outputs: no need to validate them again
+                from .kernels import influence_scores_fused
+                scores = influence_scores_fused(B, fit.diag_inv, fit.alpha, residuals)
+            else:  # scoring and per-row top-k in one pass; no (T, n) buffer unless kept
+                from .kernels import influence_topk_fused
+                top = influence_topk_fused(B, fit.diag_inv, fit.alpha, residuals, top_k,
+                                           keep_scores=keep_scores)
+                scores, hi, lo = top.scores, top.helpful, top.harmful
+        if keep_scores:
+            check_result_finite(scores, "influence scores")
         del B
     loo_res = fit.alpha / fit.diag_inv[:, None]
     diagnostics = dict(fit.diagnostics)

@@ -243,8 +243,7 @@ def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypat
         rng = np.random.default_rng(5)
         B, dinv, alpha, R = _scoring_problem(rng, 9, 70, 2)
         out = np.full_like(B, np.nan)
-        g, alpha_blocks = numba_scoring.pack_operands(1.0 / dinv, 0.5 * (alpha ** 2).sum(1),
-                                                      np.ascontiguousarray(alpha.T))
+        g, alpha_blocks = numba_scoring.pack_operands(dinv, alpha)
         kern(B, g, alpha_blocks, R, out)
         assert_close(out, _scores_reference(B, dinv, alpha, R), what="generated kernel")
     finally:

@@ -16,7 +16,10 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
+
+_LOAD_LOCK = threading.Lock()
 
 
 def _cache_dirs():
@@ -28,16 +31,25 @@ def _cache_dirs():
     yield Path(tempfile.gettempdir()) / f"ntkcore-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
+def _read_or_none(path: Path):
+    """The text of ``path``, or None when it is not valid UTF-8 (a damaged file: rewritten)."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        return None
+
+
 def write_source(name: str, source: str) -> Path:
     """The path of ``name`` holding ``source``, written atomically into the first usable folder
     (left alone when it already holds that text)."""
     for folder in _cache_dirs():
         path = folder / name
         try:
-            if path.is_file() and path.read_text() == source:
+            if path.is_file() and _read_or_none(path) == source:
                 return path
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            # unique per process and thread: writers never share a temp file
+            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
             tmp.write_text(source)
             os.replace(tmp, path)
             return path
@@ -52,9 +64,10 @@ def load_generated(stem: str, source: str, function: str):
     module up by name)."""
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     name = f"{stem}_{digest}.py"
-    path = write_source(name, source)
-    spec = importlib.util.spec_from_file_location(f"ntkcore_generated_{name[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return getattr(module, function)
+    with _LOAD_LOCK:  # threads of one process write and import one at a time
+        path = write_source(name, source)
+        spec = importlib.util.spec_from_file_location(f"ntkcore_generated_{name[:-3]}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return getattr(module, function)

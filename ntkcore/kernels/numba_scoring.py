@@ -70,13 +70,22 @@ def score_rows(B, g, alpha_blocks, R, out):
             gk = g[k]
 {alpha_loads_tail}
 {row_scores_tail}
-    for t in range({QUAD} * nquads, T):
-        for k in range(n):
-            x = B[t, k]
-            s = x * g[k]
-            for c in range({C}):
-                s -= R[t, c] * alpha_blocks[k // {W}, c, k % {W}]
-            out[t, k] = x * s
+    for t in range({QUAD} * nquads, T):  # the T % 4 rows left: one at a time, blocks in parallel
+{load_residuals_one}
+        b0 = B[t]
+        o0 = out[t]
+        for kb in prange(nfull):
+            for w in range({W}):
+                k = kb * {W} + w
+                gk = g[k]
+{alpha_loads}
+{row_score_one}
+        for k in range(nfull * {W}, n):
+            kb = nfull
+            w = k - nfull * {W}
+            gk = g[k]
+{alpha_loads_tail}
+{row_score_one_tail}
 '''
 
 
@@ -94,36 +103,63 @@ def _render(C: int) -> str:
     def loads(ind):
         return "\n".join(f"{indent(ind)}v{c} = alpha_blocks[kb, {c}, w]" for c in range(C))
 
-    def scores(ind):
+    def scores(ind, rows=_QUAD):
         return "\n".join(
             f"{indent(ind)}x{r} = b{r}[k]\n"
             f"{indent(ind)}s{r} = x{r} * gk" + "".join(f" - r{r}_{c} * v{c}" for c in range(C))
-            + f"\n{indent(ind)}o{r}[k] = x{r} * s{r}" for r in range(_QUAD))
+            + f"\n{indent(ind)}o{r}[k] = x{r} * s{r}" for r in range(rows))
 
+    load_residuals_one = indent(8) + "; ".join(f"r0_{c} = R[t, {c}]" for c in range(C))
     return _TEMPLATE.format(C=C, QUAD=_QUAD, W=_WIDTH, load_residuals=load_residuals,
                             row_slices=row_slices, alpha_loads=loads(16),
                             row_scores=scores(16), alpha_loads_tail=loads(12),
-                            row_scores_tail=scores(12))
+                            row_scores_tail=scores(12), load_residuals_one=load_residuals_one,
+                            row_score_one=scores(16, 1), row_score_one_tail=scores(12, 1))
 
 
-def pack_operands(inv_d, half_sq, alphaT):
-    """The per-column operands of :func:`scoring_kernel`'s function.
+def pack_operands(diag_inv, alpha):
+    """The per-column operands of :func:`scoring_kernel`'s function, in one parallel pass.
 
-    inv_d = 1 / diag(A^-1), half_sq = ||alpha_i||^2 / 2 : (n,); alphaT : (C, n).
+    diag_inv : (n,) diag(A^-1); alpha : (n, C), any strides; both of the scores' dtype.
 
     Returns
     -------
-    g : (n,) inv_d^2 half_sq.
-    alpha_blocks : (ceil(n / W), C, W), W = 16: ``alpha_blocks[b, c, w]`` = alphaT[c, bW + w]
-        inv_d[bW + w], zero past column n.
+    g : (n,) ||alpha_i||^2 / (2 diag_inv_i^2).
+    alpha_blocks : (ceil(n / W), C, W), W = 16: ``alpha_blocks[b, c, w]`` = alpha[bW + w, c]
+        / diag_inv[bW + w], zero past row n.
     """
-    C, n = alphaT.shape
-    nblocks = -(-n // _WIDTH)
-    scaled = np.zeros((C, nblocks * _WIDTH), dtype=alphaT.dtype)
-    np.multiply(alphaT, inv_d, out=scaled[:, :n])
-    alpha_blocks = np.ascontiguousarray(scaled.reshape(C, nblocks, _WIDTH).transpose(1, 0, 2))
-    g = np.ascontiguousarray(inv_d * inv_d * half_sq, dtype=alphaT.dtype)
+    n, C = alpha.shape
+    alpha_blocks = np.empty((-(-n // _WIDTH), C, _WIDTH), dtype=alpha.dtype)
+    g = np.empty(n, dtype=alpha.dtype)
+    _pack_kernel()(alpha, diag_inv, g, alpha_blocks)
     return g, alpha_blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_kernel():
+    """The packing of :func:`pack_operands`: one pass over alpha rows, blocks in parallel
+    (a NumPy transpose copy took longer than the scoring itself at T = 4, n = 2e6)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def pack(alpha, diag_inv, g, alpha_blocks):
+        n, C = alpha.shape
+        W = alpha_blocks.shape[2]
+        for b in prange(alpha_blocks.shape[0]):
+            for w in range(W):
+                k = b * W + w
+                if k < n:
+                    inv_d = 1.0 / diag_inv[k]
+                    sq = 0.0
+                    for c in range(C):
+                        a = alpha[k, c]
+                        sq += a * a
+                        alpha_blocks[b, c, w] = a * inv_d
+                    g[k] = inv_d * inv_d * (0.5 * sq)
+                else:
+                    for c in range(C):
+                        alpha_blocks[b, c, w] = 0.0
+    return pack
 
 
 @functools.lru_cache(maxsize=None)

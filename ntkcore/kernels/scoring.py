@@ -38,16 +38,22 @@ class TopK:
 
 
 def _prepare(B, diag_inv, alpha, residuals, xp):
-    """Contiguous operands of the kernels: B rows, 1-D diag, alpha^T (C, n), R (T, C)."""
+    """Operands of the kernels: B with contiguous rows, 1-D diag, alpha (n, C), R (T, C)."""
     dt = B.dtype
     if B.strides[1] != B.itemsize:
         B = xp.ascontiguousarray(B)
     dinv = xp.ascontiguousarray(diag_inv, dtype=dt).reshape(-1)
-    alpha = alpha.reshape(alpha.shape[0], -1)
-    half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", alpha, alpha), dtype=dt)
-    alphaT = xp.ascontiguousarray(alpha.T, dtype=dt)
-    R = xp.ascontiguousarray(residuals.reshape(residuals.shape[0], -1), dtype=dt)
-    return B, dinv, half_sq, alphaT, R
+    C = alpha.shape[1] if alpha.ndim == 2 else 1  # explicit: reshape(0, -1) is ambiguous
+    alpha = alpha.reshape(alpha.shape[0], C).astype(dt, copy=False)
+    R = xp.ascontiguousarray(residuals.reshape(residuals.shape[0], C), dtype=dt)
+    return B, dinv, alpha, R
+
+
+def _transposed_operands(alpha, xp):
+    """half_sq = ||alpha_i||^2 / 2 (n,) and alpha^T (C, n) contiguous: the operands of the
+    CUDA kernels and of the generic Numba kernel."""
+    half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", alpha, alpha))
+    return half_sq, xp.ascontiguousarray(alpha.T)
 
 
 def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
@@ -69,14 +75,16 @@ def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
     """
     be = backend or _backend_of(B)
     xp = be.xp
-    B, dinv, half_sq, alphaT, R = _prepare(B, diag_inv, alpha, residuals, xp)
+    B, dinv, alpha, R = _prepare(B, diag_inv, alpha, residuals, xp)
     if out is None:
         out = xp.empty(B.shape, dtype=B.dtype)
+    if B.size == 0:  # T = 0 or n = 0: nothing to score (and no kernel launch of size 0)
+        return out
     if be.name == "cuda":
         from . import cuda
-        cuda.influence_scores(B, dinv, half_sq, alphaT, R, out)
+        cuda.influence_scores(B, dinv, *_transposed_operands(alpha, xp), R, out)
     else:
-        _scores_cpu(B, dinv, half_sq, alphaT, R, out)
+        _cpu_scorer(dinv, alpha)(B, R, out)
     return out
 
 
@@ -95,7 +103,7 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     """
     be = backend or _backend_of(B)
     xp = be.xp
-    B, dinv, half_sq, alphaT, R = _prepare(B, diag_inv, alpha, residuals, xp)
+    B, dinv, alpha, R = _prepare(B, diag_inv, alpha, residuals, xp)
     T, n = B.shape
     k = int(min(k, n))
     if keep_scores and out is None:
@@ -107,10 +115,11 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     if T == 0 or k == 0:
         return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
     if be.name == "cpu":
-        _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val,
+        _topk_cpu_chunked(B, dinv, alpha, R, k, hi_idx, hi_val, lo_idx, lo_val,
                           out if keep_scores else None)
     else:
         from . import cuda
+        half_sq, alphaT = _transposed_operands(alpha, xp)
         if k <= cuda.TOPK_MAX:
             cuda.influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
                                 lo_val, out if keep_scores else None)
@@ -120,33 +129,29 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
 
 
-def _cpu_scorer(dinv, half_sq, alphaT):
+def _cpu_scorer(dinv, alpha):
     """``score(B, R, out)`` for row chunks of one problem: the kernel specialised for this
     class count C when C is small (four test rows per loop, residuals in registers, its
-    per-column operands packed once here), else the generic one."""
-    C = alphaT.shape[0]
+    per-column operands packed once here, straight from alpha), else the generic one."""
+    C = alpha.shape[1]
     if 1 <= C <= MAX_SPECIALISED_C:
         from .numba_scoring import pack_operands, scoring_kernel
         kernel = scoring_kernel(C)
-        g, alpha_blocks = pack_operands(1.0 / dinv, half_sq, alphaT)
+        g, alpha_blocks = pack_operands(dinv, alpha)
         return lambda B, R, out: kernel(B, g, alpha_blocks, R, out)
     from . import numba_kernels as nk
+    half_sq, alphaT = _transposed_operands(alpha, np)
     return lambda B, R, out: nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
 
 
-def _scores_cpu(B, dinv, half_sq, alphaT, R, out):
-    """Numba scoring of every row of B into ``out`` (see :func:`_cpu_scorer`)."""
-    _cpu_scorer(dinv, half_sq, alphaT)(B, R, out)
-
-
-def _topk_cpu_chunked(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
+def _topk_cpu_chunked(B, dinv, alpha, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
     """Top-k on the CPU: score a chunk of test rows (small enough to stay in the last-level
     cache, or straight into ``S`` when the scores are kept), then scan it with two heaps."""
     from . import numba_kernels as nk
     T, n = B.shape
     rows = max(4, min(T, _TOPK_CHUNK_BYTES // max(1, n * B.itemsize)) // 4 * 4)
     buf = None if S is not None else np.empty((min(rows, T), n), dtype=B.dtype)
-    score = _cpu_scorer(dinv, half_sq, alphaT)
+    score = _cpu_scorer(dinv, alpha)
     for t0, t1 in tiles(T, rows):
         chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
         score(B[t0:t1], R[t0:t1], chunk)

@@ -18,7 +18,7 @@ from ..backend import backend_for
 def relu_ntk_infinite(X, X2=None):
     """Infinite-width ReLU NTK (arc-cosine form), tiled (kernel 3 of ntkcore.kernels).
 
-    theta comes from acos of the Gram entries, except where |cos theta| > 1 - 1e-2 (equal,
+    theta comes from acos of the Gram entries, except where |cos theta| > 1 - 1e-3 (equal,
     nearly equal or opposite rows): there it is recomputed as 2 atan2(|u - v|, |u + v|) from
     the unit rows u, v, so every entry is accurate to rounding (acos alone loses half the
     digits near |cos theta| = 1).

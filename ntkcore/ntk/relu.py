@@ -24,6 +24,7 @@ from .._validate import (
     check_flag,
     check_min_cols,
     check_result_finite,
+    may_share_memory,
 )
 from ..backend import backend_for
 from ..errors import BackendError, ParameterError, ShapeError
@@ -101,6 +102,10 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
         out = xp.empty((n, n2), dtype=np.float64)
     else:
         _check_out(out, (n, n2), xp)
+        for arr, name in ((X, "X"), (W, "W"), (X2, "X2")):
+            if may_share_memory(out, arr):  # the kernels read it while writing out
+                raise ParameterError(f"out: shares memory with {name}, which is read while "
+                                     f"out is written; pass a separate array")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
         K = _assemble(X, W, X2, sym, weights, train_a, tile, out, be)
     return check_result_finite(K, "relu_ntk")
