@@ -91,28 +91,35 @@ def test_damaged_generated_file_is_rewritten(tmp_path, monkeypatch):
     assert path.read_text() == "x = 1\n"
 
 
+def _in_threads(count: int, fn):
+    """``fn()`` from ``count`` threads released together; their results (any exception fails
+    the test)."""
+    barrier = threading.Barrier(count)
+    results, failures = [], []
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(fn())
+        except Exception as exc:  # noqa: BLE001 -- collected and reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    return results
+
+
 def test_threads_writing_one_generated_file(tmp_path, monkeypatch):
     """Threads of one process shared one temp name: one renamed another's half-written file
     (a 0-byte kernel), or found its temp gone and gave up on the cache folder."""
     from ntkcore.kernels import _generated
     monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
     text = "# " + "x" * 2_000_000 + "\ny = 2\n"
-    barrier = threading.Barrier(12)
-    results, failures = [], []
-
-    def write():
-        barrier.wait()
-        try:
-            results.append(_generated.write_source("race.py", text))
-        except Exception as exc:  # noqa: BLE001 -- collected and reported below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=write) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures
+    results = _in_threads(12, lambda: _generated.write_source("race.py", text))
     assert set(results) == {tmp_path / "kernels" / "race.py"}
     assert (tmp_path / "kernels" / "race.py").read_text() == text
     assert not list((tmp_path / "kernels").glob(".*.tmp"))
@@ -123,22 +130,7 @@ def test_threads_loading_one_scoring_kernel(tmp_path, monkeypatch, rng):
     monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
     numba_scoring.scoring_kernel.cache_clear()
     try:
-        barrier = threading.Barrier(6)
-        kernels, failures = [], []
-
-        def load():
-            barrier.wait()
-            try:
-                kernels.append(numba_scoring.scoring_kernel(3))
-            except Exception as exc:  # noqa: BLE001
-                failures.append(exc)
-
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not failures, failures
+        kernels = _in_threads(6, lambda: numba_scoring.scoring_kernel(3))
         B, dinv = rng.standard_normal((5, 40)), rng.random(40) + 0.5
         alpha, R = rng.standard_normal((40, 3)), rng.standard_normal((5, 3))
         g, blocks = numba_scoring.pack_operands(dinv, alpha)

@@ -56,65 +56,45 @@ def score_rows(B, g, alpha_blocks, R, out):
     nfull = n // {W}
     for q in prange(nquads):
         t0 = {QUAD} * q
-{load_residuals}
-{row_slices}
-        for kb in range(nfull):
-            for w in range({W}):
-                k = kb * {W} + w
-                gk = g[k]
-{alpha_loads}
-{row_scores}
-        for k in range(nfull * {W}, n):
-            kb = nfull
-            w = k - nfull * {W}
-            gk = g[k]
-{alpha_loads_tail}
-{row_scores_tail}
+{quad_rows}
+{quad_columns}
     for t in range({QUAD} * nquads, T):  # the T % 4 rows left: one at a time, blocks in parallel
-{load_residuals_one}
-        b0 = B[t]
-        o0 = out[t]
-        for kb in prange(nfull):
-            for w in range({W}):
-                k = kb * {W} + w
-                gk = g[k]
-{alpha_loads}
-{row_score_one}
-        for k in range(nfull * {W}, n):
-            kb = nfull
-            w = k - nfull * {W}
-            gk = g[k]
-{alpha_loads_tail}
-{row_score_one_tail}
+{one_row}
+{one_columns}
 '''
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+def _columns(C: int, rows: int, block_loop: str) -> str:
+    """The loops over full W-column blocks (``block_loop`` is ``range`` or ``prange``) and
+    over the n % W columns left, scoring ``rows`` rows whose b/o slices and residual scalars
+    are set."""
+    loads = "\n".join(f"v{c} = alpha_blocks[kb, {c}, w]" for c in range(C))
+    scores = "\n".join(
+        f"x{r} = b{r}[k]\n"
+        f"s{r} = x{r} * gk" + "".join(f" - r{r}_{c} * v{c}" for c in range(C))
+        + f"\no{r}[k] = x{r} * s{r}" for r in range(rows))
+    body = "gk = g[k]\n" + loads + "\n" + scores
+    full = (f"for kb in {block_loop}(nfull):\n    for w in range({_WIDTH}):\n"
+            f"        k = kb * {_WIDTH} + w\n" + _indent(body, 8))
+    tail = (f"for k in range(nfull * {_WIDTH}, n):\n    kb = nfull\n"
+            f"    w = k - nfull * {_WIDTH}\n" + _indent(body, 4))
+    return _indent(full + "\n" + tail, 8)
 
 
 def _render(C: int) -> str:
     """The kernel source for class count C (four rows, residuals as named scalars)."""
-    def indent(n):
-        return " " * n
-
-    load_residuals = "\n".join(
-        indent(8) + "; ".join(f"r{r}_{c} = R[t0 + {r}, {c}]" for c in range(C))
-        for r in range(_QUAD))
-    row_slices = "\n".join(f"{indent(8)}b{r} = B[t0 + {r}]\n{indent(8)}o{r} = out[t0 + {r}]"
-                           for r in range(_QUAD))
-
-    def loads(ind):
-        return "\n".join(f"{indent(ind)}v{c} = alpha_blocks[kb, {c}, w]" for c in range(C))
-
-    def scores(ind, rows=_QUAD):
-        return "\n".join(
-            f"{indent(ind)}x{r} = b{r}[k]\n"
-            f"{indent(ind)}s{r} = x{r} * gk" + "".join(f" - r{r}_{c} * v{c}" for c in range(C))
-            + f"\n{indent(ind)}o{r}[k] = x{r} * s{r}" for r in range(rows))
-
-    load_residuals_one = indent(8) + "; ".join(f"r0_{c} = R[t, {c}]" for c in range(C))
-    return _TEMPLATE.format(C=C, QUAD=_QUAD, W=_WIDTH, load_residuals=load_residuals,
-                            row_slices=row_slices, alpha_loads=loads(16),
-                            row_scores=scores(16), alpha_loads_tail=loads(12),
-                            row_scores_tail=scores(12), load_residuals_one=load_residuals_one,
-                            row_score_one=scores(16, 1), row_score_one_tail=scores(12, 1))
+    quad_rows = "\n".join(
+        "; ".join(f"r{r}_{c} = R[t0 + {r}, {c}]" for c in range(C)) for r in range(_QUAD))
+    quad_rows += "\n" + "\n".join(f"b{r} = B[t0 + {r}]\no{r} = out[t0 + {r}]"
+                                  for r in range(_QUAD))
+    one_row = "; ".join(f"r0_{c} = R[t, {c}]" for c in range(C)) + "\nb0 = B[t]\no0 = out[t]"
+    return _TEMPLATE.format(C=C, QUAD=_QUAD, W=_WIDTH, quad_rows=_indent(quad_rows, 8),
+                            quad_columns=_columns(C, _QUAD, "range"),
+                            one_row=_indent(one_row, 8), one_columns=_columns(C, 1, "prange"))
 
 
 def pack_operands(diag_inv, alpha):
