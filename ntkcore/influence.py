@@ -211,7 +211,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
                                                          Y_test)
 
     choose, fit_fn = get_solver(solver)
-    name, options, reason = choose(K, lam, overwrite_k=overwrite_k, **solver_options)
+    name, options, reason = choose(K, lam, overwrite_k=overwrite_k, n_test=K_test.shape[0],
+                                   n_outputs=Y.shape[1], **solver_options)
     timer = Timer(backend_for(K_test).synchronize)  # GPU stages end when their work does
     eager = {"K_test": K_test} if name == "exact" else {}  # packed storage solves it in the fit
     fit = fit_fn(name)(K, Y, lam, check=check, overwrite_k=overwrite_k, timer=timer, **options,

@@ -12,7 +12,8 @@ import pytest
 
 import ntkcore as nc
 from ntkcore.errors import ConvergenceError, MemoryBudgetError, ParameterError
-from ntkcore.solvers.auto import choose_solver, exact_bytes, max_rank, nystrom_bytes
+from ntkcore.solvers.auto import (choose_solver, exact_bytes, fixed_bytes, max_rank,
+                                  nystrom_bytes)
 from ntkcore.solvers.cg import block_cg, cg, cg_fit
 from ntkcore.solvers.diag_estimate import control_variate_diag, rademacher
 from ntkcore.solvers.exact import exact_fit
@@ -351,9 +352,10 @@ def test_auto_picks_nystrom_when_exact_does_not_fit_the_budget():
     op = ReluNTKOperator(X, W)
     budget = exact_bytes(n) // 8  # exact needs 61 MiB; 7.6 MiB given
     name, opts, reason = choose_solver(op, LAM, memory_budget=budget)
-    r = max_rank(n, budget)
+    fixed = fixed_bytes(op, "nystrom")  # the operator's pattern cache counts too
+    r = max_rank(n, budget, fixed)
     assert name == "nystrom" and opts["rank"] == r and 16 <= r < n
-    assert nystrom_bytes(n, r) <= 0.7 * budget < nystrom_bytes(n, r + 1)
+    assert nystrom_bytes(n, r) + fixed <= 0.7 * budget < nystrom_bytes(n, r + 1) + fixed
     assert "nystrom" in reason and str(r) in reason
     res = nc.loo_influence(op, Y, op.cross(Xt), Yt, lam=LAM, memory_budget=budget)
     assert res.solver == "nystrom" and res.diagnostics["rank"] <= r

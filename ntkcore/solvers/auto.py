@@ -17,7 +17,13 @@ Memory model (bytes, float64):
   about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the
   (r, r) Gram matrix and its Cholesky factor, and two (n, 128) column blocks:
-  8 (2 n r + 2 r^2 + 256 n).
+  8 (2 n r + 2 r^2 + 256 n); ``right_apply`` works in (128, n) row blocks within the latter;
+- besides the factor (``fixed_bytes``): the kernel operator's caches (a ReluNTKOperator's
+  activation patterns, n m bytes, and relu(X W^T), 8 n m more with ``train_a``:
+  landmarks.CachedReluNTK), for CG the ``CG_ARRAYS`` (n, s) float64 block vectors of the fit
+  (s = C + probes) and one (tile, n) row block of K with its tile temporaries, and, when the
+  caller says how many test rows it will score (``n_test``), the (T, n) B = K_test A^-1 and
+  the (T, n) scores (16 T n bytes), which the caller holds but the solve makes.
 
 "Comfortably" means within ``COMFORT`` (70 %) of the budget; the budget is ``memory_budget``
 when given, else the free memory of the device K lives on (host RAM for NumPy inputs).
@@ -37,6 +43,7 @@ import numpy as np
 from .._validate import check_positive
 from ..backend import backend_for
 from ..errors import MemoryBudgetError, ParameterError
+from .cg import CG_ARRAYS, DEFAULT_PROBES
 from .landmarks import DEFAULT_BLOCK, check_rank
 
 SOLVERS = ("auto", "exact", "nystrom", "cg")
@@ -120,9 +127,55 @@ def nystrom_bytes(n: int, rank: int) -> int:
     return 8 * (2 * n * rank + 2 * rank * rank + 2 * DEFAULT_BLOCK * n)
 
 
-def max_rank(n: int, budget: float) -> int:
-    """Largest r <= n with nystrom_bytes(n, r) <= COMFORT * budget (0 when none fits)."""
-    room = COMFORT * budget / 8 - 2 * DEFAULT_BLOCK * n
+def operator_bytes(K) -> int:
+    """Bytes the solvers' view of kernel operator ``K`` caches (landmarks.as_operator): a
+    ReluNTKOperator's (n, m) uint8 activation patterns, plus its (n, m) float64 relu(X W^T)
+    with ``train_a``; 0 for a dense K."""
+    from .operator import ReluNTKOperator
+    if type(K) is not ReluNTKOperator:
+        return 0
+    n, m = int(K.n), int(K.W.shape[0])
+    return n * m * (9 if K.train_a else 1)
+
+
+def matmat_bytes(K) -> int:
+    """Temporaries of one K @ V by a kernel operator (CG's product): one (tile, n) float64 row
+    block of K and, per column tile c, the (tile, c) products and the (c, m) float32 pattern
+    copy (landmarks.CachedReluNTK.rows). 0 for a dense K (the (n, s) product is a CG array)."""
+    from .landmarks import CachedReluNTK
+    from .operator import ReluNTKOperator
+    if type(K) is not ReluNTKOperator:
+        return 0
+    n, m, t = int(K.n), int(K.W.shape[0]), min(int(K.tile), int(K.n))
+    c = min(n, CachedReluNTK.COL_TILE)
+    return 8 * t * n + 12 * t * m + c * (4 * m + 24 * t)
+
+
+def cg_bytes(n: int, s: int) -> int:
+    """The block vectors of one block CG solve with s right-hand sides."""
+    return CG_ARRAYS * 8 * n * s
+
+
+def fixed_bytes(K, solver: str, *, n_test: int | None = None, n_outputs: int | None = None,
+                probes: int | None = None) -> int:
+    """What ``solver`` (nystrom | cg) allocates for K besides its rank-r factor: operator
+    caches, the (T, n) B and scores when ``n_test`` is known, and for CG its fit's block
+    vectors (C + probes columns; C = 1 when ``n_outputs`` is unknown) and one operator
+    product's temporaries."""
+    n = int(K.shape[0])
+    out = operator_bytes(K)
+    if n_test:
+        out += 16 * int(n_test) * n + 8 * int(n_test) * int(n_outputs or 1)
+    if solver == "cg":
+        s = int(n_outputs or 1) + int(probes or DEFAULT_PROBES)
+        out += cg_bytes(n, s) + matmat_bytes(K)
+    return out
+
+
+def max_rank(n: int, budget: float, fixed: float = 0.0) -> int:
+    """Largest r <= n with nystrom_bytes(n, r) + fixed <= COMFORT * budget (0 when none
+    fits); ``fixed``: the solver's other allocations (see fixed_bytes)."""
+    room = (COMFORT * budget - fixed) / 8 - 2 * DEFAULT_BLOCK * n
     if room <= 0:
         return 0
     # 2 r^2 + 2 n r - room <= 0
@@ -193,7 +246,8 @@ def check_solver_options(requested: str, options: dict) -> dict:
 
 
 def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None = None,
-                  overwrite_k: bool = False, **options):
+                  overwrite_k: bool = False, n_test: int | None = None,
+                  n_outputs: int | None = None, **options):
     """Pick the solver for A = K + lam I and say why.
 
     Parameters
@@ -206,6 +260,10 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     overwrite_k : bool, default False, whether the exact solver may factor a dense K in place
         (``loo_influence(..., overwrite_k=True)``): on the GPU it then needs one n x n array
         fewer, as for an operator (see ``exact_bytes``).
+    n_test, n_outputs : int, optional, the T test rows the caller will score and the C
+        columns of Y. Known, the (T, n) B = K_test A^-1 and scores (16 T n bytes) are planned
+        for with every solver, and CG's fit block vectors with C + probes columns (C = 1 when
+        unknown). None: not counted (the caller must leave room for them).
     **options : solver options; ``None`` values mean "default" and are dropped.
         nystrom: rank, landmarks ("uniform" | "rpcholesky"), seed, diag_correction.
         cg: rank, landmarks, seed, diag_correction (preconditioner), tol, atol, maxiter,
@@ -225,10 +283,13 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     options = check_solver_options(requested, options)
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
-    r_fit = max_rank(n, budget)
+    counts = {"n_test": n_test, "n_outputs": n_outputs}
+    r_fit = max_rank(n, budget, fixed_bytes(K, "nystrom", **counts))
+    # the (T, n) B and scores, when the caller says T: planned with every solver
+    scoring = fixed_bytes(K, "exact", **counts) - operator_bytes(K)
     # K factored in place: an operator whose dense() is a new matrix, or overwrite_k
     in_place = overwrite_k or (not hasattr(K, "ndim") and getattr(K, "dense_is_private", False))
-    need = exact_bytes(n, gpu=not _on_cpu(K), private=in_place)
+    need = exact_bytes(n, gpu=not _on_cpu(K), private=in_place) + scoring
     if requested == "exact":
         opts, dropped = _split_options("exact", options)
         storage = opts.get("storage")
@@ -256,7 +317,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             storage = "packed"
         if storage == "packed":
             precision = opts.get("precision", "float64")
-            need_packed = packed_exact_bytes(n, precision)
+            need_packed = packed_exact_bytes(n, precision) + scoring
             if need_packed > budget:
                 n_fit = largest_n(lambda m: packed_exact_bytes(m, precision), budget)
                 alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
@@ -286,13 +347,22 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
         opts, dropped = _split_options(requested, options)
         from .nystrom import DEFAULT_RANK
         rank = check_rank(opts.get("rank", DEFAULT_RANK), n)
-        if nystrom_bytes(n, rank) > budget:
+        fixed = fixed_bytes(K, requested, probes=opts.get("probes"), **counts)
+        need_r = nystrom_bytes(n, rank) + fixed
+        if need_r > budget:
+            r_ok = max_rank(n, budget / COMFORT, fixed)  # the whole budget, as tested here
             raise MemoryBudgetError(
-                f"{requested}: rank {rank} at n={n} needs {_gib(nystrom_bytes(n, rank))}, "
-                f"over the {_gib(budget)} budget ({source}); "
-                + (f"rank <= {r_fit} fits" if r_fit >= 1 else "no rank fits in this budget"),
-                needed_bytes=nystrom_bytes(n, rank), budget_bytes=int(budget))
+                f"{requested}: rank {rank} at n={n} needs {_gib(need_r)} (the factor "
+                f"{_gib(nystrom_bytes(n, rank))}, the rest {_gib(fixed)}: operator caches"
+                f"{', CG block vectors' if requested == 'cg' else ''}"
+                f"{', the (T, n) B and scores' if n_test else ''}), over the {_gib(budget)} "
+                f"budget ({source}); "
+                + (f"rank <= {r_ok} fits" if r_ok >= 1 else "no rank fits in this budget"),
+                needed_bytes=need_r, budget_bytes=int(budget))
         opts["rank"] = rank
+        if requested == "cg":  # block vectors of each solve: the fit's share and what is left
+            s_fit = int(n_outputs or 1) + int(opts.get("probes", DEFAULT_PROBES))
+            opts["memory_budget"] = int(budget - need_r + cg_bytes(n, s_fit))
         return requested, opts, f"solver={requested!r} requested (rank {rank})" + _note(dropped)
     # auto
     if any(options.get(k) is not None for k in ("storage", "precision", "diag_probes")):
@@ -319,9 +389,11 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     if r_fit < MIN_RANK:
         raise MemoryBudgetError(
             f"auto: neither exact ({_gib(need)}) nor Nystrom at rank {MIN_RANK} "
-            f"({_gib(nystrom_bytes(n, MIN_RANK))}) fits {COMFORT:.0%} of the {_gib(budget)} "
-            f"budget ({source}) at n={n}",
-            needed_bytes=nystrom_bytes(n, MIN_RANK), budget_bytes=int(budget))
+            f"({_gib(nystrom_bytes(n, MIN_RANK) + fixed_bytes(K, 'nystrom', **counts))}, "
+            f"with operator caches{' and the (T, n) B and scores' if n_test else ''}) fits "
+            f"{COMFORT:.0%} of the {_gib(budget)} budget ({source}) at n={n}",
+            needed_bytes=nystrom_bytes(n, MIN_RANK) + fixed_bytes(K, "nystrom", **counts),
+            budget_bytes=int(budget))
     if "rank" in opts:
         rank = min(int(opts["rank"]), r_fit)
         why = (f"rank {rank} (requested {opts['rank']}" +

@@ -36,7 +36,7 @@ from ..errors import ConvergenceError, NonFiniteError, NotPSDError, ParameterErr
 from .base import KRRFit, Timer
 from .diag_estimate import clip_to_bounds, control_variate_diag, rademacher, summarize_stderr
 from .landmarks import as_operator
-from .nystrom import nystrom_inverse
+from .nystrom import _check_cancellation, nystrom_inverse
 
 #: Default number of Rademacher probes for diag(A^-1): each adds one right-hand side.
 DEFAULT_PROBES = 64
@@ -44,6 +44,16 @@ DEFAULT_PROBES = 64
 #: lam = 1e-3 (bench/RESULTS.md): 1e-4 gives Spearman 0.995 against exact, 1e-5 gives 0.9994.
 DEFAULT_TOL = 1e-5
 DEFAULT_MAXITER = 500
+#: (n, s) float64 arrays block CG holds at once for s right-hand sides (B, X, R, P, Q, the
+#: preconditioned residual, the warm start and a column slice): the memory model of
+#: solvers.auto and of the right solve's chunks.
+CG_ARRAYS = 8
+#: The probe solves of the diag(A^-1) estimate run to min(tol, PROBE_RTOL): their error enters
+#: the estimate as a bias the probes' standard error does not show (see cg_fit). Measured (relu
+#: NTK n = 300, lam = 1e-2 and 1e-4, rank 20..290): at probe tolerances <= 1e-2 the errors
+#: were those of the sampling alone (max |error| / stderr ~3.5 over 300 entries); at 0.1..0.5
+#: up to 23 and, with 0 iterations, a standard error of 0. 1e-3 keeps a decade of margin.
+PROBE_RTOL = 1e-3
 #: Warn when the median relative standard error of the diag(A^-1) estimate exceeds this: the
 #: influence of point i scales with 1 / diag(A^-1)_i squared, so 5 % there is ~10 % in scores.
 DIAG_SE_WARN = 0.05
@@ -107,7 +117,9 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
     A : callable V -> A V, an operator with ``matmat``, or an (n, n) array; SPD.
     B : (n, s) right-hand sides.
     x0 : (n, s), optional, initial guess (default zeros).
-    rtol, atol : float, column j converges when ||b_j - A x_j|| <= max(rtol ||b_j||, atol).
+    rtol, atol : float, column j converges when ||b_j - A x_j|| <= max(rtol ||b_j||, atol);
+        ``rtol`` may also be an (s,) array, one tolerance per column. A column with b_j = 0
+        returns x_j = 0, converged (as SciPy does), whatever x0 holds.
     maxiter : int, default 10 n (SciPy's default).
     M : preconditioner approximating A^-1 (same kinds as A), SPD; default identity.
     callback : callable(X) after every iteration.
@@ -123,9 +135,12 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
     xp = backend_for(B).xp
     if B.ndim != 2:
         raise ShapeError(f"B: expected an (n, s) array, got shape {tuple(B.shape)}")
-    if not (0 <= rtol < np.inf and 0 <= atol < np.inf):
-        raise ParameterError(f"rtol, atol: expected finite values >= 0, got {rtol!r}, {atol!r}")
     n, s = B.shape
+    rtol_host = np.asarray(rtol, dtype=np.float64)
+    if rtol_host.shape not in ((), (s,)) or not (
+            np.all((0 <= rtol_host) & (rtol_host < np.inf)) and 0 <= atol < np.inf):
+        raise ParameterError(f"rtol, atol: expected finite values >= 0 (rtol a float or one per "
+                             f"column of B, {s}), got {rtol!r}, {atol!r}")
     if getattr(A, "shape", (n, n)) != (n, n):
         raise ShapeError(f"A and B: expected A of shape ({n}, {n}) for B of shape {(n, s)}, "
                          f"got {tuple(A.shape)}")
@@ -133,11 +148,12 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
         raise NonFiniteError("B: expected finite values, got NaN or Inf")
     maxiter = 10 * n if maxiter is None else int(maxiter)
     bnorm = _colnorms(xp, B)
-    thresh = xp.maximum(rtol * bnorm, atol)
+    thresh = xp.maximum(xp.asarray(rtol_host) * bnorm, atol)
     scale = xp.where(bnorm > 0, bnorm, 1.0)
     X = xp.zeros((n, s), dtype=np.float64) if x0 is None else xp.array(x0, dtype=np.float64)
     if X.shape != B.shape:
         raise ShapeError(f"x0: expected shape {tuple(B.shape)}, got {tuple(X.shape)}")
+    X[:, bnorm == 0] = 0.0  # A x = 0 has the solution 0 (a threshold of 0 is never met)
     R = B - apply_A(X) if x0 is not None else B.astype(np.float64, copy=True)
     rnorm = _colnorms(xp, R)
     verified = rnorm <= thresh  # true residuals so far
@@ -322,7 +338,8 @@ def check_cg_options(*, tol=DEFAULT_TOL, atol=0.0, maxiter=DEFAULT_MAXITER,
 def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
            maxiter: int | None = DEFAULT_MAXITER, rank: int | None = None,
            landmarks: str = "rpcholesky", probes: int = DEFAULT_PROBES, seed: int = 0,
-           diag_correction: bool = True, progress: bool | None = None, check: bool = True,
+           diag_correction: bool = True, progress: bool | None = None,
+           memory_budget: float | None = None, check: bool = True,
            overwrite_k: bool = False, timer: Timer | None = None) -> KRRFit:
     """Kernel ridge regression by Nystrom-preconditioned CG; diag(A^-1) estimated.
 
@@ -331,7 +348,9 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     K : (n, n) array or kernel operator with ``matmat`` / ``diag`` / ``columns``.
     Y : (n, C) targets.
     lam : float > 0.
-    tol : float, default 1e-5, relative true-residual tolerance (``rtol``) of every solve.
+    tol : float, default 1e-5, relative true-residual tolerance (``rtol``) of every solve; the
+        probe solves of the diag(A^-1) estimate use min(tol, PROBE_RTOL = 1e-3), because their
+        error is a bias that the reported standard error does not include.
     atol : float, default 0, absolute tolerance.
     maxiter : int, default 500, iterations per solve (each is one pass over K).
     rank : int, preconditioner rank (default nystrom.DEFAULT_RANK, capped at n).
@@ -341,6 +360,10 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     diag_correction : bool, default True, preconditioner K_hat + diag(K - K_hat) + lam I (see
         nystrom.py; fewer iterations and a far better control variate at small lam).
     progress : bool or None, tqdm bars (None: on a terminal only).
+    memory_budget : bytes, optional, for the block vectors of each solve (``CG_ARRAYS`` (n, s)
+        float64 arrays for s right-hand sides): the right solve takes as many test rows at a
+        time as fit (at least one). Default: a quarter of the free memory of K_test's device.
+        ``solvers.auto`` passes what its plan leaves.
     check, overwrite_k : accepted for the common interface (K is never modified).
     timer : Timer ("landmarks", "woodbury", "cg_fit", "diag_inv", "right_solve").
 
@@ -362,6 +385,7 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     xp = op.xp
     inv = nystrom_inverse(op, lam, rank=rank, landmarks=landmarks, seed=seed,
                           diag_correction=diag_correction, timer=timer)
+    _check_cancellation(inv, "cg")  # the control variate's diagonal: a bias probes cannot see
     n, C = Y.shape
 
     def apply_A(V):
@@ -371,9 +395,11 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     with timer("cg_fit"):
         Bk = xp.concatenate([xp.asarray(Y, dtype=np.float64), Z], axis=1)
         X0 = inv.apply(Bk)
-        res = block_cg(apply_A, Bk, x0=X0, rtol=tol, atol=atol, maxiter=maxiter, M=inv.apply,
-                       progress=progress, desc="cg fit")
-    alpha = res.X[:, :C]
+        probe_tol = min(tol, PROBE_RTOL)
+        rtols = np.r_[np.full(C, tol), np.full(probes, probe_tol)]
+        res = block_cg(apply_A, Bk, x0=X0, rtol=rtols, atol=atol, maxiter=maxiter,
+                       M=inv.apply, progress=progress, desc="cg fit")
+    alpha = res.X[:, :C].copy()  # not a view: the (n, C + probes) block can be freed
     with timer("diag_inv"):
         diag_P = inv.diag()
         est, se = control_variate_diag(Z, res.X[:, C:], X0[:, C:], diag_P)
@@ -382,7 +408,8 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
         upper = 1.0 / lam if diag_correction else diag_P
         est, clipped = clip_to_bounds(est, 1.0 / (op.diag() + lam), upper)
     diagnostics = inv.diagnostics()
-    diagnostics.update({"cg_rtol": tol, "cg_atol": atol, "cg_maxiter": maxiter,
+    diagnostics.update({"cg_rtol": tol, "cg_probe_rtol": probe_tol, "cg_atol": atol,
+                        "cg_maxiter": maxiter,
                         "preconditioner": (f"Nystrom rank {inv.rank} ({landmarks}"
                                            f"{', diag-corrected' if diag_correction else ''})")})
     diagnostics.update(_result_diagnostics(res, "cg_fit"))
@@ -400,7 +427,7 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
         """(T, n) K_test A^-1 by CG on A Z = K_test^T."""
         with timer("right_solve"):
             return _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress,
-                                diagnostics)
+                                diagnostics, memory_budget)
 
     fit = KRRFit(alpha=alpha, diag_inv=est, right_solve=right_solve, solver="cg",
                  diagnostics=diagnostics, timings=timer.seconds)
@@ -420,13 +447,14 @@ def _raise_unconverged(res: CGResult, what: str, partial):
                            f"rank, or loosen tol", result=partial)
 
 
-def _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress, diagnostics):
+def _right_solve(op, inv, apply_A, K_test, tol, atol, maxiter, progress, diagnostics,
+                 memory_budget):
     be = backend_for(K_test)
     xp = be.xp
     n = op.n
     T = K_test.shape[0]
-    # block_cg holds about six (n, s) arrays; use at most a quarter of free memory.
-    chunk = max(1, min(T, int(0.25 * be.free_memory_bytes() / (6 * 8 * max(n, 1)))))
+    room = 0.25 * be.free_memory_bytes() if memory_budget is None else memory_budget
+    chunk = max(1, min(T, int(room / (CG_ARRAYS * 8 * max(n, 1)))))
     out = xp.empty((T, n), dtype=np.float64)
     results = []
     for t0 in range(0, T, chunk):

@@ -11,11 +11,19 @@ Two ways to pick the landmark set S (|S| = r):
 Stabilisation (never an explicit inverse of an ill-conditioned K_SS): every block of sampled
 columns G (n, b) is factored through a *pivoted* Cholesky of its residual block H = G[S] with
 LAPACK ``pstrf``. Pivots whose residual falls below ``PIVOT_RTOL * max diag(K)`` are dropped
-(the dropped Schur complement is that small on the diagonal, so the error is bounded by it),
-the rest give F_new = G_J L_J^-T by a triangular solve. No shift is added; dropped landmarks
-are counted and reported (``landmarks_dropped``), and a warning names the count when the
-factor ends up below the requested rank. Cost O(n r^2) flops, memory: F (n, r) plus one
-(n, b) block.
+(the dropped Schur complement is that small on the diagonal; it stays in the reported
+residual), the rest give F_new = G_J L_J^-T by a triangular solve. No shift is added; dropped
+landmarks are counted and reported (``landmarks_dropped``), and a warning names the count when
+uniform landmarks end up below the requested rank. Cost O(n r^2) flops, memory: F (n, r) plus
+one (n, b) block.
+
+Early stop (RPCholesky): only when the positive residual diagonal of the points not yet tried
+sums to at most min(TRACE_RTOL tr(K), STOP_RTOL lam) -- negligible against rounding *and*
+against the ridge, so stopping cannot make the fit worse than the requested rank would by more
+than a relative STOP_RTOL (||A^-1 - A_hat^-1|| <= ||A^-1|| tr(K - K_hat) / lam for PSD
+K - K_hat) -- or when no candidate is left (every residual dropped or <= 0). The residual
+diagonal is reported unclipped: negative entries (a K that is PSD only to rounding) count by
+magnitude in ``residual_trace`` and show in ``residual_diag_min``.
 
 Also here: :func:`as_operator` (dense arrays become :class:`DenseKernel`; a
 :class:`ReluNTKOperator` gets a view that caches its bit-packed activation patterns, so each
@@ -39,9 +47,12 @@ LANDMARKS = ("uniform", "rpcholesky")
 #: ulps of the diagonal, i.e. rounding noise of an (n, r) residual update, far below any ridge
 #: used in practice (lam = 1e-3 against diag(K) ~ 0.5 for unit-norm inputs).
 PIVOT_RTOL = 1e-12
-#: RPCholesky stops early once tr(K - F F^T) <= TRACE_RTOL * tr(K) (the factor is exact to
-#: rounding); the residual trace is reported either way.
+#: RPCholesky stops before the requested rank only once the untried residual trace is at most
+#: min(TRACE_RTOL * tr(K), STOP_RTOL * lam): below rounding of K and, relative to the ridge,
+#: below what a float64 solve of A resolves (the inverse moves by <= STOP_RTOL relative).
+#: With lam = 0 (a bare factor) the first alone applies.
 TRACE_RTOL = 1e-13
+STOP_RTOL = 1e-10
 #: A residual diagonal diag(K - F F^T) below -max(ridge, PSD_RTOL * max diag(K)) is refused:
 #: for a PSD K it is a Schur complement's diagonal, >= 0 up to rounding; below -ridge the
 #: ridge cannot absorb it (the exact solver's Cholesky of K + lam I fails on such kernels), and
@@ -220,7 +231,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     rank : int, number of landmarks requested (capped at n).
     landmarks : "uniform" | "rpcholesky", default "rpcholesky" (adaptive; better for a given r).
     ridge : float, the lam of the system the factor serves: a residual diagonal below -ridge
-        (or below rounding, when larger) is NotPSDError (see PSD_RTOL).
+        (or below rounding, when larger) is NotPSDError (see PSD_RTOL), and RPCholesky stops
+        before ``rank`` only when the residual is negligible against it (see STOP_RTOL).
     seed : int, seed of the landmark draw (NumPy ``default_rng``).
     block : int, columns per RPCholesky round.
 
@@ -229,8 +241,11 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     F : (n, k) float64 array, Fortran order, on the operator's device.
     info : dict with ``pivots`` (k,) int array of the landmarks kept, and the diagnostics
         ``rank_requested``, ``rank``, ``landmarks``, ``landmarks_dropped``, ``pivot_tolerance``,
-        ``trace_K``, ``residual_trace`` = tr(K - F F^T) (>= ||K - F F^T||_2), ``stopped``,
-        and ``residual_diag`` (n,) host array diag(K - F F^T).
+        ``trace_K``, ``residual_trace`` = sum_i |diag(K - F F^T)_i| (= tr(K - F F^T) >=
+        ||K - F F^T||_2 when the residual is PSD; negative entries, from a K PSD only to
+        rounding, count by magnitude), ``residual_trace_rel`` (over tr(K)),
+        ``residual_diag_min``, ``stopped`` (why the factor ended), and ``residual_diag`` (n,)
+        host array diag(K - F F^T), unclipped.
     """
     check_landmarks(landmarks)
     n = op.n
@@ -248,6 +263,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     k = 0
     pivots, dropped = [], 0
     stopped = "rank reached"
+    stop_abs = _stop_threshold(trace0, ridge)
+    untried = np.ones(n, dtype=bool)  # points not yet offered as pivots
     if landmarks == "uniform":
         S = np.sort(rng.choice(n, size=rank, replace=False))
         k, dropped = _add_block(be, op, F, 0, S, d_host, tol_abs, psd_tol, pivots)
@@ -255,28 +272,40 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
             stopped = f"{rank - k} landmarks dependent to tolerance (dropped)"
     else:
         while k < rank:
-            resid = np.clip(d_host, 0.0, None)
-            total = float(resid.sum())
-            if total <= TRACE_RTOL * trace0:
-                stopped = "residual trace below tolerance (factor exact to rounding)"
+            w = np.where(untried, np.clip(d_host, 0.0, None), 0.0)
+            total = float(w.sum())
+            if total <= stop_abs:
+                stopped = (f"residual trace of the untried points ({total:.3g}) <= "
+                           f"{stop_abs:.3g}: negligible against lam and rounding")
+                if total == 0.0:
+                    stopped = "no pivot candidate left (every residual is dropped or <= 0)"
                 break
-            b = min(block, rank - k, int(np.count_nonzero(resid)))
-            S = np.sort(rng.choice(n, size=b, replace=False, p=resid / total))
+            b = min(block, rank - k, int(np.count_nonzero(w)))
+            S = np.sort(rng.choice(n, size=b, replace=False, p=w / total))
+            untried[S] = False  # kept, or dropped below tol_abs (and only shrinking)
             kk, dr = _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots)
             k += kk
             dropped += dr
     F = F[:, :k]
-    residual_trace = max(float(d_host.clip(0.0, None).sum()), 0.0)
+    residual_trace = float(np.abs(d_host).sum())
     info = {"pivots": np.asarray(pivots, dtype=np.int64), "rank_requested": rank, "rank": k,
             "landmarks": landmarks, "landmarks_dropped": dropped,
             "pivot_tolerance": tol_abs, "trace_K": trace0, "residual_trace": residual_trace,
             "residual_trace_rel": residual_trace / trace0 if trace0 > 0 else 0.0,
-            "stopped": stopped, "seed": seed, "residual_diag": np.clip(d_host, 0.0, None)}
+            "residual_diag_min": float(d_host.min()) if n else 0.0,
+            "stopped": stopped, "seed": seed, "residual_diag": d_host}
     if k < rank and landmarks == "uniform":
         warnings.warn(f"nystrom: {rank - k} of {rank} uniform landmarks were numerically "
                       f"dependent (residual pivot <= {tol_abs:.2g}) and were dropped; rank "
                       f"{k} is used", RuntimeWarning, stacklevel=3)
     return F, info
+
+
+def _stop_threshold(trace0: float, ridge: float) -> float:
+    """Residual trace below which RPCholesky stops before the requested rank: negligible
+    both against rounding of K (TRACE_RTOL tr(K)) and against the ridge (STOP_RTOL lam)."""
+    floor = TRACE_RTOL * trace0
+    return min(floor, STOP_RTOL * ridge) if ridge > 0 else floor
 
 
 def _check_residual_diag(d_host, psd_tol: float) -> None:
@@ -316,5 +345,6 @@ def _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots):
         d_host -= be.to_host((Fnew * Fnew).sum(axis=1))
         pivots.extend(int(s) for s in S[keep])
     _check_residual_diag(d_host, psd_tol)
-    d_host[S] = 0.0  # kept pivots are exact; dropped ones have residual <= tol_abs
+    if kk:
+        d_host[S[keep]] = 0.0  # kept pivots are exact (to rounding); dropped ones keep theirs
     return int(kk), int(len(S) - kk)

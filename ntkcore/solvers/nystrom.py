@@ -45,6 +45,7 @@ import numpy as np
 
 from ..backend import backend_for
 from ..errors import NotPSDError, ParameterError
+from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
 from .landmarks import as_operator, check_landmarks, check_rank, nystrom_factor
 
@@ -59,6 +60,12 @@ MISSED_OVER_LAM_WARN = 0.01
 #: scores were already 14 % off and 6 % of their signs wrong).
 WOODBURY_WARN = 1e-6
 WOODBURY_FAIL = 1e-2
+#: Warn when the factor ended below the requested rank while tr|K - K_hat| / lam, a bound on the
+#: relative change of A^-1 it causes, exceeds this (the same level as WOODBURY_WARN).
+UNFACTORED_WARN = 1e-6
+#: Test rows per block of ``right_apply``: its temporaries are 8 RIGHT_BLOCK (n + k) bytes,
+#: within the (n, 128) column blocks solvers.auto plans for.
+RIGHT_BLOCK = 128
 
 
 class NystromInverse:
@@ -69,7 +76,9 @@ class NystromInverse:
     F : (n, k) low-rank factor (overwritten: E is computed in its memory).
     lam : float > 0.
     info : dict from :func:`nystrom_factor` (``residual_diag`` is used when ``diag_correction``).
-    diag_correction : bool, D = lam I + diag(K - F F^T) instead of lam I.
+    diag_correction : bool, D = lam I + diag(K - F F^T) instead of lam I; negative residual
+        entries (K PSD only to rounding, at most ~lam in size) count as 0 there, and are
+        reported by the factor (``residual_trace``, ``residual_diag_min``).
 
     Attributes
     ----------
@@ -117,10 +126,19 @@ class NystromInverse:
         return (SV - E @ (E.T @ SV)) * sc
 
     def right_apply(self, Kt):
-        """Kt A_hat^-1 for Kt (T, n) (A_hat^-1 is symmetric)."""
-        E = self.E
-        KS = Kt * self.s[None, :]
-        return (KS - (KS @ E) @ E.T) * self.s[None, :]
+        """Kt A_hat^-1 for Kt (T, n) (A_hat^-1 is symmetric): a new (T, n) array, computed in
+        it ``RIGHT_BLOCK`` rows at a time, so the temporaries are one (RIGHT_BLOCK, n) and
+        one (RIGHT_BLOCK, k) array whatever T is."""
+        E, s = self.E, self.s[None, :]
+        xp = backend_for(E).xp
+        T = Kt.shape[0]
+        out = xp.empty((T, E.shape[0]), dtype=np.float64)
+        for t0, t1 in tiles(T, RIGHT_BLOCK):
+            blk = out[t0:t1]
+            xp.multiply(Kt[t0:t1], s, out=blk)
+            blk -= (blk @ E) @ E.T
+            blk *= s
+        return out
 
     def diag(self):
         """(n,) exact diagonal of A_hat^-1, O(n k)."""
@@ -152,16 +170,22 @@ def _cancellation_error(be, e_sq, k: int) -> float:
     return 3.0 * np.sqrt(k) * np.finfo(np.float64).eps * worst
 
 
-def _check_cancellation(inv: NystromInverse) -> None:
-    """Warn above WOODBURY_WARN and refuse above WOODBURY_FAIL (see _cancellation_error)."""
+def _check_cancellation(inv: NystromInverse, solver: str = "nystrom") -> None:
+    """Warn above WOODBURY_WARN and refuse above WOODBURY_FAIL (see _cancellation_error).
+
+    The CG solver applies the same test: its diag(A^-1) estimate adds probe samples to the
+    Woodbury diag(A_hat^-1) (the control variate), so it inherits that error as a bias the
+    probes' standard error does not show.
+    """
     err = inv.diag_rel_error_estimate
     if err <= WOODBURY_WARN:
         return
-    msg = (f"nystrom: lam={inv.lam:g} is so small against the kernel that the Woodbury form "
-           f"loses digits in float64: diag(A_hat^-1) has an estimated relative error of "
-           f"{err:.2g}")
+    what = "diag(A_hat^-1)" if solver == "nystrom" else \
+        "diag(A_hat^-1), the control variate of the diag(A^-1) estimate,"
+    msg = (f"{solver}: lam={inv.lam:g} is so small against the kernel that the Woodbury form "
+           f"loses digits in float64: {what} has an estimated relative error of {err:.2g}")
     if err > WOODBURY_FAIL:
-        raise ParameterError(msg + "; raise lam, or use solver='exact' or 'cg'")
+        raise ParameterError(msg + "; raise lam, or use solver='exact'")
     warnings.warn(msg + "; scores carry that error", stacklevel=4)
 
 
@@ -181,7 +205,31 @@ def _report_missed_mass(diagnostics: dict, *, n: int, lam: float) -> None:
             f"nystrom: the landmarks miss {ratio:.3g} x lam of K's diagonal per point "
             f"(tr(K - K_hat)/n = {ratio * lam:.3g}); scores are exact only for the "
             f"approximation and rankings can differ widely from exact ones; raise rank, or use "
-            f"solver='cg' (exact to its tolerance)", stacklevel=3)
+            f"solver='cg' (it solves the exact A to a residual tolerance tol; its error is "
+            f"bounded by about cond(A) * tol, not by the rank)", stacklevel=3)
+
+
+def _report_unfactored(diagnostics: dict, *, lam: float) -> None:
+    """Add ``residual_over_lam`` = tr|K - K_hat| / lam to ``diagnostics`` and warn above
+    ``UNFACTORED_WARN`` when the factor ended below the requested rank.
+
+    For PSD K - K_hat, ||A^-1 - A_hat^-1|| <= ||A^-1|| tr(K - K_hat) / lam: the ratio bounds
+    the relative change of A^-1. A factor ends early only when no pivot candidate is left (the
+    residual lies below the pivot tolerance, or is negative: K is PSD only to rounding) or
+    when the ratio is below landmarks.STOP_RTOL; in the first case the requested rank could
+    not be reached, and the scores can differ from exact ones by about this ratio.
+    """
+    ratio = diagnostics["residual_trace"] / lam
+    diagnostics["residual_over_lam"] = ratio
+    k, r = diagnostics["rank"], diagnostics["rank_requested"]
+    if k < r and ratio > UNFACTORED_WARN:
+        warnings.warn(
+            f"nystrom: the factor ended at rank {k} of {r} requested ({diagnostics['stopped']});"
+            f" the residual it leaves, sum |diag(K - K_hat)| = "
+            f"{diagnostics['residual_trace']:.3g} (most negative entry "
+            f"{diagnostics['residual_diag_min']:.3g}), is {ratio:.3g} x lam, so scores can "
+            f"differ from exact ones by about that relative amount; use solver='exact', or "
+            f"raise lam", RuntimeWarning, stacklevel=3)
 
 
 def _right_trsm_lt(be, L, F):
@@ -235,7 +283,12 @@ def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "
     KRRFit with ``solver="nystrom"``: ``alpha`` = A_hat^-1 Y, ``diag_inv`` = the exact
     diagonal of A_hat^-1, ``right_solve(K_test)`` = K_test A_hat^-1. ``diagnostics``: the
     rank used, landmark method, dropped landmarks, ``residual_trace`` = tr(K - K_hat) (an
-    upper bound on ||K - K_hat||_2), its share of tr(K), ``diag_correction``.
+    upper bound on ||K - K_hat||_2 for PSD residuals), its share of tr(K), ``residual_over_lam``,
+    ``missed_over_lam``, why the factor ended (``stopped``), ``diag_correction``.
+
+    Warns (RuntimeWarning) when the factor ended below ``rank`` with a residual above 1e-6 lam
+    (``UNFACTORED_WARN``), when tr(K - K_hat) / n exceeds 0.01 lam, and when the Woodbury form
+    loses digits (refuses beyond 1e-2 estimated relative error).
     """
     timer = timer or Timer()
     inv = nystrom_inverse(K, lam, rank=rank, landmarks=landmarks, seed=seed,
@@ -247,6 +300,7 @@ def nystrom_fit(K, Y, lam: float, *, rank: int | None = None, landmarks: str = "
         diag_inv = inv.diag()
     diagnostics = inv.diagnostics()
     _report_missed_mass(diagnostics, n=int(diag_inv.shape[0]), lam=lam)
+    _report_unfactored(diagnostics, lam=lam)
     corr = " + diag(K - K_hat)" if diag_correction else ""
     diagnostics["approximation"] = (f"Nystrom rank {inv.rank} ({landmarks}): scores are exact "
                                     f"for A_hat = K_hat{corr} + lam I, K_hat = K_nS K_SS^+ K_Sn")
