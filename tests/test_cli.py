@@ -258,3 +258,18 @@ def test_synthetic_data_of_any_dimension(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["data"]["dim"] == 30
     one_line_error(invoke("influence", "--dim", 30, "--out", tmp_path / "p", *TINY), "dim")
+
+
+def test_large_score_sets_are_stored_as_float32(tmp_path, monkeypatch):
+    """Above FLOAT64_SCORE_LIMIT entries the scores are converted before the copy to the host
+    and stored (and shown) as float32; the stored values equal the float64 run's, rounded."""
+    from ntkcore.experiments import influence_run
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", tmp_path / "f64", *TINY)
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(influence_run, "FLOAT64_SCORE_LIMIT", 100)
+    r = invoke("influence", "--n-train", 60, "--n-test", 5, "--out", tmp_path / "f32", *TINY)
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "f64" / "influence.npz") as a, \
+            np.load(tmp_path / "f32" / "influence.npz") as b:
+        assert a["scores"].dtype == np.float64 and b["scores"].dtype == np.float32
+        assert np.array_equal(b["scores"], a["scores"].astype(np.float32))
