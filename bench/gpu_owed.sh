@@ -1,5 +1,6 @@
 #!/bin/sh
-# Every GPU number ntkcore still owes, in one run of at most 9 minutes on one H100/H200:
+# The GPU runs behind bench/RESULTS.md's GPU numbers, at most 9 minutes on one H100/H200
+# (first run: NVIDIA H200, 2026-11-28):
 #   1. bench/gpu_check.py      issue 3: kernels vs CPU float64 references, eNTK vs cuBLAS,
 #                              exact influence at n = 50 000 vs the flop floor and plain CuPy
 #   2. bench_approx --gpu-scale issue 4: Nystrom influence, 1 000 000 points x 100 test points
