@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from ..backend import get_backend
-from ..errors import ParameterError
+from ..errors import ParameterError, ShapeError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions
 from .output import RunFolder, atomic_write_json, atomic_write_npz
 from .pipeline import (
@@ -97,7 +97,14 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
         raise ParameterError(f"model: {spec} failed on one row of shape "
                              f"{tuple(Xte[:1].shape)} (model_input={model_input!r}): "
                              f"{type(e).__name__}: {e}") from e
-    n_out = probe.shape[-1] if probe.ndim > 1 else 1
+    if not isinstance(probe, torch.Tensor):
+        raise ParameterError(f"model: expected {spec} to return a tensor of shape (b,) or "
+                             f"(b, C), got {type(probe).__name__}")
+    if probe.ndim not in (1, 2) or probe.shape[0] != 1:  # the eNTK would flatten extra dims
+        raise ShapeError(f"model: expected {spec} to return outputs of shape (b,) or (b, C) "
+                         f"(one row per input row), got shape {tuple(probe.shape)} for b = 1 "
+                         f"row; flatten or select the outputs in the model's forward")
+    n_out = probe.shape[1] if probe.ndim == 2 else 1
     Y, Yt = ds.Y_train, ds.Y_test
     if Y.shape[1] != n_out:
         raise ParameterError(f"model: expected {Y.shape[1]} outputs for {ds.n_classes} classes "

@@ -266,14 +266,37 @@ def plan_ntvp(*, n, n2, C, s, p_ntvp, act_row, budget):
     ntvp groups.
 
     Memory: chunk * C * P (Jacobian rows and tangents, twice) + chunk * C * rows * act
-    (the vmapped jvp's activations and tangents, about 3 numbers per activation).
+    (the vmapped jvp's activations and tangents, about 3 numbers per activation), so one
+    product (chunk = rows = 1) needs ``2 s C P + 3 s C act`` bytes; any budget at least that
+    is planned (the chunk shrinks before the rows do, so the plan is monotone in the budget).
+    Preferred shares: chunk from a quarter of the budget (at most 8 points), rows from half.
     """
-    chunk = int(max(1, min(n2, 8, (budget / 4) // max(2 * s * C * p_ntvp, 1))))
-    rows = int(max(1, min(n, (budget / 2) // max(3 * s * chunk * C * act_row, 1))))
-    peak = 2 * s * C * p_ntvp * chunk + 3 * s * chunk * C * rows * act_row
-    if peak > budget:
+    jac_pt = 2 * s * C * p_ntvp            # bytes per X2 point of the chunk
+    act_pt = 3 * s * C * act_row           # bytes per (X2 point, X row) of the jvp
+    one = jac_pt + act_pt
+    if one > budget:
         raise MemoryBudgetError(
-            f"memory_budget: expected at least "
-            f"{format_bytes(2 * s * C * p_ntvp + 3 * s * C * act_row)} for one NTK-vector "
-            f"product, got {format_bytes(budget)}", budget_bytes=int(budget))
+            f"memory_budget: expected at least {format_bytes(one)} for one NTK-vector "
+            f"product, got {format_bytes(budget)}", needed_bytes=int(one),
+            budget_bytes=int(budget))
+    chunk = int(max(1, min(n2, 8, (budget / 4) // max(jac_pt, 1), budget // one)))
+    rows = int(max(1, min(n, (budget / 2) // max(chunk * act_pt, 1))))
+    if jac_pt * chunk + act_pt * chunk * rows > budget:  # chunk <= budget // one: rows >= 1
+        rows = int(max(1, min(n, (budget - jac_pt * chunk) // max(chunk * act_pt, 1))))
+    peak = jac_pt * chunk + act_pt * chunk * rows
     return rows, chunk, int(peak)
+
+
+#: substrings of torch's allocation-failure messages (CPU Linux / Windows, CUDA, MPS, XPU)
+_ALLOC_FAILURE = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_alloc_failure(e: BaseException) -> bool:
+    """Whether a torch error is an allocation failure (torch.OutOfMemoryError, or a plain
+    RuntimeError from the CPU allocator: "DefaultCPUAllocator: can't allocate memory")
+    rather than an unsupported operation."""
+    import torch
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in msg for w in _ALLOC_FAILURE)

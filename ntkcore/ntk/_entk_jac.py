@@ -16,12 +16,14 @@ and mirrors tiles when X2 is X.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch.func import jacrev, jvp, vmap
 
 from ._entk_capture import factor_pass, weight_grad
+from ._entk_cost import is_alloc_failure
 
 
 class Feats:
@@ -106,15 +108,23 @@ class Engine:
     def _batched(self, batched, looped):
         """``batched()`` (a vmap), or ``looped()`` once vmap has failed on this model: some
         ops have no batching rule (nn.LSTM's fused kernel raises a RuntimeError under vmap),
-        while the same transform on one example works."""
+        while the same transform on one example works.
+
+        An allocation failure (``is_alloc_failure``) is not a missing batching rule: it
+        propagates (``empirical_ntk`` reports it as a MemoryBudgetError) instead of switching
+        to the slower loop. The loop runs with the oneDNN (mkldnn) and cuDNN backends off: their
+        fused RNN kernels have no backward under torch.func transforms (CPU float32 nn.LSTM:
+        "Expected a proper Tensor but got None ... 'workspace'"), torch's native RNN kernels do.
+        """
         if self.unbatched is None:
             try:
                 return batched()
-            except torch.OutOfMemoryError:
-                raise
             except RuntimeError as e:
+                if is_alloc_failure(e):
+                    raise
                 self.unbatched = f"{type(e).__name__}: {e}"
-        return looped()
+        with _native_kernels():
+            return looped()
 
     def features(self, xb):
         b, C = xb.shape[0], self.C
@@ -242,6 +252,19 @@ class Engine:
             out += R.permute(2, 0, 3, 1)
         else:
             out += R.diagonal(dim1=1, dim2=3).sum(-1).T
+
+
+@contextlib.contextmanager
+def _native_kernels():
+    """oneDNN (mkldnn) and cuDNN off for the block, only their ``enabled`` flags touched
+    (``torch.backends.*.flags`` would also reset determinism / TF32 settings)."""
+    mk, cu = torch.backends.mkldnn, torch.backends.cudnn
+    saved = mk.enabled, cu.enabled
+    mk.enabled, cu.enabled = False, False
+    try:
+        yield
+    finally:
+        mk.enabled, cu.enabled = saved
 
 
 def _stack(dicts):

@@ -112,8 +112,9 @@ def load_user_model(spec, weights=None, *, factory_kwargs=None):
 
     Raises
     ------
-    ParameterError : malformed spec, import failure, missing factory, not a Module, or a
-        state_dict that does not fit the model.
+    ParameterError : malformed spec, import failure (an exception or ``sys.exit()`` while
+        importing the file or calling the factory; KeyboardInterrupt propagates), missing
+        factory, not a Module, or a state_dict that does not fit the model.
     DataNotFoundError : the model file or weights file does not exist.
     CorruptDataError : the weights file cannot be read as a state_dict.
     """
@@ -136,7 +137,7 @@ def load_user_model(spec, weights=None, *, factory_kwargs=None):
     elif callable(obj):
         try:
             model = obj(**(factory_kwargs or {}))
-        except Exception as e:  # the user's factory failed: say where
+        except (Exception, SystemExit) as e:  # the user's factory failed: say where
             raise ParameterError(f"spec: calling {spec} failed: {type(e).__name__}: {e}") from e
     else:
         raise ParameterError(f"spec: expected {attr!r} to be callable, got "
@@ -183,7 +184,7 @@ def _import_target(target):
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() at import too; not Ctrl-C
             del sys.modules[name]
             raise ParameterError(f"spec: importing {path} failed: {type(e).__name__}: "
                                  f"{e}") from e
@@ -192,3 +193,6 @@ def _import_target(target):
         return importlib.import_module(target)
     except ImportError as e:
         raise ParameterError(f"spec: cannot import module {target!r}: {e}") from e
+    except (Exception, SystemExit) as e:  # the module itself failed (or exited) at import
+        raise ParameterError(f"spec: importing module {target!r} failed: "
+                             f"{type(e).__name__}: {e}") from e

@@ -46,7 +46,7 @@ from ..errors import (
     ParameterError,
     ShapeError,
 )
-from ._entk_cost import EntkReport
+from ._entk_cost import EntkReport, is_alloc_failure
 from ._entk_user import influence_for_model, load_user_model, model_kernels
 
 __all__ = ["empirical_ntk", "influence_for_model", "load_user_model", "model_kernels",
@@ -85,8 +85,10 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         Bytes of working memory (default: half the free host or GPU memory). The returned
         kernel and the model itself are not counted.
     dtype : torch.float32 | torch.float64 | "float32" | "float64", optional
-        Compute dtype (default: the model's). A different dtype works on a cast copy
-        (``copy.deepcopy(model).to(dtype)``), so the model's own dtype hooks run.
+        Compute dtype (default: the model's; float32 for a float16 / bfloat16 model, whose
+        own-precision kernel would keep only ~3 digits). A different dtype works on a cast
+        copy (``copy.deepcopy(model).to(dtype)``), so the model's own dtype hooks run; for a
+        half-precision model that is the kernel of its float32 (exactly widened) weights.
     device : str or torch.device, optional
         "cpu" or "cuda[:i]" (or the model's own device type). Default: the model's device
         (CUDA models run on the GPU). A different device works on a copy; X is moved to it.
@@ -110,7 +112,9 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     ShapeError : fewer than 2 dims, no rows, or X and X2 feature shapes differ.
     BackendError / ParameterError : a device that is unavailable / not a torch device.
     NonFiniteError : NaN or Inf in X or X2.
-    MemoryBudgetError : the output or one row's working set does not fit.
+    MemoryBudgetError : the output or one row's working set does not fit, or an allocation
+        fails while computing (torch.OutOfMemoryError, CPU "can't allocate memory": the
+        budget exceeds what is really free).
     """
     import torch
 
@@ -141,9 +145,15 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
             with torch.no_grad():
                 K, report = _compute(call, tensors, names, Xt, X2t, outputs, strategy, budget,
                                      block, dt)
-        except (NtkcoreError, torch.OutOfMemoryError):
+        except NtkcoreError:
             raise
         except RuntimeError as e:  # an op torch.func cannot transform, even one row at a time
+            if is_alloc_failure(e):  # torch.OutOfMemoryError or the CPU allocator's error
+                first = (str(e).splitlines() or [""])[0]
+                raise MemoryBudgetError(
+                    f"memory_budget: expected {format_bytes(budget)} of working memory on "
+                    f"{dev}, got an allocation failure ({type(e).__name__}: {first}); pass a "
+                    f"smaller memory_budget (or block)", budget_bytes=int(budget)) from e
             raise ParameterError(
                 f"model: its operations are not supported by the available eNTK strategies "
                 f"(torch.func jacrev/jvp/vjp, batched by vmap or one example at a time; "
@@ -274,6 +284,8 @@ def _working_model(model, dtype, device):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device: expected an available CUDA device, got "
                            f"{str(dev)!r} but torch sees no GPU")
+    if dtype is None and cur_dt in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # half-precision kernels keep ~3 digits: compute on a copy
     dt = dtype or cur_dt
     work = model if (dt == cur_dt and dev == cur_dev) else \
         copy.deepcopy(model).to(device=dev, dtype=dt)
