@@ -82,6 +82,20 @@ def may_share_memory(a, b) -> bool:
     return bool(_xp(a).may_share_memory(a, b))
 
 
+def shares_memory(a, b) -> bool:
+    """Whether two arrays of one device overlap: exactly for NumPy (two column blocks of one
+    matrix do not overlap, though their bounds do), by bounds for CuPy; a NumPy check too
+    costly to settle counts as overlapping."""
+    if is_gpu_array(a) != is_gpu_array(b):
+        return False
+    if is_gpu_array(a):
+        return may_share_memory(a, b)
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 20))
+    except np.exceptions.TooHardError:
+        return True
+
+
 #: entries per block of :func:`all_finite` (a boolean temporary of at most 16 MB)
 FINITE_CHECK_ENTRIES = 1 << 24
 

@@ -102,19 +102,22 @@ def _check_score_bound(B, diag_inv, alpha, residuals):
     """NonFiniteError when the scores could overflow B's dtype; for the top-k path, which
     keeps no scores to check afterwards (a NaN score would simply never be ranked).
 
-    |I| <= u (u h + rho a) with u = max|B| / min diag, h = max ||alpha_i||^2 / 2, rho =
-    max_t ||r_t||_1, a = max|alpha|. The CPU kernel's folded form b (b g - r . alpha / diag)
-    has the same bound and one more intermediate, g <= h / min diag^2. Two reductions over
-    B, no temporaries; only magnitudes near the square root of the dtype's range trip it.
+    Per training point i: |I(t, i)| <= u_i (u_i h_i + rho a_i) with u_i = max_t |B_ti| / d_i,
+    h_i = ||alpha_i||^2 / 2, a_i = max_c |alpha_ic| and rho = max_t ||r_t||_1. The CPU
+    kernel's folded form b (b g_i - r . alpha_i / d_i) has the same bound and one more
+    intermediate, g_i = h_i / d_i^2. Column reductions of B (no T x n temporary); per column,
+    so one outlying training point does not loosen every other column's bound.
     """
+    xp = backend_for(B).xp
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the answer
-        bmax = max(float(B.max()), -float(B.min()))
-        dmin = float(diag_inv.min())
-        u = bmax / dmin
-        h = 0.5 * float((alpha * alpha).sum(axis=1).max())
-        rho = float(abs(residuals).sum(axis=1).max())
-        a = float(abs(alpha).max())
-    bound = max(u * (u * h + rho * a), h / dmin / dmin)  # Python floats: overflow is inf
+        bmax = xp.maximum(B.max(axis=0), -B.min(axis=0)).astype(np.float64)
+        d = diag_inv.astype(np.float64)
+        a64 = alpha.astype(np.float64)
+        u = bmax / d
+        h = 0.5 * (a64 * a64).sum(axis=1)
+        rho = float(abs(residuals).astype(np.float64).sum(axis=1).max())
+        a = abs(a64).max(axis=1)
+        bound = max(float((u * (u * h + rho * a)).max()), float((h / d / d).max()))
     if not bound <= 0.5 * float(np.finfo(B.dtype).max):
         raise NonFiniteError(
             f"influence scores: they can overflow {B.dtype} (bound {bound:.3g}): K, Y or the "

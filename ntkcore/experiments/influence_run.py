@@ -59,7 +59,8 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     if ds.n_test < 1:
         raise ParameterError("n_test: influence is scored on test points; expected at least "
                              "one, got 0")
-    check_solver_fits(cfg, ds.n_train, be.name)  # refused before training, not after it
+    check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # refused before training
+                      n_outputs=ds.Y_train.shape[1])
     identity = training_identity(cfg, ds, be.name)
     config, about = run_settings(cfg, ds, be.name, identity)
     with RunFolder(out_dir, "influence", config, identity=identity, about=about,

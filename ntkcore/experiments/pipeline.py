@@ -270,11 +270,13 @@ class _PlannedKernel:
         self.dense_is_private = private
 
 
-def check_solver_fits(cfg: InfluenceConfig, n: int, device: str, *,
-                      private: bool = True) -> None:
+def check_solver_fits(cfg: InfluenceConfig, n: int, device: str, *, n_test: int,
+                      n_outputs: int, private: bool = True) -> None:
     """Refuse, before any training or kernel work, a solver request that cannot fit an
     n x n kernel on ``device``: the check (and message) the solve itself would make later.
 
+    n_test, n_outputs : T and C of the solve, whose (T, n) B and scores count too (as
+        ``loo_influence`` counts them).
     private : the kernel will be an operator the exact solver materialises and factors in
         place (the built-in networks' eNTK); False for a dense eNTK (``--model``).
 
@@ -286,7 +288,7 @@ def check_solver_fits(cfg: InfluenceConfig, n: int, device: str, *,
     if n < 1:
         return  # nothing to plan; the run refuses empty data with its own message
     choose_solver(_PlannedKernel(n, device, private), cfg.lam, requested=cfg.solver,
-                  **cfg.solver_options)
+                  n_test=n_test, n_outputs=n_outputs, **cfg.solver_options)
 
 
 #: Options that say where to find things, not what to compute: recorded, never compared.

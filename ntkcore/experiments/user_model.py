@@ -65,7 +65,8 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     ds = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test}")
-    check_solver_fits(cfg, ds.n_train, be.name, private=False)  # before the eNTK is built
+    check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # before the eNTK
+                      n_outputs=ds.Y_train.shape[1], private=False)
     identity = {**data_identity(cfg, ds), "model": spec, "weights": _file_hash(weights),
                 "model_input": model_input}
     config, about = run_settings(cfg, ds, be.name, identity, drop=BUILTIN_ONLY)

@@ -24,7 +24,7 @@ from .._validate import (
     check_flag,
     check_min_cols,
     check_result_finite,
-    may_share_memory,
+    shares_memory,
 )
 from ..backend import backend_for
 from ..errors import BackendError, ParameterError, ShapeError
@@ -103,7 +103,7 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     else:
         _check_out(out, (n, n2), xp)
         for arr, name in ((X, "X"), (W, "W"), (X2, "X2")):
-            if may_share_memory(out, arr):  # the kernels read it while writing out
+            if shares_memory(out, arr):  # the kernels read it while writing out
                 raise ParameterError(f"out: shares memory with {name}, which is read while "
                                      f"out is written; pass a separate array")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here

@@ -319,7 +319,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
             precision = opts.get("precision", "float64")
             need_packed = packed_exact_bytes(n, precision) + scoring
             if need_packed > budget:
-                n_fit = largest_n(lambda m: packed_exact_bytes(m, precision), budget)
+                n_fit = largest_n(lambda m: packed_exact_bytes(m, precision)
+                                  + scoring * m / n, budget)
                 alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                        else "more memory")
                 raise MemoryBudgetError(
@@ -333,7 +334,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
                                    + _note(dropped))
         if 8 * n * n > budget:
             gpu = not _on_cpu(K)
-            n_fit = largest_n(lambda m: exact_bytes(m, gpu=gpu, private=in_place), budget)
+            n_fit = largest_n(lambda m: exact_bytes(m, gpu=gpu, private=in_place)
+                              + scoring * m / n, budget)
             alt = (f"solver='nystrom' (rank <= {r_fit} fits) or 'cg'" if r_fit >= MIN_RANK
                    else "more memory")
             raise MemoryBudgetError(
@@ -368,19 +370,19 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     if any(options.get(k) is not None for k in ("storage", "precision", "diag_probes")):
         # options only the exact solver has: exact
         return choose_solver(K, lam, requested="exact", memory_budget=memory_budget,
-                             overwrite_k=overwrite_k, **options)
+                             overwrite_k=overwrite_k, **counts, **options)
     if need <= COMFORT * budget and _dense_allowed(K, n):
         opts, dropped = _split_options("exact", options)
         return "exact", opts, (f"exact: n={n} needs {_gib(need)} for the float64 "
                                f"factorisation, within {COMFORT:.0%} of the {_gib(budget)} "
                                f"budget ({source})" + _note(dropped))
-    if _packed_possible(K) and packed_exact_bytes(n) <= COMFORT * budget:
+    if _packed_possible(K) and packed_exact_bytes(n) + scoring <= COMFORT * budget:
         opts, dropped = _split_options("exact", options)
         opts["storage"] = "packed"
         why = ("" if _dense_allowed(K, n) else
                f"; dense is not used on the CPU above n={CPU_DENSE_MAX_N}")
         return "exact", opts, (f"exact in packed storage: n={n} needs "
-                               f"{_gib(packed_exact_bytes(n))} (dense would need "
+                               f"{_gib(packed_exact_bytes(n) + scoring)} (dense would need "
                                f"{_gib(need)}{why}), within {COMFORT:.0%} of the "
                                f"{_gib(budget)} budget ({source}); "
                                f"about n^3 flops (3x faster, approximate: precision='float32', "
