@@ -11,8 +11,8 @@ import pytest
 import ntkcore as nc
 from ntkcore.errors import MemoryBudgetError, NotPSDError, ParameterError
 from ntkcore.solvers import exact_packed
-from ntkcore.solvers.auto import (CPU_DENSE_MAX_N, choose_solver, exact_bytes, fixed_bytes,
-                                  operator_bytes, packed_exact_bytes)
+from ntkcore.solvers.auto import (CPU_DENSE_MAX_N, choose_solver, exact_bytes,
+                                  packed_exact_bytes, scoring_bytes)
 from ntkcore.solvers.exact_packed import (assemble_packed, cholesky_panels, inverse_diagonal,
                                           packed_exact_fit, solve_panels)
 from ntkcore.solvers.landmarks import as_operator
@@ -126,7 +126,7 @@ def test_auto_picks_packed_between_dense_and_nystrom(monkeypatch):
     assert choose_solver(op, LAM, memory_budget=roomy)[:2] == ("exact", {})
     # the (T, n) B and scores count too when loo_influence plans (it knows T)
     T, C = Xt.shape[0], Y.shape[1]
-    scoring = fixed_bytes(op, "exact", n_test=T, n_outputs=C) - operator_bytes(op)
+    scoring = scoring_bytes(n, T, C)
     middle = int((packed_exact_bytes(n) + scoring) / 0.7) + 1
     assert exact_bytes(n) + scoring > 0.7 * middle  # dense does not fit comfortably, packed does
     name, opts, reason = choose_solver(op, LAM, memory_budget=middle)

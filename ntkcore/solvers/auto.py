@@ -156,6 +156,14 @@ def cg_bytes(n: int, s: int) -> int:
     return CG_ARRAYS * 8 * n * s
 
 
+def scoring_bytes(n: int, n_test: int | None, n_outputs: int | None = None) -> int:
+    """The (T, n) B = K_test A^-1 and scores, and the (T, C) residuals, that every solver's
+    caller holds while scoring (0 when T is not known)."""
+    if not n_test:
+        return 0
+    return 16 * int(n_test) * int(n) + 8 * int(n_test) * int(n_outputs or 1)
+
+
 def fixed_bytes(K, solver: str, *, n_test: int | None = None, n_outputs: int | None = None,
                 probes: int | None = None) -> int:
     """What ``solver`` (nystrom | cg) allocates for K besides its rank-r factor: operator
@@ -163,9 +171,7 @@ def fixed_bytes(K, solver: str, *, n_test: int | None = None, n_outputs: int | N
     vectors (C + probes columns; C = 1 when ``n_outputs`` is unknown) and one operator
     product's temporaries."""
     n = int(K.shape[0])
-    out = operator_bytes(K)
-    if n_test:
-        out += 16 * int(n_test) * n + 8 * int(n_test) * int(n_outputs or 1)
+    out = operator_bytes(K) + scoring_bytes(n, n_test, n_outputs)
     if solver == "cg":
         s = int(n_outputs or 1) + int(probes or DEFAULT_PROBES)
         out += cg_bytes(n, s) + matmat_bytes(K)
@@ -286,7 +292,7 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     counts = {"n_test": n_test, "n_outputs": n_outputs}
     r_fit = max_rank(n, budget, fixed_bytes(K, "nystrom", **counts))
     # the (T, n) B and scores, when the caller says T: planned with every solver
-    scoring = fixed_bytes(K, "exact", **counts) - operator_bytes(K)
+    scoring = scoring_bytes(n, n_test, n_outputs)
     # K factored in place: an operator whose dense() is a new matrix, or overwrite_k
     in_place = overwrite_k or (not hasattr(K, "ndim") and getattr(K, "dense_is_private", False))
     need = exact_bytes(n, gpu=not _on_cpu(K), private=in_place) + scoring
