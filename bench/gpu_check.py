@@ -275,6 +275,27 @@ def check_tri_inverse(cp, rng):
             "<= 1e-12", "PASS" if err <= 1e-12 and upper_zero and info == 0 else "FAIL")
 
 
+CHOL_CASES = [(5000, None), (777, 100), (64, 64)]  # default block; ragged blocks; one block
+
+
+def check_chol_blocked(cp, rng):
+    """The blocked in-place Cholesky (strided cuBLAS / cuSOLVER calls) vs LAPACK, with the
+    strict upper triangle of the input poisoned (it must be neither read nor left)."""
+    from ntkcore.backend import Backend
+    from ntkcore.solvers.chol_blocked import cholesky_blocked
+    for n, block in CHOL_CASES:
+        G = rng.standard_normal((n, n + 16))
+        A = G @ G.T / n + 0.1 * np.eye(n)
+        ref = np.linalg.cholesky(A)
+        dev = cp.asarray(A + np.triu(np.full((n, n), np.nan), 1))
+        got = cholesky_blocked(Backend("cuda"), dev, block=block).get()
+        err = rel_err(got, ref)
+        upper_zero = not np.triu(got, 1).any()
+        add("correct", f"chol_blocked n={n} block={block or 'default'}",
+            f"{err:.1e}{'' if upper_zero else ' UPPER-NONZERO'}", "numpy cholesky", "",
+            "<= 1e-12", "PASS" if err <= 1e-12 and upper_zero else "FAIL")
+
+
 def check_pipeline(cp, rng):
     """ntkcore.loo_influence on CuPy inputs vs the same call on NumPy inputs."""
     import ntkcore as nc
@@ -583,15 +604,26 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--budget-s", type=float, default=280.0,
                     help="skip heavy sections that would not fit (default 280 s)")
+    ap.add_argument("--cholesky", choices=("cusolver", "blocked"), default=None,
+                    help="the exact solver's GPU factorisation (default: the library's, "
+                         "ntkcore.solvers.exact.GPU_CHOLESKY)")
+    ap.add_argument("--chol-block", type=int, default=None,
+                    help="block columns of the blocked Cholesky (default: the library's)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: "
                     "correct,entk,influence,numba")
     args = ap.parse_args(argv)
     sz = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
+    from ntkcore.solvers import chol_blocked, exact
+    exact.GPU_CHOLESKY = args.cholesky or exact.GPU_CHOLESKY
+    chol_blocked.GPU_CHOL_BLOCK = args.chol_block or chol_blocked.GPU_CHOL_BLOCK
     header = [f"# ntkcore gpu_check ({'quick' if args.quick else 'full'})", "",
               f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
               f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
-              f"- host: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"]
+              f"- host: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+              f"- exact solver's GPU Cholesky: {exact.GPU_CHOLESKY}"
+              + (f" (block {chol_blocked.GPU_CHOL_BLOCK})" if exact.GPU_CHOLESKY == "blocked"
+                 else "")]
     try:
         import cupy as cp
         props = cp.cuda.runtime.getDeviceProperties(0)
@@ -617,7 +649,7 @@ def main(argv=None):
     if cp is not None:
         if "correct" not in skip:
             for fn in (check_pack, check_entk, check_infinite, check_scoring,
-                       check_tri_inverse, check_pipeline):
+                       check_tri_inverse, check_chol_blocked, check_pipeline):
                 run_section("correct", fn, cp, rng)
         if "entk" not in skip:
             run_section("(a) eNTK", bench_entk, cp, sz, args.budget_s)

@@ -1,18 +1,22 @@
 #!/bin/sh
 # The GPU runs behind bench/RESULTS.md's GPU numbers, at most 9 minutes on one H100/H200
-# (first run: NVIDIA H200, 2026-11-28):
-#   1. bench/gpu_check.py      issue 3: kernels vs CPU float64 references, eNTK vs cuBLAS,
-#                              exact influence at n = 50 000 vs the flop floor and plain CuPy
-#   2. bench_approx --gpu-scale issue 4: Nystrom influence, 1 000 000 points x 100 test points
-#   3. bench_entk --device cuda issue 6: generic eNTK vs torch.func on the GPU
-#   4. bench_cli_gpu            issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact):
-#                              kernel stage vs training. Not in the default STEPS (the three
-#                              above fill the device tool's 10-minute command limit); run it
-#                              as its own call: STEPS="cli_shape" sh bench/gpu_owed.sh
-# Each step has its own time limit, so one hang cannot take the others' results with it;
-# STEPS picks a subset (default: all three, in this order of priority). Generating the 1e6
-# synthetic points on the host took 53 s and 18 GB on the 2-core dev machine, inside step 2's
-# limit. Logs and tables go to $OUT (the device tool's folder) or ./gpu_results.
+# (first run: NVIDIA H200, 2026-11-28). Steps, in order of priority:
+#   gpu_factor        issue 3 (b): the exact solver's n^3 stages one by one at n = 50 000 --
+#                     cuSOLVER potrf vs the blocked in-place Cholesky at four block sizes, the
+#                     zero-copy L^-1, loo_influence's input validation -- vs the DGEMM rate
+#   gpu_check         issue 3: kernels vs CPU float64 references, eNTK vs cuBLAS, exact
+#                     influence at n = 50 000 vs the flop floor and the plain CuPy chain
+#   gpu_check_blocked gpu_check (b) alone with --cholesky blocked, to compare with gpu_check's
+#   approx_1m         issue 4: Nystrom influence, 1 000 000 points x 100 test points
+#   entk_gpu          issue 6: generic eNTK vs torch.func on the GPU
+#   cli_shape         issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact): kernel
+#                     stage vs training
+# The default STEPS are the first three (what issue 3 still owes; the other three ran in
+# session 7 and fill a 10-minute command on their own: STEPS="approx_1m entk_gpu" reruns them,
+# STEPS="cli_shape" the CLI job). Each step has its own time limit, so one hang cannot take
+# the others' results with it. Generating the 1e6 synthetic points on the host took 53 s and
+# 18 GB on the 2-core dev machine, inside approx_1m's limit. Logs and tables go to $OUT (the
+# device tool's folder) or ./gpu_results.
 #   usage (repo root, on the GPU machine):  sh bench/gpu_owed.sh
 #                                           STEPS="gpu_check" sh bench/gpu_owed.sh
 set -u
@@ -21,7 +25,7 @@ mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-steps=${STEPS:-gpu_check approx_1m entk_gpu}
+steps=${STEPS:-gpu_factor gpu_check gpu_check_blocked}
 step() {  # step NAME SECONDS COMMAND...
     name=$1; limit=$2; shift 2
     case " $steps " in *" $name "*) ;; *) return 0 ;; esac
@@ -31,7 +35,10 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit $? after $(( $(date +%s) - start ))s"
     tail -n 40 "$out/$name.log"
 }
+step gpu_factor 150 "$py" bench/gpu_factor.py --out "$out/gpu_factor.md"
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
+step gpu_check_blocked 120 "$py" bench/gpu_check.py --budget-s 100 --skip correct,entk,numba \
+    --cholesky blocked --out "$out/gpu_check_blocked.md"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
 step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 1
 step cli_shape 240 "$py" bench/bench_cli_gpu.py --json "$out/cli_shape.json"

@@ -144,31 +144,44 @@ def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeyp
     monkeypatch.setattr(gpu_check, "ROWS", [])
     monkeypatch.setattr(gpu_check, "SCORING_CASES", ((1, 1, 1), (20, 700, 10), (9, 2049, 3)))
     monkeypatch.setattr(gpu_check, "TRI_INV_CASES", ((700, 256), (300, 64)))
+    monkeypatch.setattr(gpu_check, "CHOL_CASES", ((300, 64), (100, 33), (64, 64)))
     rng = np.random.default_rng(4)
     for fn in (gpu_check.check_pack, gpu_check.check_entk, gpu_check.check_infinite,
-               gpu_check.check_scoring, gpu_check.check_tri_inverse, gpu_check.check_pipeline):
+               gpu_check.check_scoring, gpu_check.check_tri_inverse,
+               gpu_check.check_chol_blocked, gpu_check.check_pipeline):
         gpu_check.run_section("correct", fn, sim_cupy, rng)
     verdicts = [row[-1] for row in gpu_check.ROWS]
     assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
 
 
-@pytest.mark.parametrize("free_bytes", [8 << 30, 2_000_000])
-def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path, free_bytes):
+@pytest.mark.parametrize("free_bytes,cholesky", [(8 << 30, "cusolver"), (2_000_000, "cusolver"),
+                                                (8 << 30, "blocked")])
+def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path, free_bytes,
+                                                cholesky):
     """Every section of the script runs (timings under the simulator mean nothing); with
-    little free memory, (b) compares with the plain chain at the n where that chain fits."""
+    little free memory, (b) compares with the plain chain at the n where that chain fits;
+    --cholesky blocked times (b) with the blocked factorisation."""
     import gpu_check
+    from ntkcore.solvers import chol_blocked, exact
+    monkeypatch.setattr(exact, "GPU_CHOLESKY", exact.GPU_CHOLESKY)  # main() sets them
+    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", chol_blocked.GPU_CHOL_BLOCK)
     sim_cupy.free_bytes = free_bytes
     monkeypatch.setattr(gpu_check, "ROWS", [])
     monkeypatch.setattr(gpu_check, "NOTES", [])
     monkeypatch.setattr(gpu_check, "QUICK", dict(n=300, d=32, m=64, T=40, C=3, cpu_n=200,
                                                  cpu_d=16, cpu_T=20, cpu_nn=500, gemm=128))
     for name in ("check_pack", "check_entk", "check_infinite", "check_scoring",
-                 "check_tri_inverse", "check_pipeline"):
+                 "check_tri_inverse", "check_chol_blocked", "check_pipeline"):
         monkeypatch.setattr(gpu_check, name, lambda cp, rng: None)  # covered above
+    from simgpu import blas
+    del blas.CALLS[:]
     out = tmp_path / "gpu_check.md"
-    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600"])
+    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600",
+                         "--cholesky", cholesky, "--chol-block", "64"])
+    assert any(c[0] == "dpotrf" for c in blas.CALLS) == (cholesky == "blocked")
     text = out.read_text()
     assert "SIMULATED GPU" in text
+    assert f"GPU Cholesky: {cholesky}" in text
     errors_ = [r for r in gpu_check.ROWS if r[1] == "ERROR"]
     assert not errors_, errors_
     assert rc == 0, text

@@ -16,6 +16,12 @@ from ..errors import NotPSDError
 from ..kernels.triangular import abs_row_sums_and_product, lower_gram_apply
 from .base import KRRFit, Timer
 
+#: The GPU factorisation: "cusolver" (CuPy's cholesky: cuSOLVER potrf on a new copy) or
+#: "blocked" (``chol_blocked``: in place, its updates as large cuBLAS GEMMs). cuSOLVER stays
+#: the default until a GPU run measures the blocked one faster (``bench/gpu_factor.py`` times
+#: both; cuSOLVER's potrf ran at 0.68 of the DGEMM rate on the H200 of bench/RESULTS.md).
+GPU_CHOLESKY = "cusolver"
+
 
 def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True,
               timer: Timer | None = None) -> KRRFit:
@@ -90,7 +96,11 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
 
 def _cholesky(be: Backend, A, lam):
     try:
-        L = be.cholesky(A, overwrite=True)
+        if be.name == "cuda" and GPU_CHOLESKY == "blocked":
+            from .chol_blocked import cholesky_blocked
+            L = cholesky_blocked(be, A)  # in A's memory
+        else:
+            L = be.cholesky(A, overwrite=True)
     except np.linalg.LinAlgError as exc:
         raise NotPSDError(f"K + lam*I is not positive definite (lam={lam:g}): {exc}; K has an "
                           f"eigenvalue below -lam, or lam is below the rounding of K (about "
@@ -114,8 +124,8 @@ def _tri_inv(be: Backend, L, scratch=None):
             raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
         return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
     from .tri_inverse import tri_inv_blocked
-    usable = (scratch is not None and scratch.shape == L.shape and scratch.dtype == L.dtype
-              and scratch.flags.c_contiguous)
+    usable = (scratch is not None and scratch is not L and scratch.shape == L.shape
+              and scratch.dtype == L.dtype and scratch.flags.c_contiguous)
     return tri_inv_blocked(be, L, out=scratch if usable else None)
 
 

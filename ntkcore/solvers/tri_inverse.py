@@ -18,6 +18,7 @@ LAPACK's trtri.
 from __future__ import annotations
 
 from ..backend import Backend
+from ..kernels.strided_blas import gemm, trsm_lower
 
 GPU_INV_BLOCK = 2048  # rows per block: 1.5 b / n over n^3/3 flops (6 % at n = 50 000), n^2/2b^2 GEMMs
 
@@ -25,11 +26,15 @@ GPU_INV_BLOCK = 2048  # rows per block: 1.5 b / n over n^3/3 flops (6 % at n = 5
 def tri_inv_blocked(be: Backend, L, *, out=None, block: int | None = None):
     """X = L^-1 for lower-triangular L (n, n); strictly upper part of X zero.
 
+    Every step works on views of L and X in place (``kernels.strided_blas``): the GEMMs write
+    their block of X directly (alpha = -1), the b-row solves run on X's own rows, and no
+    operand is copied (CuPy's ``matmul`` would copy each strided view it is given).
+
     Parameters
     ----------
     be : backend of L.
     L : (n, n) float lower-triangular (only the lower triangle is read).
-    out : (n, n) array to write X into (may be memory that is free to destroy); default new.
+    out : (n, n) array to write X into (memory that is free to destroy, not L's); default new.
     block : rows per block row (default ``GPU_INV_BLOCK``).
 
     Returns
@@ -43,18 +48,16 @@ def tri_inv_blocked(be: Backend, L, *, out=None, block: int | None = None):
     X.fill(0)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        Lii = xp.ascontiguousarray(L[i0:i1, i0:i1])
-        eye = xp.zeros((i1 - i0, i1 - i0), dtype=L.dtype, order="F")
-        d = xp.arange(i1 - i0)
-        eye[d, d] = 1
-        X[i0:i1, i0:i1] = be.solve_triangular(Lii, eye, lower=True, overwrite_b=True)
+        Lii = L[i0:i1, i0:i1]
+        d = xp.arange(i0, i1)
+        X[d, d] = 1
+        trsm_lower(X[i0:i1, i0:i1], Lii)  # X[I, I] = L[I, I]^-1
         if i0 == 0:
             continue
-        P = xp.empty((i1 - i0, i0), dtype=L.dtype)  # L[I, :I] X[:I, :I], lower blocks only
-        for j0 in range(0, i0, block):
+        for j0 in range(0, i0, block):  # X[I, :I] = -L[I, :I] X[:I, :I], lower blocks only
             j1 = min(i0, j0 + block)
-            P[:, j0:j1] = L[i0:i1, j0:i0] @ X[j0:i0, j0:j1]
-        X[i0:i1, :i0] = -be.solve_triangular(Lii, P, lower=True)
+            gemm(X[i0:i1, j0:j1], L[i0:i1, j0:i0], X[j0:i0, j0:j1], alpha=-1.0)
+        trsm_lower(X[i0:i1, :i0], Lii)
     return X
 
 

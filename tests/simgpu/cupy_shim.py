@@ -59,6 +59,18 @@ def _release(key, nbytes):
     _held.pop(key, None)
 
 
+def _live_buffers():
+    """(buffer, first usable byte, end) of every live device buffer; an allocation made by
+    ``_alloc`` excludes its guard bytes."""
+    for key, fin in list(_held.items()):
+        found = fin.peek()
+        if found is None:
+            continue
+        buf = found[0]
+        guarded = _guarded.get(key) is buf
+        yield buf, (GUARD if guarded else 0), buf.nbytes - (GUARD if guarded else 0)
+
+
 def reset_peak():
     MEMORY["peak"] = MEMORY["live"]
 GUARD_BYTE = 0x5A
@@ -459,8 +471,11 @@ class Shim(types.ModuleType):
             runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0)
         memory = types.SimpleNamespace(OutOfMemoryError=MemoryError)
         stream = types.SimpleNamespace(null=types.SimpleNamespace(synchronize=lambda: None))
+        from .blas import make_libs
+        self.cublas_lib, self.cusolver_lib, device = make_libs(_live_buffers)
         self.cuda = types.SimpleNamespace(
             runtime=runtime, memory=memory, Device=_Device, Event=_Event, Stream=stream,
+            device=device,
             get_elapsed_time=lambda a, b: 1e3 * (b.t - a.t))
         self.linalg = _Namespace("cupy.linalg", np.linalg, ("linalg",), cholesky=_cholesky)
         self.random = _Namespace("cupy.random", np.random, ("random",),
@@ -583,7 +598,16 @@ def install(monkeypatch, **kwargs):
     import ntkcore.backend as backend
     cp, cupyx = make_shim(**kwargs)
     monkeypatch.setattr(backend, "_cupy", lambda: cp)
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas, libs.cusolver = cp.cublas_lib, cp.cusolver_lib
+    cuda = types.ModuleType("cupy_backends.cuda")
+    cuda.libs = libs
+    backends = types.ModuleType("cupy_backends")
+    backends.cuda = cuda
     for name, mod in (("cupy", cp), ("cupyx", cupyx), ("cupyx.scipy", cupyx.scipy),
-                      ("cupyx.scipy.linalg", cupyx.scipy.linalg)):
+                      ("cupyx.scipy.linalg", cupyx.scipy.linalg), ("cupy_backends", backends),
+                      ("cupy_backends.cuda", cuda), ("cupy_backends.cuda.libs", libs),
+                      ("cupy_backends.cuda.libs.cublas", cp.cublas_lib),
+                      ("cupy_backends.cuda.libs.cusolver", cp.cusolver_lib)):
         monkeypatch.setitem(sys.modules, name, mod)
     return cp

@@ -1,0 +1,217 @@
+"""GPU: the exact solver's n^3 stages, one by one, against the DGEMM rate of the same run.
+
+gpu_check (b) found exact influence at 1.51x its flop floor on the H200 (bench/RESULTS.md):
+cuSOLVER's potrf ran at 0.68 of the DGEMM rate, the block-row L^-1 at 0.73, and about 0.6 s
+of the 4.45 s was outside the stage clocks. This script times each candidate for those stages
+on one SPD matrix (the eNTK of gpu_check (b) plus lam I), so the defaults can be chosen from
+measurements:
+
+* Cholesky: CuPy's ``cholesky`` (copy + cuSOLVER potrf + tril), cuSOLVER potrf alone in place,
+  and ``solvers.chol_blocked`` (left-looking, in place, GEMM updates) at several block sizes.
+  Each factor is checked on sampled rows: ||(L L^T - A)[rows]|| / ||A[rows]||.
+* L^-1: ``solvers.tri_inverse`` (block rows, zero-copy GEMMs) at several block sizes, and the
+  obvious alternative, a trsm against the identity (n^3 flops).
+* Input validation of loo_influence on the n x n K (finite, symmetric), which gpu_check's stage
+  clocks do not cover.
+
+    PYTHONPATH=. python3 bench/gpu_factor.py [--n 50000] [--out gpu_factor.md]
+
+Times are CUDA-event medians of ``--reps`` runs (default 2) after a warm-up at n = 2048. Every
+timed factorisation starts from a fresh copy of A in one preallocated buffer (the copy is not
+timed). Peak device memory: three n x n float64 arrays (60 GB at n = 50 000), so it fits an
+80 GB H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _problems import influence_problem  # noqa: E402
+
+ROWS: list[tuple] = []
+T0 = time.perf_counter()
+
+
+def add(stage, what, ms="", tflops="", of_gemm="", note=""):
+    ROWS.append((stage, what, ms, tflops, of_gemm, note))
+    print(f"[{time.perf_counter() - T0:6.1f}s] {stage} | {what} | {ms} | {tflops} | {of_gemm} "
+          f"| {note}", flush=True)
+
+
+def event_ms(cp, fn, prepare=None, reps=2):
+    """Median CUDA-event milliseconds of fn(), prepare() (untimed) before each run."""
+    times = []
+    for _ in range(reps):
+        if prepare is not None:
+            prepare()
+        cp.cuda.Device().synchronize()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def dgemm_rate(cp, size):
+    rs = cp.random.default_rng(2)
+    A, B = rs.standard_normal((size, size)), rs.standard_normal((size, size))
+    C = cp.empty((size, size))
+    cp.matmul(A, B, out=C)
+    return 2.0 * size ** 3 / (event_ms(cp, lambda: cp.matmul(A, B, out=C), reps=3) / 1e3)
+
+
+def factor_residual(cp, A, L, rows=16):
+    """||(L L^T - A)[idx]||_F / ||A[idx]||_F on sampled rows (A's lower triangle mirrored)."""
+    n = A.shape[0]
+    idx = np.sort(np.random.default_rng(3).choice(n, min(rows, n), replace=False))
+    got = L[cp.asarray(idx)] @ L.T
+    want = cp.empty((len(idx), n))
+    for r, i in enumerate(int(i) for i in idx):  # row i of symmetric A from its lower triangle
+        want[r, :i + 1] = A[i, :i + 1]
+        want[r, i + 1:] = A[i + 1:, i]
+    return float(cp.linalg.norm(got - want) / cp.linalg.norm(want))
+
+
+def _fmt(ms, flops, rate):
+    return f"{ms:.0f}", f"{flops / (ms / 1e3) / 1e12:.1f}", f"{flops / (ms / 1e3) / rate:.2f}"
+
+
+def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
+    import ntkcore as nc
+    from ntkcore.backend import Backend
+    from ntkcore.kernels.strided_blas import potrf_lower
+    from ntkcore.solvers.chol_blocked import cholesky_blocked, cholesky_blocked_flops
+    from ntkcore.solvers.tri_inverse import tri_inv_blocked, tri_inv_flops
+    be = Backend("cuda")
+    lam = 1e-3
+    rate = dgemm_rate(cp, gemm_size)
+    add("rate", f"DGEMM {gemm_size}^3", "", f"{rate / 1e12:.1f}", "1.00", "the floor's rate")
+
+    # warm-up at a small size: handles, CuPy kernels, our kernels compiled
+    small = min(n, 2048)
+    Xs, _, Ws, _, _ = influence_problem(cp, small, 8, 10, 64, 256, seed=1)
+    As = nc.relu_ntk(Xs, Ws)
+    As[cp.arange(small), cp.arange(small)] += lam
+    for b in chol_blocks:
+        cholesky_blocked(be, As.copy(), block=b)
+    Ls = cp.linalg.cholesky(As)
+    for b in inv_blocks:
+        tri_inv_blocked(be, Ls, block=b)
+    del Xs, Ws, As, Ls
+    cp.get_default_memory_pool().free_all_blocks()
+
+    X, _, W, _, _ = influence_problem(cp, n, 8, 10, d, m, seed=4)
+    A = nc.relu_ntk(X, W)
+    del X, W
+    # validation as loo_influence does it, on K (before lam is added)
+    from ntkcore import _validate
+    ms = event_ms(cp, lambda: _validate.as_float_matrix(A, "K", dtype=np.float64), reps=reps)
+    add("validation", "as_float_matrix(K) (finite check)", f"{ms:.0f}", "", "",
+        f"{8 * n * n / (ms / 1e3) / 1e9:.0f} GB/s of K read")
+    ms = event_ms(cp, lambda: _validate.check_square_symmetric(A, "K"), reps=reps)
+    add("validation", "check_square_symmetric(K)", f"{ms:.0f}", "", "", "")
+    if hasattr(_validate, "check_kernel_matrix"):
+        ms = event_ms(cp, lambda: _validate.check_kernel_matrix(A, "K"), reps=reps)
+        add("validation", "check_kernel_matrix(K) (one fused pass)", f"{ms:.0f}", "", "",
+            f"{8 * n * n / (ms / 1e3) / 1e9:.0f} GB/s")
+    A[cp.arange(n), cp.arange(n)] += lam
+    chol_flops = n ** 3 / 3
+
+    # --- Cholesky
+    L = cp.linalg.cholesky(A)  # untimed first call at full size (workspace, pool)
+    del L
+    cp.get_default_memory_pool().free_all_blocks()
+    ms = event_ms(cp, lambda: cp.linalg.cholesky(A), reps=reps)
+    add("cholesky", "cupy.linalg.cholesky (copy + cuSOLVER potrf + tril)", *_fmt(ms, chol_flops, rate))
+    work = cp.empty_like(A)
+    refill = lambda: work.__setitem__(Ellipsis, A)  # noqa: E731
+    info = cp.zeros(1, dtype=np.int32)
+    ms = event_ms(cp, lambda: potrf_lower(work, info, 0), prepare=refill, reps=reps)
+    add("cholesky", "cuSOLVER potrf alone, in place", *_fmt(ms, chol_flops, rate),
+        f"devInfo {int(info[0])}, residual {factor_residual(cp, A, cp.tril(work)):.1e}")
+    best = None
+    for b in chol_blocks:
+        ms = event_ms(cp, lambda: cholesky_blocked(be, work, block=b), prepare=refill, reps=reps)
+        res = factor_residual(cp, A, work)
+        add("cholesky", f"chol_blocked b={b}", *_fmt(ms, cholesky_blocked_flops(n, b), rate),
+            f"residual {res:.1e}; counted flops {cholesky_blocked_flops(n, b):.2e}")
+        best = min(best or (ms, b), (ms, b))
+    add("cholesky", f"fastest chol_blocked: b={best[1]}", f"{best[0]:.0f}", "", "",
+        "n^3/3 at the DGEMM rate: " + f"{chol_flops / rate * 1e3:.0f} ms")
+
+    # --- L^-1 (work holds the last factor)
+    del A
+    cp.get_default_memory_pool().free_all_blocks()
+    out = cp.empty_like(work)
+    for b in inv_blocks:
+        ms = event_ms(cp, lambda: tri_inv_blocked(be, work, out=out, block=b), reps=reps)
+        idx = np.sort(np.random.default_rng(5).choice(n, min(16, n), replace=False))
+        eye_rows = cp.zeros((len(idx), n))
+        eye_rows[cp.arange(len(idx)), cp.asarray(idx)] = 1.0
+        err = float(cp.linalg.norm(out[cp.asarray(idx)] @ work - eye_rows) / len(idx) ** 0.5)
+        add("L^-1", f"tri_inv_blocked b={b} (zero-copy GEMMs)",
+            *_fmt(ms, tri_inv_flops(n, b), rate), f"norm((X L - I)[16 rows]) / 4 = {err:.1e}")
+    from cupyx.scipy.linalg import solve_triangular
+
+    def trsm_identity():
+        eye = cp.eye(n, order="F")
+        solve_triangular(work.T, eye, lower=False, trans=1, overwrite_b=True)
+
+    del out
+    cp.get_default_memory_pool().free_all_blocks()
+    ms = event_ms(cp, trsm_identity, reps=1)
+    add("L^-1", "peer: trsm against I (n^3 flops)", *_fmt(ms, float(n) ** 3, rate),
+        f"ms is {ms / 1e3:.2f} s; at the n^3/3 it replaces: "
+        f"{n ** 3 / 3 / (ms / 1e3) / 1e12:.1f} TFLOP/s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--chol-blocks", default="512,1024,2048,4096")
+    p.add_argument("--inv-blocks", default="1024,2048,4096")
+    p.add_argument("--gemm", type=int, default=8192, help="DGEMM size for the rate")
+    p.add_argument("--d", type=int, default=3072, help="input dimension of the eNTK problem")
+    p.add_argument("--m", type=int, default=1024, help="width of the eNTK problem")
+    p.add_argument("--out", default=None, help="write the table (Markdown) here")
+    args = p.parse_args(argv)
+    import cupy as cp
+    blocks = [int(b) for b in args.chol_blocks.split(",")]
+    inv_blocks = [int(b) for b in args.inv_blocks.split(",")]
+    try:
+        run(cp, args.n, args.reps, blocks, inv_blocks, args.gemm, args.d, args.m)
+    except Exception as exc:  # noqa: BLE001 - keep the rows measured so far
+        import traceback
+        traceback.print_exc()
+        add("ERROR", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    try:
+        name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001
+        name = "unknown"
+    lines = [f"# gpu_factor, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"GPU: {name}; n = {args.n}; reps = {args.reps}; command: "
+             f"`python3 bench/gpu_factor.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             "", "| stage | what | ms | TFLOP/s | of DGEMM rate | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in ROWS]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    return 1 if any(r[0] == "ERROR" for r in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
