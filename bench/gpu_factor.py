@@ -81,6 +81,38 @@ def factor_residual(cp, A, L, rows=16):
     return float(cp.linalg.norm(got - want) / cp.linalg.norm(want))
 
 
+def steps_of_the_blocked_factorisation(cp, A, work, blocks, reps, rate):
+    """Each kind of call chol_blocked makes, timed alone at one block size and the middle
+    column (j0 = n/2): potrf of a b x b block, syrk b x b x n/2, the panel gemm
+    (n/2 - b) x b x n/2, trsm (n/2 - b) x b. Per call, and scaled to the n/b calls (potrf)."""
+    from ntkcore.kernels.strided_blas import gemm, potrf_lower, syrk_lower, trsm_lower
+    n = A.shape[0]
+    h = n // 2
+    info = cp.zeros(1, dtype=np.int32)
+    for b in blocks:
+        if h + 2 * b > n:
+            continue
+        blk = A[:b, :b]
+        ms = event_ms(cp, lambda: potrf_lower(work[:b, :b], info, 0),
+                      prepare=lambda: work[:b, :b].__setitem__(Ellipsis, blk), reps=reps + 1)
+        add("cholesky step", f"potrf b={b} (one diagonal block)", f"{ms:.2f}",
+            f"{b ** 3 / 3 / (ms / 1e3) / 1e12:.1f}", "",
+            f"x n/b = {ms * n / b:.0f} ms over the factorisation")
+        work[...] = A  # any finite values: these steps are timed, not checked
+        ms = event_ms(cp, lambda: syrk_lower(work[h:h + b, h:h + b], work[h:h + b, :h],
+                                             alpha=-1.0, beta=1.0), reps=reps + 1)
+        add("cholesky step", f"syrk b={b}, inner {h}", *_fmt(ms, float(b) * b * h, rate))
+        ms = event_ms(cp, lambda: gemm(work[h + b:, h:h + b], work[h + b:, :h], work[h:h + b, :h],
+                                       trans_b=True, alpha=-1.0, beta=1.0), reps=reps + 1)
+        add("cholesky step", f"gemm ({n - h - b} x {b}, inner {h})",
+            *_fmt(ms, 2.0 * (n - h - b) * b * h, rate))
+        work[...] = A
+        potrf_lower(work[h:h + b, h:h + b], info, 0)
+        ms = event_ms(cp, lambda: trsm_lower(work[h + b:, h:h + b], work[h:h + b, h:h + b],
+                                             side="right", trans=True), reps=reps + 1)
+        add("cholesky step", f"trsm ({n - h - b} x {b})", *_fmt(ms, float(b) * b * (n - h - b), rate))
+
+
 def _fmt(ms, flops, rate):
     return f"{ms:.0f}", f"{flops / (ms / 1e3) / 1e12:.1f}", f"{flops / (ms / 1e3) / rate:.2f}"
 
@@ -89,6 +121,7 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     import ntkcore as nc
     from ntkcore.backend import Backend
     from ntkcore.kernels.strided_blas import potrf_lower
+    from ntkcore.solvers import chol_blocked
     from ntkcore.solvers.chol_blocked import cholesky_blocked, cholesky_blocked_flops
     from ntkcore.solvers.tri_inverse import tri_inv_blocked, tri_inv_flops
     be = Backend("cuda")
@@ -138,14 +171,18 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     ms = event_ms(cp, lambda: potrf_lower(work, info, 0), prepare=refill, reps=reps)
     add("cholesky", "cuSOLVER potrf alone, in place", *_fmt(ms, chol_flops, rate),
         f"devInfo {int(info[0])}, residual {factor_residual(cp, A, cp.tril(work)):.1e}")
-    best = None
-    for b in chol_blocks:
+    steps_of_the_blocked_factorisation(cp, A, work, chol_blocks, reps, rate)
+    best = None  # the last factorisation below leaves its factor in work, for L^-1
+    for b, mode in ((b, mode) for b in chol_blocks for mode in ("syrk", "gemm")):
+        chol_blocked.DIAG_UPDATE = mode
         ms = event_ms(cp, lambda: cholesky_blocked(be, work, block=b), prepare=refill, reps=reps)
         res = factor_residual(cp, A, work)
-        add("cholesky", f"chol_blocked b={b}", *_fmt(ms, cholesky_blocked_flops(n, b), rate),
-            f"residual {res:.1e}; counted flops {cholesky_blocked_flops(n, b):.2e}")
-        best = min(best or (ms, b), (ms, b))
-    add("cholesky", f"fastest chol_blocked: b={best[1]}", f"{best[0]:.0f}", "", "",
+        flops = cholesky_blocked_flops(n, b, mode)
+        add("cholesky", f"chol_blocked b={b} diag={mode}", *_fmt(ms, flops, rate),
+            f"residual {res:.1e}; counted flops {flops:.2e}")
+        best = min(best or (ms, b, mode), (ms, b, mode))
+    chol_blocked.DIAG_UPDATE = "syrk"
+    add("cholesky", f"fastest chol_blocked: b={best[1]} diag={best[2]}", f"{best[0]:.0f}", "", "",
         "n^3/3 at the DGEMM rate: " + f"{chol_flops / rate * 1e3:.0f} ms")
 
     # --- L^-1 (work holds the last factor)

@@ -115,7 +115,10 @@ def test_potrf_lower_in_place(backend, order):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("n,block,order", [(1, 4, "C"), (7, 3, "C"), (64, 16, "F"),
                                            (100, 33, "C"), (50, 64, "C"), (130, 32, "F")])
-def test_blocked_cholesky_equals_lapack(backend, n, block, order):
+@pytest.mark.parametrize("diag_update", ["syrk", "gemm"])
+def test_blocked_cholesky_equals_lapack(backend, n, block, order, diag_update, monkeypatch):
+    from ntkcore.solvers import chol_blocked
+    monkeypatch.setattr(chol_blocked, "DIAG_UPDATE", diag_update)
     rng = np.random.default_rng(n + block)
     G = rng.standard_normal((n, n + 5))
     A = G @ G.T / n + 0.1 * np.eye(n)
@@ -161,7 +164,9 @@ def test_blocked_cholesky_copies_nothing(sim_cupy):
 
 def test_flop_count_is_about_the_cholesky_count():
     n = 50_000
-    assert n ** 3 / 3 < cholesky_blocked_flops(n, 1024) < 1.04 * n ** 3 / 3
+    assert n ** 3 / 3 < cholesky_blocked_flops(n, 1024, "syrk") < 1.04 * n ** 3 / 3
+    gemm_extra = cholesky_blocked_flops(n, 1024, "gemm") - cholesky_blocked_flops(n, 1024, "syrk")
+    assert gemm_extra == pytest.approx(1024 * n ** 2 / 2, rel=0.03)
     assert cholesky_blocked_flops(10, 16) == pytest.approx(10 ** 3 / 3)
 
 
@@ -219,9 +224,12 @@ def test_gpu_factor_bench_runs_at_toy_size(sim_cupy, tmp_path):
                           "--out", str(out)])
     text = out.read_text()
     assert rc == 0, text
-    for what in ("cupy.linalg.cholesky", "potrf alone", "chol_blocked b=32", "chol_blocked b=64",
+    for what in ("cupy.linalg.cholesky", "potrf alone", "chol_blocked b=32 diag=syrk",
+                 "chol_blocked b=64 diag=gemm", "potrf b=32 (one", "syrk b=32", "trsm (",
                  "tri_inv_blocked b=48", "trsm against I", "check_square_symmetric"):
         assert what in text, what
     residuals = [float(r[5].split("residual ")[1].split(";")[0]) for r in gpu_factor.ROWS
                  if "residual" in str(r[5])]
-    assert len(residuals) == 3 and max(residuals) < 1e-13, residuals
+    assert len(residuals) == 5 and max(residuals) < 1e-13, residuals  # potrf + 2 x 2 blocked
+    inverse = [r for r in gpu_factor.ROWS if r[1].startswith("tri_inv_blocked")]
+    assert float(inverse[0][5].split("= ")[1]) < 1e-13, inverse

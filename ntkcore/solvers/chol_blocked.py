@@ -6,7 +6,7 @@ left-looking (Crout) block algorithm [B.12], in place on the lower triangle of A
 column J = [j0, j1) at a time:
 
     A[J, J]   -= L[J, :j0] L[J, :j0]^T          (syrk, b x b, inner j0)
-    A[j1:, J] -= L[j1:, :j0] L[J, :j0]^T        (gemm, (n - j1) x b, inner j0)
+    A[j1:, J] -= L[j1:, :j0] L[J, :j0]^T        (gemm, (n - j1) x b, inner j0; see DIAG_UPDATE)
     L[J, J]    = chol(A[J, J])                  (potrf on one b x b block)
     L[j1:, J]  = A[j1:, J] L[J, J]^-T           (trsm, (n - j1) x b)
 
@@ -25,6 +25,11 @@ from ..backend import Backend
 from ..kernels.strided_blas import gemm, potrf_lower, syrk_lower, trsm_lower
 
 GPU_CHOL_BLOCK = 1024  # columns per block: n/b GEMMs; the potrf / trsm on b columns are O(b/n)
+#: How the diagonal block's update A[J, J] -= L[J, :j0] L[J, :j0]^T is done: "syrk" (its lower
+#: triangle, b^2 j0 flops) or "gemm" (folded into the panel's GEMM, which then covers the whole
+#: block: b^2 j0 more flops, b n^2 / 2 in all, but one call at GEMM speed per block column).
+#: Which is faster depends on cuBLAS's syrk rate; bench/gpu_factor.py times both.
+DIAG_UPDATE = "syrk"
 
 
 def cholesky_blocked(be: Backend, A, *, block: int | None = None):
@@ -55,7 +60,9 @@ def cholesky_blocked(be: Backend, A, *, block: int | None = None):
     for slot, j0 in enumerate(starts):
         j1 = min(n, j0 + block)
         diag = A[j0:j1, j0:j1]
-        if j0 > 0:
+        if j0 > 0 and DIAG_UPDATE == "gemm":  # the strict upper part of A[J, J] is scratch
+            gemm(A[j0:, j0:j1], A[j0:, :j0], A[j0:j1, :j0], trans_b=True, alpha=-1.0, beta=1.0)
+        elif j0 > 0:
             syrk_lower(diag, A[j0:j1, :j0], alpha=-1.0, beta=1.0)
             if j1 < n:
                 gemm(A[j1:, j0:j1], A[j1:, :j0], A[j0:j1, :j0], trans_b=True, alpha=-1.0,
@@ -88,15 +95,18 @@ def _raise_not_pd(minor: int):
     raise np.linalg.LinAlgError(f"the leading minor of order {minor} is not positive definite")
 
 
-def cholesky_blocked_flops(n: int, block: int | None = None) -> float:
-    """Flops of :func:`cholesky_blocked`: n^3/3 + O(n^2), the potrf / trsm / syrk included."""
+def cholesky_blocked_flops(n: int, block: int | None = None, diag_update: str | None = None
+                           ) -> float:
+    """Flops of :func:`cholesky_blocked`: n^3/3 + O(n^2 b), the potrf / trsm / syrk included
+    (the "gemm" diagonal update adds b^2 j0 per block column, b n^2 / 2 in all)."""
     block = int(block or GPU_CHOL_BLOCK)
+    diag = 2.0 if (diag_update or DIAG_UPDATE) == "gemm" else 1.0
     total = 0.0
     for j0 in range(0, n, block):
         b = min(n, j0 + block) - j0
         rest = n - j0 - b
-        total += b * b * j0 + 2.0 * rest * b * j0 + b ** 3 / 3 + float(b) ** 2 * rest
+        total += diag * b * b * j0 + 2.0 * rest * b * j0 + b ** 3 / 3 + float(b) ** 2 * rest
     return total
 
 
-__all__ = ["cholesky_blocked", "cholesky_blocked_flops", "GPU_CHOL_BLOCK"]
+__all__ = ["cholesky_blocked", "cholesky_blocked_flops", "GPU_CHOL_BLOCK", "DIAG_UPDATE"]
