@@ -609,21 +609,36 @@ def main(argv=None):
                          "ntkcore.solvers.exact.GPU_CHOLESKY)")
     ap.add_argument("--chol-block", type=int, default=None,
                     help="block columns of the blocked Cholesky (default: the library's)")
+    ap.add_argument("--tuned", default=None,
+                    help="JSON from bench/gpu_factor.py --json: the exact solver's GPU settings "
+                         "measured fastest there (overrides --cholesky / --chol-block)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: "
                     "correct,entk,influence,numba")
     args = ap.parse_args(argv)
     sz = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
-    from ntkcore.solvers import chol_blocked, exact
+    from ntkcore.solvers import chol_blocked, exact, tri_inverse
     exact.GPU_CHOLESKY = args.cholesky or exact.GPU_CHOLESKY
     chol_blocked.GPU_CHOL_BLOCK = args.chol_block or chol_blocked.GPU_CHOL_BLOCK
+    if args.tuned:
+        import json
+        with open(args.tuned) as fh:
+            tuned = json.load(fh)
+        for module, names in ((exact, ("GPU_CHOLESKY",)),
+                              (chol_blocked, ("GPU_CHOL_BLOCK", "DIAG_UPDATE")),
+                              (tri_inverse, ("GPU_INV_METHOD", "GPU_INV_BLOCK"))):
+            for name in names:
+                if name in tuned:
+                    setattr(module, name, tuned[name])
     header = [f"# ntkcore gpu_check ({'quick' if args.quick else 'full'})", "",
               f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
               f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
               f"- host: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
               f"- exact solver's GPU Cholesky: {exact.GPU_CHOLESKY}"
-              + (f" (block {chol_blocked.GPU_CHOL_BLOCK})" if exact.GPU_CHOLESKY == "blocked"
-                 else "")]
+              + (f" (block {chol_blocked.GPU_CHOL_BLOCK}, diagonal update "
+                 f"{chol_blocked.DIAG_UPDATE})" if exact.GPU_CHOLESKY == "blocked" else "")
+              + f"; L^-1 by {tri_inverse.GPU_INV_METHOD} (block {tri_inverse.GPU_INV_BLOCK})"
+              + (f"; settings from {args.tuned}" if args.tuned else "")]
     try:
         import cupy as cp
         props = cp.cuda.runtime.getDeviceProperties(0)

@@ -9,8 +9,9 @@ measurements:
 * Cholesky: CuPy's ``cholesky`` (copy + cuSOLVER potrf + tril), cuSOLVER potrf alone in place,
   and ``solvers.chol_blocked`` (left-looking, in place, GEMM updates) at several block sizes.
   Each factor is checked on sampled rows: ||(L L^T - A)[rows]|| / ||A[rows]||.
-* L^-1: ``solvers.tri_inverse`` (block rows, zero-copy GEMMs) at several block sizes, and the
-  obvious alternative, a trsm against the identity (n^3 flops).
+* L^-1: ``solvers.tri_inverse`` by block rows (zero-copy GEMMs) and by block columns (one
+  trsm each) at several block sizes, and the obvious alternative, a trsm against the identity
+  (n^3 flops).
 * Input validation of loo_influence on the n x n K (finite, symmetric), which gpu_check's stage
   clocks do not cover.
 
@@ -37,6 +38,10 @@ from _problems import influence_problem  # noqa: E402
 
 ROWS: list[tuple] = []
 T0 = time.perf_counter()
+#: the fastest measured choice for each setting the exact solver reads (``--json``; gpu_check
+#: ``--tuned`` applies it): exact.GPU_CHOLESKY, chol_blocked.GPU_CHOL_BLOCK / DIAG_UPDATE,
+#: tri_inverse.GPU_INV_METHOD / GPU_INV_BLOCK
+TUNED: dict = {}
 
 
 def add(stage, what, ms="", tflops="", of_gemm="", note=""):
@@ -123,7 +128,8 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     from ntkcore.kernels.strided_blas import potrf_lower
     from ntkcore.solvers import chol_blocked
     from ntkcore.solvers.chol_blocked import cholesky_blocked, cholesky_blocked_flops
-    from ntkcore.solvers.tri_inverse import tri_inv_blocked, tri_inv_flops
+    from ntkcore.solvers.tri_inverse import (tri_inv_blocked, tri_inv_columns,
+                                             tri_inv_columns_flops, tri_inv_flops)
     be = Backend("cuda")
     lam = 1e-3
     rate = dgemm_rate(cp, gemm_size)
@@ -139,6 +145,7 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     Ls = cp.linalg.cholesky(As)
     for b in inv_blocks:
         tri_inv_blocked(be, Ls, block=b)
+        tri_inv_columns(be, Ls, block=b)
     del Xs, Ws, As, Ls
     cp.get_default_memory_pool().free_all_blocks()
 
@@ -163,7 +170,7 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     L = cp.linalg.cholesky(A)  # untimed first call at full size (workspace, pool)
     del L
     cp.get_default_memory_pool().free_all_blocks()
-    ms = event_ms(cp, lambda: cp.linalg.cholesky(A), reps=reps)
+    ms_cusolver = ms = event_ms(cp, lambda: cp.linalg.cholesky(A), reps=reps)
     add("cholesky", "cupy.linalg.cholesky (copy + cuSOLVER potrf + tril)", *_fmt(ms, chol_flops, rate))
     work = cp.empty_like(A)
     refill = lambda: work.__setitem__(Ellipsis, A)  # noqa: E731
@@ -180,8 +187,15 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
         flops = cholesky_blocked_flops(n, b, mode)
         add("cholesky", f"chol_blocked b={b} diag={mode}", *_fmt(ms, flops, rate),
             f"residual {res:.1e}; counted flops {flops:.2e}")
-        best = min(best or (ms, b, mode), (ms, b, mode))
+        if res < 1e-12:
+            best = min(best or (ms, b, mode), (ms, b, mode))
     chol_blocked.DIAG_UPDATE = "syrk"
+    if best is None:
+        add("cholesky", "no chol_blocked factor passed its residual check")
+        return
+    faster = best[0] < ms_cusolver
+    TUNED.update(GPU_CHOLESKY="blocked" if faster else "cusolver", GPU_CHOL_BLOCK=best[1],
+                 DIAG_UPDATE=best[2], cholesky_ms={"cusolver": ms_cusolver, "blocked": best[0]})
     add("cholesky", f"fastest chol_blocked: b={best[1]} diag={best[2]}", f"{best[0]:.0f}", "", "",
         "n^3/3 at the DGEMM rate: " + f"{chol_flops / rate * 1e3:.0f} ms")
 
@@ -189,14 +203,18 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
     del A
     cp.get_default_memory_pool().free_all_blocks()
     out = cp.empty_like(work)
-    for b in inv_blocks:
-        ms = event_ms(cp, lambda: tri_inv_blocked(be, work, out=out, block=b), reps=reps)
+    for b, method in ((b, m) for b in inv_blocks for m in ("rows", "columns")):
+        fn, count = ((tri_inv_blocked, tri_inv_flops) if method == "rows" else
+                     (tri_inv_columns, tri_inv_columns_flops))
+        ms = event_ms(cp, lambda: fn(be, work, out=out, block=b), reps=reps)
         idx = np.sort(np.random.default_rng(5).choice(n, min(16, n), replace=False))
         eye_rows = cp.zeros((len(idx), n))
         eye_rows[cp.arange(len(idx)), cp.asarray(idx)] = 1.0
         err = float(cp.linalg.norm(out[cp.asarray(idx)] @ work - eye_rows) / len(idx) ** 0.5)
-        add("L^-1", f"tri_inv_blocked b={b} (zero-copy GEMMs)",
-            *_fmt(ms, tri_inv_flops(n, b), rate), f"norm((X L - I)[16 rows]) / 4 = {err:.1e}")
+        add("L^-1", f"{fn.__name__} b={b}", *_fmt(ms, count(n, b), rate),
+            f"norm((X L - I)[16 rows]) / 4 = {err:.1e}")
+        if err < 1e-10 and ms < TUNED.get("inverse_ms", float("inf")):
+            TUNED.update(GPU_INV_METHOD=method, GPU_INV_BLOCK=b, inverse_ms=ms)
     from cupyx.scipy.linalg import solve_triangular
 
     def trsm_identity():
@@ -221,6 +239,8 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=3072, help="input dimension of the eNTK problem")
     p.add_argument("--m", type=int, default=1024, help="width of the eNTK problem")
     p.add_argument("--out", default=None, help="write the table (Markdown) here")
+    p.add_argument("--json", default=None,
+                   help="write the fastest settings here (for gpu_check.py --tuned)")
     args = p.parse_args(argv)
     import cupy as cp
     blocks = [int(b) for b in args.chol_blocks.split(",")]
@@ -247,6 +267,10 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
+    if args.json:
+        import json
+        with open(args.json, "w") as fh:
+            json.dump(dict(TUNED, n=args.n, gpu=name), fh, indent=1)
     return 1 if any(r[0] == "ERROR" for r in ROWS) else 0
 
 

@@ -6,7 +6,8 @@
 #                     zero-copy L^-1, loo_influence's input validation -- vs the DGEMM rate
 #   gpu_check         issue 3: kernels vs CPU float64 references, eNTK vs cuBLAS, exact
 #                     influence at n = 50 000 vs the flop floor and the plain CuPy chain
-#   gpu_check_blocked gpu_check (b) alone with --cholesky blocked, to compare with gpu_check's
+#   gpu_check_tuned   gpu_check (b) alone with the settings gpu_factor measured fastest
+#                     (blocked or cuSOLVER Cholesky, its block, L^-1 by rows or columns)
 #   approx_1m         issue 4: Nystrom influence, 1 000 000 points x 100 test points
 #   entk_gpu          issue 6: generic eNTK vs torch.func on the GPU
 #   cli_shape         issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact): kernel
@@ -25,7 +26,7 @@ mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-steps=${STEPS:-gpu_factor gpu_check gpu_check_blocked}
+steps=${STEPS:-gpu_factor gpu_check gpu_check_tuned}
 step() {  # step NAME SECONDS COMMAND...
     name=$1; limit=$2; shift 2
     case " $steps " in *" $name "*) ;; *) return 0 ;; esac
@@ -35,10 +36,10 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit $? after $(( $(date +%s) - start ))s"
     tail -n 40 "$out/$name.log"
 }
-step gpu_factor 150 "$py" bench/gpu_factor.py --out "$out/gpu_factor.md"
+step gpu_factor 150 "$py" bench/gpu_factor.py --out "$out/gpu_factor.md" --json "$out/gpu_factor.json"
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
-step gpu_check_blocked 120 "$py" bench/gpu_check.py --budget-s 100 --skip correct,entk,numba \
-    --cholesky blocked --out "$out/gpu_check_blocked.md"
+step gpu_check_tuned 120 "$py" bench/gpu_check.py --budget-s 100 --skip correct,entk,numba \
+    --tuned "$out/gpu_factor.json" --out "$out/gpu_check_tuned.md"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
 step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 1
 step cli_shape 240 "$py" bench/bench_cli_gpu.py --json "$out/cli_shape.json"

@@ -162,9 +162,11 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path,
     little free memory, (b) compares with the plain chain at the n where that chain fits;
     --cholesky blocked times (b) with the blocked factorisation."""
     import gpu_check
-    from ntkcore.solvers import chol_blocked, exact
-    monkeypatch.setattr(exact, "GPU_CHOLESKY", exact.GPU_CHOLESKY)  # main() sets them
-    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", chol_blocked.GPU_CHOL_BLOCK)
+    from ntkcore.solvers import chol_blocked, exact, tri_inverse
+    for module, name in ((exact, "GPU_CHOLESKY"), (chol_blocked, "GPU_CHOL_BLOCK"),
+                         (chol_blocked, "DIAG_UPDATE"), (tri_inverse, "GPU_INV_METHOD"),
+                         (tri_inverse, "GPU_INV_BLOCK")):  # main() sets them
+        monkeypatch.setattr(module, name, getattr(module, name))
     sim_cupy.free_bytes = free_bytes
     monkeypatch.setattr(gpu_check, "ROWS", [])
     monkeypatch.setattr(gpu_check, "NOTES", [])
@@ -176,12 +178,15 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path,
     from simgpu import blas
     del blas.CALLS[:]
     out = tmp_path / "gpu_check.md"
-    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600",
-                         "--cholesky", cholesky, "--chol-block", "64"])
+    tuned = tmp_path / "tuned.json"  # as bench/gpu_factor.py --json writes it
+    tuned.write_text(json.dumps({"GPU_CHOLESKY": cholesky, "GPU_CHOL_BLOCK": 64,
+                                 "DIAG_UPDATE": "gemm", "GPU_INV_METHOD": "columns",
+                                 "GPU_INV_BLOCK": 100}))
+    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "600", "--tuned", str(tuned)])
     assert any(c[0] == "dpotrf" for c in blas.CALLS) == (cholesky == "blocked")
     text = out.read_text()
     assert "SIMULATED GPU" in text
-    assert f"GPU Cholesky: {cholesky}" in text
+    assert f"GPU Cholesky: {cholesky}" in text and "L^-1 by columns (block 100)" in text
     errors_ = [r for r in gpu_check.ROWS if r[1] == "ERROR"]
     assert not errors_, errors_
     assert rc == 0, text

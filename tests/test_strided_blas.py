@@ -218,18 +218,25 @@ def test_gpu_factor_bench_runs_at_toy_size(sim_cupy, tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
     import gpu_factor
     del gpu_factor.ROWS[:]
-    out = tmp_path / "factor.md"
+    gpu_factor.TUNED.clear()
+    out, tuned = tmp_path / "factor.md", tmp_path / "factor.json"
     rc = gpu_factor.main(["--n", "150", "--chol-blocks", "32,64", "--inv-blocks", "48",
                           "--gemm", "64", "--d", "12", "--m", "40", "--reps", "1",
-                          "--out", str(out)])
+                          "--out", str(out), "--json", str(tuned)])
+    import json
+    settings = json.loads(tuned.read_text())
+    assert settings["GPU_CHOLESKY"] in ("cusolver", "blocked")
+    assert settings["GPU_CHOL_BLOCK"] in (32, 64) and settings["DIAG_UPDATE"] in ("syrk", "gemm")
+    assert settings["GPU_INV_METHOD"] in ("rows", "columns") and settings["GPU_INV_BLOCK"] == 48
     text = out.read_text()
     assert rc == 0, text
     for what in ("cupy.linalg.cholesky", "potrf alone", "chol_blocked b=32 diag=syrk",
                  "chol_blocked b=64 diag=gemm", "potrf b=32 (one", "syrk b=32", "trsm (",
-                 "tri_inv_blocked b=48", "trsm against I", "check_square_symmetric"):
+                 "tri_inv_blocked b=48", "tri_inv_columns b=48", "trsm against I",
+                 "check_square_symmetric"):
         assert what in text, what
     residuals = [float(r[5].split("residual ")[1].split(";")[0]) for r in gpu_factor.ROWS
                  if "residual" in str(r[5])]
     assert len(residuals) == 5 and max(residuals) < 1e-13, residuals  # potrf + 2 x 2 blocked
-    inverse = [r for r in gpu_factor.ROWS if r[1].startswith("tri_inv_blocked")]
-    assert float(inverse[0][5].split("= ")[1]) < 1e-13, inverse
+    inverse = [r for r in gpu_factor.ROWS if r[1].startswith("tri_inv_")]
+    assert len(inverse) == 2 and max(float(r[5].split("= ")[1]) for r in inverse) < 1e-13, inverse

@@ -5,19 +5,21 @@ import pytest
 from scipy.linalg import lapack
 
 from ntkcore.backend import Backend
-from ntkcore.solvers.tri_inverse import tri_inv_blocked, tri_inv_flops
+from ntkcore.solvers.tri_inverse import (tri_inv_blocked, tri_inv_columns, tri_inv_columns_flops,
+                                         tri_inv_flops)
 
 from conftest import assert_close
 
 
 @pytest.mark.parametrize("n,block", [(1, 4), (7, 3), (64, 16), (100, 33), (50, 64)])
-def test_blocked_inverse_equals_trtri(n, block):
+@pytest.mark.parametrize("method", [tri_inv_blocked, tri_inv_columns])
+def test_blocked_inverse_equals_trtri(n, block, method):
     rng = np.random.default_rng(n + block)
     G = rng.standard_normal((n, n + 5))
     L = np.linalg.cholesky(G @ G.T / n + 0.1 * np.eye(n))
     L_poisoned = L + np.triu(np.full((n, n), np.nan), 1)  # only the lower triangle is read
     out = np.full((n, n), 7.0)  # any scratch: overwritten entirely
-    X = tri_inv_blocked(Backend("cpu"), L_poisoned, out=out, block=block)
+    X = method(Backend("cpu"), L_poisoned, out=out, block=block)
     assert X is out
     ref, info = lapack.dtrtri(L.copy(), lower=1)
     assert info == 0
@@ -32,3 +34,25 @@ def test_flop_count_is_about_the_triangular_count():
     assert n ** 3 / 3 < tri_inv_flops(n) < 1.07 * n ** 3 / 3
     assert tri_inv_flops(n) == pytest.approx(n ** 3 / 3 * (1 + 1.5 * 2048 / n), rel=0.01)
     assert tri_inv_flops(100, block=200) == pytest.approx(100 ** 3 / 3)
+
+
+def test_column_inverse_flops_are_about_the_triangular_count():
+    n = 50_000
+    assert n ** 3 / 3 < tri_inv_columns_flops(n, 2048) < 1.07 * n ** 3 / 3
+    assert tri_inv_columns_flops(10, 16) == 10 ** 3
+
+
+@pytest.mark.parametrize("method", ["blocked", "columns"])
+def test_inverse_on_the_simulated_gpu_equals_trtri(sim_cupy, method):
+    """Both inverses through the raw cuBLAS calls (strided views, no copies) on the simulator."""
+    from ntkcore.solvers import tri_inverse
+    fn = {"blocked": tri_inverse.tri_inv_blocked, "columns": tri_inverse.tri_inv_columns}[method]
+    n = 130
+    rng = np.random.default_rng(9)
+    G = rng.standard_normal((n, n + 5))
+    L = np.linalg.cholesky(G @ G.T / n + 0.1 * np.eye(n))
+    out = sim_cupy.full((n, n), np.nan)
+    X = fn(Backend("cuda"), sim_cupy.asarray(L + np.triu(np.full((n, n), np.nan), 1)),
+           out=out, block=32)
+    ref, _ = lapack.dtrtri(L.copy(), lower=1)
+    assert_close(X.get(), ref, rtol=1e-12, what=f"{method} L^-1 on the simulator")

@@ -123,10 +123,10 @@ def _tri_inv(be: Backend, L, scratch=None):
         if info != 0:
             raise NotPSDError(f"triangular inverse failed (LAPACK info={info})")
         return Linv  # scipy's cholesky leaves the strict upper triangle zero; trtri keeps it
-    from .tri_inverse import tri_inv_blocked
+    from .tri_inverse import tri_inv_gpu
     usable = (scratch is not None and scratch is not L and scratch.shape == L.shape
               and scratch.dtype == L.dtype and scratch.flags.c_contiguous)
-    return tri_inv_blocked(be, L, out=scratch if usable else None)
+    return tri_inv_gpu(be, L, out=scratch if usable else None)
 
 
 def _right_solve_gpu(be: Backend, K_test, L):

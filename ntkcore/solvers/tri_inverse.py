@@ -21,6 +21,10 @@ from ..backend import Backend
 from ..kernels.strided_blas import gemm, trsm_lower
 
 GPU_INV_BLOCK = 2048  # rows per block: 1.5 b / n over n^3/3 flops (6 % at n = 50 000), n^2/2b^2 GEMMs
+#: The exact solver's GPU inverse: "rows" (:func:`tri_inv_blocked`, 36 TFLOP/s on the H200 of
+#: bench/RESULTS.md when its GEMMs still copied their operands) or "columns"
+#: (:func:`tri_inv_columns`, not yet measured on a GPU).
+GPU_INV_METHOD = "rows"
 
 
 def tri_inv_blocked(be: Backend, L, *, out=None, block: int | None = None):
@@ -61,6 +65,40 @@ def tri_inv_blocked(be: Backend, L, *, out=None, block: int | None = None):
     return X
 
 
+def tri_inv_columns(be: Backend, L, *, out=None, block: int | None = None):
+    """X = L^-1 by block columns, one trsm each: X[j0:, J] = L[j0:, j0:]^-1 [I; 0].
+
+    The other way to the same X as :func:`tri_inv_blocked`: n/b calls instead of n^2/2b^2,
+    each a solve with a tall triangle, about n^3/3 (1 + 1.5 b / n) flops in all (a trsm cannot
+    skip the zero rows under the identity block). Which of the two runs faster is a property
+    of cuBLAS's trsm on the card; ``bench/gpu_factor.py`` times both. Same parameters and
+    result as :func:`tri_inv_blocked`.
+    """
+    xp = be.xp
+    n = L.shape[0]
+    block = int(block or GPU_INV_BLOCK)
+    X = xp.empty((n, n), dtype=L.dtype) if out is None else out
+    X.fill(0)
+    d = xp.arange(n)
+    X[d, d] = 1
+    for j0 in range(0, n, block):
+        j1 = min(n, j0 + block)
+        trsm_lower(X[j0:, j0:j1], L[j0:, j0:])
+    return X
+
+
+def tri_inv_columns_flops(n: int, block: int | None = None) -> float:
+    """Flops of :func:`tri_inv_columns`: sum over block columns of (n - j0)^2 b."""
+    block = int(block or GPU_INV_BLOCK)
+    return float(sum((n - j0) ** 2 * (min(n, j0 + block) - j0) for j0 in range(0, n, block)))
+
+
+def tri_inv_gpu(be: Backend, L, *, out=None):
+    """L^-1 by the method ``GPU_INV_METHOD`` names (the exact solver's entry point)."""
+    fn = tri_inv_columns if GPU_INV_METHOD == "columns" else tri_inv_blocked
+    return fn(be, L, out=out)
+
+
 def tri_inv_flops(n: int, block: int | None = None) -> float:
     """Flops of :func:`tri_inv_blocked` at this n and block: the GEMMs plus the b-row solves.
 
@@ -79,4 +117,5 @@ def tri_inv_flops(n: int, block: int | None = None) -> float:
     return total
 
 
-__all__ = ["tri_inv_blocked", "tri_inv_flops", "GPU_INV_BLOCK"]
+__all__ = ["tri_inv_blocked", "tri_inv_flops", "tri_inv_columns", "tri_inv_columns_flops",
+           "GPU_INV_BLOCK", "GPU_INV_METHOD", "tri_inv_gpu"]
