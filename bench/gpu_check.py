@@ -78,14 +78,18 @@ def time_left(budget):
 
 
 # ----------------------------------------------------------------------------- timing helpers
-def gpu_time(fn, *, warmup=1, reps=3):
-    """Median milliseconds of ``fn()`` between CUDA events, after ``warmup`` untimed calls."""
+def gpu_time(fn, *, warmup=1, reps=3, prepare=None):
+    """Median milliseconds of ``fn()`` between CUDA events, after ``warmup`` untimed calls;
+    ``prepare()`` (untimed) runs before each timed call."""
     import cupy as cp
     for _ in range(warmup):
         fn()
     cp.cuda.Device().synchronize()
     times = []
     for _ in range(reps):
+        if prepare is not None:
+            prepare()
+            cp.cuda.Device().synchronize()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
         fn()

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _problems import influence_problem  # noqa: E402
+from gpu_check import gemm_rate, gpu_time  # noqa: E402
 
 ROWS: list[tuple] = []
 T0 = time.perf_counter()
@@ -51,27 +52,9 @@ def add(stage, what, ms="", tflops="", of_gemm="", note=""):
 
 
 def event_ms(cp, fn, prepare=None, reps=2):
-    """Median CUDA-event milliseconds of fn(), prepare() (untimed) before each run."""
-    times = []
-    for _ in range(reps):
-        if prepare is not None:
-            prepare()
-        cp.cuda.Device().synchronize()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return float(np.median(times))
-
-
-def dgemm_rate(cp, size):
-    rs = cp.random.default_rng(2)
-    A, B = rs.standard_normal((size, size)), rs.standard_normal((size, size))
-    C = cp.empty((size, size))
-    cp.matmul(A, B, out=C)
-    return 2.0 * size ** 3 / (event_ms(cp, lambda: cp.matmul(A, B, out=C), reps=3) / 1e3)
+    """Median CUDA-event milliseconds of fn() (no warm-up call: the warm-up ran at small n),
+    prepare() (untimed) before each run."""
+    return gpu_time(fn, warmup=0, reps=reps, prepare=prepare)
 
 
 def factor_residual(cp, A, L, rows=16):
@@ -132,7 +115,7 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
                                              tri_inv_columns_flops, tri_inv_flops)
     be = Backend("cuda")
     lam = 1e-3
-    rate = dgemm_rate(cp, gemm_size)
+    rate = gemm_rate(cp, gemm_size)
     add("rate", f"DGEMM {gemm_size}^3", "", f"{rate / 1e12:.1f}", "1.00", "the floor's rate")
 
     # warm-up at a small size: handles, CuPy kernels, our kernels compiled
