@@ -172,3 +172,12 @@ def autograd_entk_generic(model, X, X2=None, outputs="trace"):
     if isinstance(outputs, str) and outputs == "trace":
         return np.einsum("ijcc->ij", K)
     return K[:, :, outputs, outputs]
+
+
+def square_matrix_stats_naive(K):
+    """(all entries finite, sum of K_ij^2, sum over i != j of (K_ij - K_ji)^2), in float64.
+
+    The diagonal adds nothing to the second sum (K_ii - K_ii = 0), so it is the whole sum.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    return bool(np.isfinite(K).all()), float((K ** 2).sum()), float(((K - K.T) ** 2).sum())

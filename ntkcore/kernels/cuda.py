@@ -24,12 +24,14 @@ SOURCES = {  # name -> the files that make up its source, in order
     "entk": ("tile_common.cuh", "entk_tile.cu"),
     "influence": ("influence_score.cu",),
     "infinite": ("tile_common.cuh", "ntk_infinite.cu"),
+    "stats": ("matrix_stats.cu",),
 }
 _CTYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
 TILE = 64          # output tile edge of entk_tile / arccos_tile (NTK_TILE in the sources)
 TOPK_MAX = 16      # largest register-resident top-k list (influence_topk)
 SC_ROWS = 8        # test rows per thread in influence_scores
 TK_THREADS = 256   # threads per block in influence_topk
+MS_BLOCK = (32, 8)  # threads per block of matrix_stats (MS_TILE x MS_ROWS in the source)
 
 
 def _cp():
@@ -170,3 +172,20 @@ def influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx, lo_va
           hi_idx, hi_val, lo_idx, lo_val, S_arg, _i(S_arg.strides[0] // S_arg.itemsize),
           np.int32(keep)),
          shared_mem=int(max(C, 1) * dt.itemsize))
+
+
+# ----------------------------------------------------------------------------- matrix check
+def matrix_stats(K, scale, partial, out):
+    """out[0], out[1] <- sum (s K)^2, sum_{i != j} (s K_ij - s K_ji)^2 in one read of K.
+
+    K : (n, n), rows contiguous (row stride ``ld``), n >= 1; scale s a float; partial
+    (blocks, 2) float64 scratch, one row per block of the first launch; out (2,) float64.
+    Both launches are queued; nothing is copied to the host.
+    """
+    n = K.shape[0]
+    blocks = partial.shape[0]
+    ld = K.strides[0] // K.itemsize
+    kernel("stats", "matrix_stats", K.dtype)((blocks,), MS_BLOCK,
+                                             (K, _i(n), _i(ld), np.float64(scale), partial))
+    kernel("stats", "matrix_stats_sum", K.dtype)((1,), MS_BLOCK, (partial, _i(blocks), out))
+    return out
