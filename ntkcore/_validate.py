@@ -35,6 +35,14 @@ def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool =
     Integer/bool input becomes float64; float32 stays float32 unless ``dtype`` is given.
     A 1-D input with ``allow_1d`` becomes a column (n,) -> (n, 1).
     """
+    a = _as_float(a, name, ndim=ndim, dtype=dtype, allow_1d=allow_1d)
+    if not all_finite(a):
+        raise NonFiniteError(_non_finite_message(name))
+    return a
+
+
+def _as_float(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False):
+    """:func:`as_float_matrix` without its finiteness check."""
     xp = _xp(a)
     try:
         a = xp.asarray(a)
@@ -51,9 +59,11 @@ def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool =
         a = a.astype(dtype, copy=False)
     elif a.dtype.kind not in "f":
         a = a.astype(xp.float64)
-    if not all_finite(a):
-        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
     return a
+
+
+def _non_finite_message(name: str) -> str:
+    return f"{name}: expected finite values, got NaN or Inf"
 
 
 def check_rows(a, b, name_a: str, name_b: str):
@@ -175,13 +185,46 @@ def check_square_symmetric(K, name: str = "K", *, rtol: float | None = None):
     Returns the measured relative asymmetry ||K - K^T||_F / ||K||_F (the A.8 symmetry check).
     Default rtol: 1e3 * eps(dtype), loose enough for kernels assembled in tiles.
     """
-    if K.ndim != 2 or K.shape[0] != K.shape[1]:
-        raise ShapeError(f"{name}: expected a square matrix, got shape {tuple(K.shape)}")
+    _check_square(K, name)
     xp = _xp(K)
-    if rtol is None:
-        rtol = 1e3 * float(xp.finfo(K.dtype).eps)
     norm = _frobenius_norm(K, xp)
     asym = _asymmetry_norm(K, xp) / norm if norm > 0 else 0.0
+    return _check_asymmetry(asym, K.dtype, name, rtol)
+
+
+def check_kernel_matrix(K, name: str = "K", *, dtype=None, rtol: float | None = None):
+    """(K, asym): ``K`` as a square float matrix on its own device, checked finite and
+    symmetric in one read of it.
+
+    The checks of :func:`as_float_matrix` (same conversions, ``dtype`` as there) and of
+    :func:`check_square_symmetric` (same ``rtol``, same errors and messages) fused: one
+    :func:`ntkcore.kernels.square_matrix_stats` pass gives finiteness, ||K||_F and
+    ||K - K^T||_F. NonFiniteError comes before ShapeError (not square) and NotSymmetricError.
+    ``asym`` is the relative asymmetry ||K - K^T||_F / ||K||_F (0 for K = 0). A strided view
+    (neither C- nor F-contiguous) takes the two separate blocked passes instead.
+    """
+    K = _as_float(K, name, dtype=dtype)
+    if K.shape[0] != K.shape[1] or not (K.flags.c_contiguous or K.flags.f_contiguous) \
+            or K.dtype not in (np.float64, np.float32):
+        if not all_finite(K):
+            raise NonFiniteError(_non_finite_message(name))
+        return K, check_square_symmetric(K, name, rtol=rtol)
+    from .kernels.validation import square_matrix_stats
+    stats = square_matrix_stats(K)
+    if not stats.finite:
+        raise NonFiniteError(_non_finite_message(name))
+    return K, _check_asymmetry(stats.rel_asymmetry, K.dtype, name, rtol)
+
+
+def _check_square(K, name: str):
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ShapeError(f"{name}: expected a square matrix, got shape {tuple(K.shape)}")
+
+
+def _check_asymmetry(asym: float, dtype, name: str, rtol: float | None) -> float:
+    """``asym``, or NotSymmetricError when it exceeds ``rtol`` (default 1e3 * eps(dtype))."""
+    if rtol is None:
+        rtol = 1e3 * float(np.finfo(dtype).eps)
     if asym > rtol:
         raise NotSymmetricError(f"{name}: expected a symmetric kernel matrix, got relative "
                                 f"asymmetry ||K - K^T||_F / ||K||_F = {asym:.3g} > {rtol:.1g}")

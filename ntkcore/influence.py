@@ -22,11 +22,11 @@ from ._validate import (
     as_float_matrix,
     check_count,
     check_flag,
+    check_kernel_matrix,
     check_min_cols,
     check_positive,
     check_rows,
     check_result_finite,
-    check_square_symmetric,
     is_kernel_operator,
     may_share_memory,
 )
@@ -182,16 +182,13 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     """
     lam = check_positive(lam, "lam")
     dense = not is_kernel_operator(K)
-    if dense:
-        K = as_float_matrix(K, "K", dtype=np.float64)
+    asym = None
+    if dense:  # finite, square and symmetric: one read of K
+        K, asym = check_kernel_matrix(K, "K", dtype=np.float64)
     Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
     Y_test = as_float_matrix(Y_test, "Y_test", dtype=np.float64, allow_1d=True)
     K_test = as_float_matrix(K_test, "K_test", dtype=np.float64)
     n = K.shape[0]
-    if dense:
-        asym = check_square_symmetric(K, "K")
-    else:
-        asym = None
     check_rows(K, Y, "K", "Y")
     check_min_cols(Y, "Y", "output column (C >= 1)")
     if K_test.shape[1] != n:

@@ -42,9 +42,10 @@ def _exact_adapter(exact_fit):
                     K = K.dense()
             else:
                 K = K.dense()
-            # Mirrored tiles make K symmetric by construction; measure it anyway (A.8).
-            from .._validate import check_square_symmetric
-            asym = check_square_symmetric(K, "K")
+            # Mirrored tiles make K symmetric by construction; measure it anyway (A.8), with
+            # finiteness, in one read of K.
+            from .._validate import check_kernel_matrix
+            K, asym = check_kernel_matrix(K, "K")
             if getattr(operator, "dense_is_private", False):
                 kw["overwrite_k"] = True  # the materialised K is ours: factor it in place
             fit = exact_fit(K, Y, lam, **kw)
