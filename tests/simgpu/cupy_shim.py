@@ -13,6 +13,9 @@ It imitates the parts of CuPy that ntkcore touches, and is deliberately strict w
 - ``linalg.cholesky`` does not raise on a matrix that is not positive definite (CuPy's
   default ``linalg='ignore'``): it returns the partial factor, as cuSOLVER's potrf does;
   only under ``cupyx.errstate(linalg='raise')`` does it raise LinAlgError.
+- copies to the host with ``get(out=..., blocking=False)`` are queued on their stream and
+  land only when waited for (``_Stream``), so a missing wait reads stale or NaN host memory;
+  ``cupyx.empty_pinned`` gives a NaN-filled NumPy array.
 - ``RawModule`` compiles the ``.cu`` source with g++ and runs it through the CPU execution
   model in ``cuda_sim.h`` (see ``kernels.py``).
 
@@ -248,9 +251,37 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     T = property(lambda self: ndarray(self._a.T))
     data = property(lambda self: _Pointer(self._a))
 
-    def get(self, stream=None, order="C", out=None):
-        TRAFFIC["to_host"] += self._a.nbytes
-        return np.array(self._a, order=order)
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        """Copy to the host; into ``out`` (checked as CuPy 14 checks it) on ``stream`` (default
+        the current one), queued there when ``blocking=False`` (see _Stream)."""
+        if out is None:
+            TRAFFIC["to_host"] += self._a.nbytes
+            return np.array(self._a, order=order)
+        if not isinstance(out, np.ndarray):
+            raise TypeError("Only numpy.ndarray can be obtained from cupy.ndarray")
+        if self.dtype != out.dtype:
+            raise TypeError(f"{out.dtype} array cannot be obtained from {self.dtype} array")
+        if self.shape != out.shape:
+            raise ValueError(f"Shape mismatch. Expected shape: {self.shape}, "
+                             f"actual shape: {out.shape}")
+        src = self._a
+        if not (out.flags.c_contiguous and src.flags.c_contiguous
+                or out.flags.f_contiguous and src.flags.f_contiguous):
+            if not (out.flags.c_contiguous or out.flags.f_contiguous):
+                raise RuntimeError("`out` cannot be specified when copying to non-contiguous "
+                                   "ndarray")
+            src = _device_copy(src, "C" if out.flags.c_contiguous else "F")
+
+        def copy():
+            TRAFFIC["to_host"] += src.nbytes
+            np.copyto(out, src)
+        stream = stream if stream is not None else _current_stream()
+        if blocking:
+            stream.synchronize()
+            copy()
+        else:
+            stream._enqueue(copy)
+        return out
 
     def __array__(self, *args, **kwargs):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. "
@@ -428,15 +459,84 @@ class _Device:
         pass
 
 
+class _Stream:
+    """``cupy.cuda.Stream``. Kernels and CuPy calls run at once, whatever the stream; a copy
+    to the host issued with ``blocking=False`` is queued on its stream and runs only when that
+    stream is synchronized or an event recorded on it after the copy is waited for
+    (``Event.synchronize``, ``Stream.wait_event``). That is the slowest copy engine CUDA
+    allows, so code missing a wait reads stale (or NaN, unwritten) host memory, or has its
+    device source overwritten before the copy, instead of passing by luck."""
+
+    null = None  # set below: the legacy default stream
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+        self._queue = []   # (sequence number, copy) not yet run
+        self._issued = 0   # sequence number of the last queued copy
+
+    def _enqueue(self, fn):
+        self._issued += 1
+        self._queue.append((self._issued, fn))
+
+    def _run_until(self, seq):
+        while self._queue and self._queue[0][0] <= seq:
+            self._queue.pop(0)[1]()
+
+    def synchronize(self):
+        self._run_until(self._issued)
+
+    def record(self, event=None):
+        event = _Event() if event is None else event
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        event._complete()
+
+    def use(self):
+        _CURRENT[-1] = self
+        return self
+
+    def __enter__(self):
+        _CURRENT.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _CURRENT.pop()
+        return False
+
+
+_Stream.null = _Stream(null=True)
+_CURRENT = [_Stream.null]  # the current stream is the last entry (``with stream:`` pushes)
+
+
+def _current_stream(device_id=-1):
+    return _CURRENT[-1]
+
+
 class _Event:
-    def __init__(self, *args, **kwargs):
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.t = None
+        self._stream, self._seq = None, 0
 
     def record(self, stream=None):
         self.t = time.perf_counter()
+        self._stream = _current_stream() if stream is None else stream
+        self._seq = self._stream._issued
+
+    def _complete(self):
+        if self._stream is not None:
+            self._stream._run_until(self._seq)
 
     def synchronize(self):
-        pass
+        self._complete()
+
+
+def empty_pinned(shape, dtype=float, order="C"):
+    """``cupyx.empty_pinned``: a host (NumPy) array, NaN-filled like ``empty``."""
+    a = np.empty(shape, dtype=dtype, order=order)
+    if a.dtype.kind in "fc":
+        a.fill(np.nan)
+    return a
 
 
 class _Pool:
@@ -470,12 +570,13 @@ class Shim(types.ModuleType):
                                            "totalGlobalMem": self.total_bytes},
             runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0)
         memory = types.SimpleNamespace(OutOfMemoryError=MemoryError)
-        stream = types.SimpleNamespace(null=types.SimpleNamespace(synchronize=lambda: None))
+        _Stream.null.__init__()
+        _CURRENT[:] = [_Stream.null]
         from .blas import make_libs
         self.cublas_lib, self.cusolver_lib, device = make_libs(_live_buffers)
         self.cuda = types.SimpleNamespace(
-            runtime=runtime, memory=memory, Device=_Device, Event=_Event, Stream=stream,
-            device=device,
+            runtime=runtime, memory=memory, Device=_Device, Event=_Event, Stream=_Stream,
+            device=device, get_current_stream=_current_stream,
             get_elapsed_time=lambda a, b: 1e3 * (b.t - a.t))
         self.linalg = _Namespace("cupy.linalg", np.linalg, ("linalg",), cholesky=_cholesky)
         self.random = _Namespace("cupy.random", np.random, ("random",),
@@ -587,6 +688,7 @@ def make_shim(**kwargs):
     cp = Shim(**kwargs)
     cupyx = types.ModuleType("cupyx")
     cupyx.errstate = errstate
+    cupyx.empty_pinned = empty_pinned
     cupyx.scipy = types.ModuleType("cupyx.scipy")
     cupyx.scipy.linalg = types.ModuleType("cupyx.scipy.linalg")
     cupyx.scipy.linalg.solve_triangular = _solve_triangular
