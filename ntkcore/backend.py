@@ -135,6 +135,14 @@ class Backend:
         if self.name == "cuda":
             _cupy().cuda.Stream.null.synchronize()
 
+    def empty_pinned(self, shape, dtype=np.float64):
+        """Uninitialised host array; page-locked on CUDA (``cupyx.empty_pinned``), the target
+        an asynchronous device-to-host copy needs to run at the link's full speed."""
+        if self.name == "cuda":
+            import cupyx  # noqa: PLC0415 - optional, heavy; beside cupy
+            return cupyx.empty_pinned(shape, dtype=dtype)
+        return np.empty(shape, dtype=dtype)
+
     def to_host(self, x):
         return x.get() if is_gpu_array(x) else np.asarray(x)
 

@@ -52,11 +52,22 @@ def choose_tile(backend: Backend, n: int, m: int, *, train_a: bool, tile: int | 
         return max(1, min(int(tile), max(n, 1)))
     if budget is None:
         budget = int(backend.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
-    gpu = backend.name == "cuda"
-    pair = (8 if gpu else 0) + (8 if train_a else 0)           # G scratch, E scratch
-    row = 8 * m * (1 + (2 if train_a else 0))                  # X W^T block, H_i, H_j
-    cap = GPU_TILE_MAX if gpu else CPU_TILE_MAX
+    pair, row = _scratch(backend, m, train_a)
+    cap = GPU_TILE_MAX if backend.name == "cuda" else CPU_TILE_MAX
     return tile_rows(max(pair, 1), row, budget=budget, n=max(n, 1), maximum=cap)
+
+
+def _scratch(backend: Backend, m: int, train_a: bool):
+    """Temporary bytes of a t-row tile: (per tile entry, per tile row)."""
+    pair = (8 if backend.name == "cuda" else 0) + (8 if train_a else 0)  # G, E scratch
+    row = 8 * m * (1 + (2 if train_a else 0))                  # X W^T block, H_i, H_j
+    return pair, row
+
+
+def scratch_bytes(backend: Backend, t: int, m: int, *, train_a: bool) -> int:
+    """Most temporary memory the tile loop takes with t-row tiles (what choose_tile budgets)."""
+    pair, row = _scratch(backend, m, train_a)
+    return t * t * pair + t * row
 
 
 def pack_activations(X, W, backend: Backend, *, tile: int):
@@ -207,8 +218,9 @@ def _loop_cpu(X, Xs, W, PT, PT2, out, inv_m, sym, train_a, t):
 def _loop_gpu(X, Xs, W, P, P2, out, inv_m, sym, train_a, t, xp):
     from . import cuda
     Wt = W.T
-    G_flat = xp.empty(t * t, dtype=out.dtype)
-    E_flat = xp.empty(t * t, dtype=out.dtype) if train_a else None
+    size = min(t, X.shape[0]) * min(t, Xs.shape[0])  # a short row panel needs no t x t
+    G_flat = xp.empty(size, dtype=out.dtype)
+    E_flat = xp.empty(size, dtype=out.dtype) if train_a else None
     Hi = None
     last_i = -1
     for i0, i1, j0, j1 in _pairs(X.shape[0], Xs.shape[0], t, sym):
@@ -260,7 +272,7 @@ def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
     near = []  # (I, J) index arrays of the entries to recompute (sym: I < J only)
     if be.name == "cuda":
         from . import cuda
-        G_flat = xp.empty(t * t, dtype=out.dtype)
+        G_flat = xp.empty(min(t, n) * min(t, n2), dtype=out.dtype)
         for i0, i1, j0, j1 in _pairs(n, n2, t, sym):
             G = G_flat[:(i1 - i0) * (j1 - j0)].reshape(i1 - i0, j1 - j0)
             xp.matmul(X[i0:i1], Xs[j0:j1].T, out=G)

@@ -126,6 +126,17 @@ def mirror_upper(out, pairs):
 
 
 @njit(parallel=True, cache=True)
+def copy_into(src, dst, r0, c0):
+    """dst[r0 + i, c0 + j] <- src[i, j], rows in parallel: a host copy near memory bandwidth
+    (NumPy's assignment runs on one core)."""
+    for i in prange(src.shape[0]):
+        drow = dst[r0 + i, c0:c0 + src.shape[1]]
+        srow = src[i]
+        for j in range(srow.shape[0]):
+            drow[j] = srow[j]
+
+
+@njit(parallel=True, cache=True)
 def arccos_scale(out, norms, norms2, sym, pairs):
     """Infinite-width ReLU NTK on a Gram matrix, in place [Thm 4.2]:
 

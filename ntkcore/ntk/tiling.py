@@ -14,6 +14,12 @@ from ..errors import MemoryBudgetError
 # Default share of free memory a tiled routine may use for its temporaries (the output is
 # counted separately): leaves room for the caller's arrays and the BLAS workspace.
 DEFAULT_TEMP_FRACTION = 0.25
+# Share of free memory an output (check_output_fits), or everything a host-assembled output
+# keeps on the device (its panels, temporaries and fixed arrays), may take.
+OUTPUT_FRACTION = 0.8
+# Largest row panel of a host-assembled output: each has a pinned host twin, and a
+# device-to-host copy reaches the link's speed far below this size.
+PANEL_MAX_BYTES = 256 << 20
 
 
 def tile_rows(bytes_per_row_pair: float, bytes_per_row: float, *, budget: int,
@@ -35,10 +41,12 @@ def tiles(n: int, t: int):
 
 
 def check_output_fits(shape, itemsize: int, backend: Backend, *, what: str,
-                      fraction: float = 0.8):
+                      fraction: float = OUTPUT_FRACTION, host_out: bool = False):
     """Refuse up front (MemoryBudgetError) when an output of ``shape`` will not fit.
 
-    The message gives the estimate, the budget, and for square outputs the n that would fit.
+    The message gives the estimate, the budget, and for square outputs the n that would fit;
+    with ``host_out`` (the caller accepts a host ``out``) on CUDA it also names assembly into
+    host memory.
     """
     need = itemsize
     for s in shape:
@@ -50,9 +58,32 @@ def check_output_fits(shape, itemsize: int, backend: Backend, *, what: str,
         if len(shape) == 2 and shape[0] == shape[1]:
             n_fit = int(math.sqrt(budget / itemsize))
         hint = f"; n <= {n_fit} would fit" if n_fit else ""
+        host = ""
+        if host_out and backend.name == "cuda":
+            host = (f"; or pass a host array out=numpy.empty({tuple(int(s) for s in shape)}) "
+                    f"to assemble it tile by tile into host memory")
         raise MemoryBudgetError(
             f"{what}: needs {format_bytes(need)} for a {'x'.join(map(str, shape))} array but "
-            f"only {format_bytes(budget)} of {backend.name} memory is available{hint} "
+            f"only {format_bytes(budget)} of {backend.name} memory is available{hint}{host} "
             f"(or use solver='nystrom'/'cg', which never form the n x n matrix)",
             needed_bytes=need, budget_bytes=budget, n_fit=n_fit)
     return need
+
+
+def panel_rows(n: int, n2: int, *, budget: int, entry_bytes: int = 16,
+               max_bytes: int = PANEL_MAX_BYTES, what: str) -> int:
+    """Rows t of the panels an (n, n2) float64 output assembled into host memory passes
+    through: the largest t with ``t * n2 * entry_bytes <= budget`` (entry_bytes: device bytes
+    per panel entry, 16 for two float64 panels), a panel at most ``max_bytes``, t <= n.
+
+    Raises MemoryBudgetError, up front, when not even one row fits.
+    """
+    need = int(entry_bytes) * int(n2)
+    if need > budget:
+        raise MemoryBudgetError(
+            f"{what}: panels of one {n2}-entry row need {format_bytes(need)} of device memory "
+            f"but only {format_bytes(max(budget, 0))} is left for them (use "
+            f"solver='nystrom'/'cg', which never form the n x n matrix)",
+            needed_bytes=need, budget_bytes=max(budget, 0))
+    t = min(budget // need, max(1, int(max_bytes) // (8 * max(int(n2), 1))))
+    return max(1, min(int(n), int(t)))
