@@ -27,16 +27,18 @@ def gram_power_naive(X, p):
 def relu_ntk_naive(X, W, X2=None, a=None, train_a=False):
     """eNTK of f(x) = m^-1/2 a^T relu(W x) by its definition, one neuron at a time [Thm B.5].
 
-    K(x, x') = (1/m) sum_r 1[w_r.x > 0] 1[w_r.x' > 0] <x, x'>  (+ (1/m) sum_r relu relu if a trains)
+    K(x, x') = (1/m) sum_r a_r^2 1[w_r.x > 0] 1[w_r.x' > 0] <x, x'>  (+ (1/m) sum_r relu relu
+    if a trains); a_r^2 = 1 when ``a`` is None, else of output 0 (a's first column).
     """
     X2 = X if X2 is None else X2
     m = W.shape[0]
+    a2 = np.ones(m) if a is None else np.reshape(a, (m, -1))[:, 0] ** 2
     K = np.zeros((X.shape[0], X2.shape[0]))
     dots = X @ X2.T
     for r in range(m):
         s1 = (X @ W[r] > 0).astype(float)
         s2 = (X2 @ W[r] > 0).astype(float)
-        K += np.outer(s1, s2) * dots
+        K += a2[r] * np.outer(s1, s2) * dots
         if train_a:
             K += np.outer(np.maximum(X @ W[r], 0), np.maximum(X2 @ W[r], 0))
     return K / m

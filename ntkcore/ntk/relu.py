@@ -11,6 +11,10 @@ Assembly is blocked over row tiles: activation patterns are kept bit-packed (m/8
 each tile unpacks its rows, multiplies the pattern counts (exact in float32: 0/1 entries, sums
 <= m < 2^24) into the float64 inner-product tile in place. For X2 = None only the upper
 triangle of tiles is computed and mirrored. Peak memory: the output plus O(tile * (d + m)).
+
+With CuPy inputs and a host (NumPy) ``out``, K is assembled on the GPU in row panels sized
+from free device memory and streamed into ``out`` (ntkcore.kernels.host_panels): device
+memory O(panel rows * n2), for an n whose n x n matrix does not fit on the device.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .._validate import (
     check_result_finite,
     shares_memory,
 )
-from ..backend import backend_for
+from ..backend import backend_for, is_gpu_array
 from ..errors import BackendError, ParameterError, ShapeError
 from .tiling import DEFAULT_TEMP_FRACTION, check_output_fits, tile_rows, tiles
 
@@ -68,16 +72,25 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
         Add the output-layer term (1/m) relu(X W^T) relu(X2 W^T)^T.
     tile : int >= 1, optional
         Rows per tile (default from 25% of free memory).
-    out : (n, n2) float64 array on the inputs' device, optional
-        Written in place and returned.
+    out : (n, n2) float64 array, optional
+        Written in place and returned. On the inputs' device; or, for CuPy inputs, a
+        C-contiguous host (NumPy) array: K is then computed on the GPU in row panels (rows
+        from free device memory, never the whole K on the device) and copied into it
+        through pinned staging buffers, which is how an n x n matrix larger than the GPU is
+        formed (any host array serves; it need not be pinned itself).
 
     Returns
     -------
-    K : (n, n2) float64 array on the inputs' device.
+    K : (n, n2) float64 array on the inputs' device (``out`` when given).
 
     Raises
     ------
     ShapeError : d = 0, W or X2 with another d, m = 0, a or out of the wrong shape.
+    ParameterError : out not float64, read-only, or (host out) not C-contiguous.
+    BackendError : inputs on two devices, or a CuPy out for NumPy inputs.
+    MemoryBudgetError : out=None and K does not fit on the device (the message gives the
+        estimate, the host ``out`` and the Nystrom/CG alternatives), or with a host out not
+        even one row panel fits; raised before any work.
     NonFiniteError : NaN/Inf in the inputs, or a kernel that overflowed (rescale X or W).
     """
     X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
@@ -97,16 +110,13 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
     if tile is not None:
         tile = check_count(tile, "tile")
     weights = neuron_weights(a, m, xp)
+    host_out = check_out_arg(out, (n, n2), xp, X, W, None if sym else X2)
     if out is None:
-        check_output_fits((n, n2), 8, be, what="relu_ntk output")
+        check_output_fits((n, n2), 8, be, what="relu_ntk output", host_out=True)
         out = xp.empty((n, n2), dtype=np.float64)
-    else:
-        _check_out(out, (n, n2), xp)
-        for arr, name in ((X, "X"), (W, "W"), (X2, "X2")):
-            if shares_memory(out, arr):  # the kernels read it while writing out
-                raise ParameterError(f"out: shares memory with {name}, which is read while "
-                                     f"out is written; pass a separate array")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
+        if host_out:  # checks the panels for overflow as they pass
+            return _assemble_host(X, W, X2, sym, weights, train_a, tile, out, be)
         K = _assemble(X, W, X2, sym, weights, train_a, tile, out, be)
     return check_result_finite(K, "relu_ntk")
 
@@ -114,9 +124,7 @@ def relu_ntk(X, W, X2=None, a=None, train_a: bool = False, *, tile: int | None =
 def _assemble(X, W, X2, sym, weights, train_a, tile, out, be):
     """relu_ntk's tiles into ``out`` (inputs validated)."""
     xp = be.xp
-    n, d = X.shape
-    n2 = X2.shape[0]
-    m = W.shape[0]
+    n, n2, m = X.shape[0], X2.shape[0], W.shape[0]
     if weights is None:
         # +-1 output weights (a_r^2 = 1): fused bit-packed kernels, Numba on the CPU and CUDA
         # on the GPU (ntkcore.kernels, issue 3); general a keeps the pattern GEMM below.
@@ -124,12 +132,29 @@ def _assemble(X, W, X2, sym, weights, train_a, tile, out, be):
         return relu_ntk_fused(X, W, None if sym else X2, train_a=train_a, tile=tile, out=out,
                               backend=be)
     if tile is None:
-        budget = int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
-        # per tile: float32 pattern-count tile + (train_a) float64 tile; per row: d + m floats
-        tile = tile_rows(4 + (8 if train_a else 0), 8 * d + 12 * m, budget=budget,
-                         n=max(n, n2))
+        tile = _pattern_tile(max(n, n2), m, train_a,
+                             int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION))
     bits = activation_bits(X, W, xp)
     bits2 = bits if sym else activation_bits(X2, W, xp)
+    return _pattern_tiles(X, W, X2, bits, bits2, sym, weights, train_a, tile, out, xp)
+
+
+def _pattern_scratch(m, train_a):
+    """Temporary bytes of a general-a tile: (per tile entry, per tile row). Per entry: the
+    float64 pattern counts (train_a: H_i H_j^T and its scaled copy); per row: the weighted
+    patterns of the row tile and the unpacked ones of the column tile (train_a: X W^T, H_i,
+    H_j)."""
+    return 8 * (1 + (1 if train_a else 0)), 8 * m * (2 + (2 if train_a else 0))
+
+
+def _pattern_tile(n, m, train_a, budget):
+    pair, row = _pattern_scratch(m, train_a)
+    return tile_rows(pair, row, budget=budget, n=n)
+
+
+def _pattern_tiles(X, W, X2, bits, bits2, sym, weights, train_a, tile, out, xp):
+    """The general-a tile loop into ``out`` (patterns given; sym: X2 is X, bits2 is bits)."""
+    n, n2, m = X.shape[0], X2.shape[0], W.shape[0]
     # Patterns are 0/1, so their counts are exact in float32; general (trained) output weights
     # a_r^2 are not, and then the pattern product runs in float64.
     pat_dtype = np.float32 if weights is None else np.float64
@@ -153,6 +178,43 @@ def _assemble(X, W, X2, sym, weights, train_a, tile, out, be):
     return out
 
 
+def _assemble_host(X, W, X2, sym, weights, train_a, tile, out, be):
+    """relu_ntk into the host array ``out`` from CuPy inputs, by row panels (see
+    ntkcore.kernels.host_panels); general a runs the pattern loop on each panel."""
+    from ..kernels import host_panels
+    if weights is None:
+        return host_panels.relu_ntk_host(X, W, None if sym else X2, train_a=train_a,
+                                         tile=tile, out=out, backend=be)
+    xp = be.xp
+    n, n2, m = X.shape[0], X2.shape[0], W.shape[0]
+    if n == 0 or n2 == 0:
+        return out
+    free = be.free_memory_bytes()
+    t = min(tile, max(n, n2)) if tile else _pattern_tile(max(n, n2), m, train_a,
+                                                         int(free * DEFAULT_TEMP_FRACTION))
+    pair, row = _pattern_scratch(m, train_a)
+    rows = host_panels.plan_rows(n, n2, free=free, temp_bytes=t * t * pair + t * row,
+                                 fixed_bytes=m * (n + (0 if sym else n2)) + 8 * m,
+                                 what="relu_ntk output (host assembly)")
+    bits = _device_bits(X, W, t, xp)
+    bits2 = bits if sym else _device_bits(X2, W, t, xp)
+
+    def fill(i0, i1, c0, panel):  # the panel as a non-symmetric block: rows i0:i1, cols c0:
+        _pattern_tiles(X[i0:i1], W, X2[c0:], bits[i0:i1], bits2[c0:], False, weights,
+                       train_a, t, panel, xp)
+
+    return host_panels.assemble_into_host(fill, out, sym=sym, rows=rows, backend=be,
+                                          what="relu_ntk")
+
+
+def _device_bits(X, W, t, xp):
+    """activation_bits on the GPU ((n, m) bool), from t-row blocks of X W^T (never all)."""
+    bits = xp.empty((X.shape[0], W.shape[0]), dtype=bool)
+    for r0, r1 in tiles(X.shape[0], t):
+        bits[r0:r1] = activation_bits(X[r0:r1], W, xp)
+    return bits
+
+
 def _relu_ntk_tile(block, Xi, Xj, Si, bits_j, m, xp):
     """block <- ((Si Sj^T) / m) * (Xi Xj^T), in place (Si float32 already unpacked)."""
     xp.matmul(Xi, Xj.T, out=block)
@@ -170,20 +232,45 @@ def _symmetrize_diagonal_tiles(out, tile):
         blk *= 0.5
 
 
+def check_out_arg(out, shape, xp, *inputs, names=("X", "W", "X2")) -> bool:
+    """Validate a kernel's ``out`` (None passes); True when it is a host array for CuPy
+    inputs (assembly into host memory). A device ``out`` must not overlap the inputs, which
+    the kernels read while writing it."""
+    if out is None:
+        return False
+    host_out = _check_out(out, shape, xp)
+    if not host_out:
+        for arr, name in zip(inputs, names):
+            if arr is not None and shares_memory(out, arr):
+                raise ParameterError(f"out: shares memory with {name}, which is read while "
+                                     f"out is written; pass a separate array")
+    return host_out
+
+
 def _check_out(out, shape, xp):
-    """``out`` must be a float64 array of ``shape`` on the inputs' device (written in place:
-    an integer or float32 ``out`` would truncate or round the kernel silently)."""
+    """``out`` must be a writeable float64 array of ``shape`` on the inputs' device, or for
+    CuPy inputs a C-contiguous host array (written in place: an integer or float32 ``out``
+    would truncate or round the kernel silently). Returns whether it is such a host array."""
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise ParameterError(f"out: expected a float64 array of shape {shape}, got "
                              f"{type(out).__name__}")
-    if (xp is np) != isinstance(out, np.ndarray):
+    on_host = isinstance(out, np.ndarray)
+    if (xp is np and not on_host) or (xp is not np and not (on_host or is_gpu_array(out))):
         raise BackendError("out: expected an array on the inputs' device (NumPy for NumPy "
-                           "inputs, CuPy for CuPy inputs), got " + type(out).__module__ + "."
-                           + type(out).__name__)
+                           "inputs; CuPy, or a host NumPy array to assemble into, for CuPy "
+                           "inputs), got " + type(out).__module__ + "." + type(out).__name__)
     if tuple(out.shape) != shape:
         raise ShapeError(f"out: expected shape {shape}, got {tuple(out.shape)}")
     if out.dtype != np.float64:
         raise ParameterError(f"out: expected dtype float64, got {out.dtype}")
+    if on_host and not out.flags.writeable:
+        raise ParameterError("out: expected a writeable array, got a read-only one")
+    host_out = on_host and xp is not np
+    if host_out and not out.flags.c_contiguous:
+        raise ParameterError(f"out: expected a C-contiguous host array (whole rows are "
+                             f"copied into it), got one with strides {out.strides}; pass "
+                             f"numpy.empty({shape})")
+    return host_out
 
 
 def neuron_weights(a, m: int, xp):
