@@ -8,15 +8,17 @@
 #                     influence at n = 50 000 vs the flop floor and the plain CuPy chain
 #   gpu_check_tuned   gpu_check (b) alone with the settings gpu_factor measured fastest
 #                     (blocked or cuSOLVER Cholesky, its block, L^-1 by rows or columns)
+#   host_assembly     issue 3 (memory planning): eNTK at n = 80 000 assembled into host memory
+#                     through pinned panels vs the device-to-host copy floor (never run)
 #   approx_1m         issue 4: Nystrom influence, 1 000 000 points x 100 test points
 #   entk_gpu          issue 6: generic eNTK vs torch.func on the GPU
 #   entk_nmax         issue 6: largest n per eNTK route within 8 GiB of GPU memory (never run)
 #   cli_shape         issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact): kernel
 #                     stage vs training
-# The default STEPS are the first three (what issue 3 still owes). The others ran in session 7
-# (approx_1m, entk_gpu, cli_shape) or never (entk_nmax, issue 6's largest-n row); each fills
-# much of a 10-minute command, so run them on their own: STEPS="approx_1m entk_gpu",
-# STEPS="cli_shape", STEPS="entk_nmax". Each step has its own time limit, so one hang cannot
+# The default STEPS are the first three (the timings issue 3 (b) still owes). The others ran in
+# session 7 (approx_1m, entk_gpu, cli_shape) or never (host_assembly; entk_nmax, issue 6's
+# largest-n row); each fills much of a 10-minute command, so run them on their own:
+# STEPS="host_assembly entk_nmax", STEPS="approx_1m entk_gpu", STEPS="cli_shape". Each step has its own time limit, so one hang cannot
 # take the others' results with it. Generating the 1e6 synthetic points on the host took 53 s
 # and 18 GB on the 2-core dev machine, inside approx_1m's limit. Logs and tables go to $OUT
 # (the device tool's folder) or ./gpu_results.
@@ -42,6 +44,7 @@ step gpu_factor 150 "$py" bench/gpu_factor.py --out "$out/gpu_factor.md" --json 
 step gpu_check 270 "$py" bench/gpu_check.py --budget-s 230 --out "$out/gpu_check.md"
 step gpu_check_tuned 120 "$py" bench/gpu_check.py --budget-s 100 --skip correct,entk,numba \
     --tuned "$out/gpu_factor.json" --out "$out/gpu_check_tuned.md"
+step host_assembly 240 "$py" bench/bench_host_assembly.py --json "$out/host_assembly.json"
 step approx_1m 150 "$py" bench/bench_approx.py --gpu-scale --full-rank 2000 --json "$out/approx_1m.json"
 step entk_gpu 100 "$py" bench/bench_entk.py --device cuda --n 1024 --repeat 1
 step entk_nmax 240 "$py" bench/bench_entk.py --device cuda --nmax --budget-gb 8 --nmax-cap 16384 --repeat 1
