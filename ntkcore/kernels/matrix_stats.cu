@@ -65,7 +65,9 @@ matrix_stats(const real_t* __restrict__ K, long long n, long long ld, double sca
         const long long bj = bi + (q - (bi * nt - bi * (bi - 1) / 2));
         const long long i0 = bi * MS_TILE, j0 = bj * MS_TILE;
         // lower tile K[J, I]: row j0 + r, column i0 + tx, into tileB[r][tx]
-        for (int r = ty; r < MS_TILE; r += MS_ROWS) {
+#pragma unroll
+        for (int k = 0; k < MS_TILE / MS_ROWS; ++k) {
+            const int r = ty + k * MS_ROWS;
             const long long j = j0 + r, i = i0 + tx;
             const double v = (j < n && i < n) ? scale * (double)K[j * ld + i] : 0.0;
             fro += v * v;
@@ -73,7 +75,9 @@ matrix_stats(const real_t* __restrict__ K, long long n, long long ld, double sca
         }
         __syncthreads();
         // upper tile K[I, J]: row i0 + r, column j0 + tx; its mirror K[j0 + tx, i0 + r]
-        for (int r = ty; r < MS_TILE; r += MS_ROWS) {
+#pragma unroll
+        for (int k = 0; k < MS_TILE / MS_ROWS; ++k) {
+            const int r = ty + k * MS_ROWS;
             const long long i = i0 + r, j = j0 + tx;
             const double v = (i < n && j < n) ? scale * (double)K[i * ld + j] : 0.0;
             const double d = v - tileB[tx][r];

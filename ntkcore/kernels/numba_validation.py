@@ -2,12 +2,13 @@
 K (the CPU twin of ``matrix_stats.cu``).
 
 K is cut into TILE x TILE tiles; each tile pair (I, J) with I <= J is visited once. The lower
-tile K[J, I] is read along its rows (its squares summed, then its rows copied into the columns
-of a small buffer that stays in L1), and the upper tile K[I, J] is read along its rows beside
-the buffer's rows: both tiles are read contiguously, and K is read once in all. The pairs,
-numbered row by row of the upper triangle of tiles, are split into parts of equal pair counts
-(``bounds``, one parallel task each); each part writes its own row of ``partial`` and the
-driver sums the rows in a fixed order, so the result does not depend on the thread count.
+tile K[J, I] is read along its rows (its squares summed) and copied into a small buffer that
+stays in L1; the upper tile K[I, J] is read along its rows, each entry meeting its mirror in a
+column of the buffer (a strided read of L1, not of memory): both tiles of K are read
+contiguously, and K once in all. The pairs, numbered row by row of the upper triangle of
+tiles, are split into parts of equal pair counts (``bounds``, one parallel task each); each
+part writes its own row of ``partial`` and the driver sums the rows in a fixed order, so the
+result does not depend on the thread count.
 
 Sums run in per-column accumulator arrays (``acc[c] += v * v`` vectorises without
 reassociation; a single scalar sum would stay a serial chain without ``fastmath``).
@@ -16,9 +17,10 @@ entry makes the sum of squares NaN or Inf (squares are >= 0: Inf never meets -In
 how the driver learns of it (:func:`ntkcore.kernels.validation.square_matrix_stats`). Validates
 nothing: the driver checks shapes, dtypes and contiguity.
 
-Measured on the 2-core machine (bench/bench_validation.py): about 2.5x the time of one
-streaming ``K.sum()``; the tile reads (rows of 512 bytes, 64 rows apart) and the transposed
-copy, not the arithmetic, set that.
+Measured on the 2-core machine (bench/bench_validation.py, bench/RESULTS_validation_draft.md):
+about 2-2.7x the time of a one-thread ``K.sum()`` and 3.5-5.4x a parallel streaming read, at
+n = 4000-10000. The tile reads (rows of 512 bytes, 64 rows apart), not the arithmetic, bound
+it: larger tiles and register sums (``fastmath`` reassociation) measured within ~15 %.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-TILE = 64  # tile edge: the transpose buffer (64 x 72 float64, 36 KB) stays in L1/L2
-_PAD = 8   # buffer row padding: a 512-byte row stride would map every column to 8 cache sets
+TILE = 64  # tile edge: the buffer (64 x 72 float64, 36 KB) stays in L1/L2
+_PAD = 8   # buffer row padding: with a 512-byte row stride a column would fall in 8 cache sets
 
 
 @njit(cache=True)
@@ -64,32 +66,28 @@ def square_stats(K, scale, bounds, partial):
             j0 = bj * TILE
             ni = min(n, i0 + TILE) - i0
             nj = min(n, j0 + TILE) - j0
-            # lower tile K[J, I] (for I = J the tile itself): squares, then buf <- its transpose
+            # lower tile K[J, I] (for I = J the tile itself): squares, and a copy into buf
             for r in range(nj):
                 row = K[j0 + r, i0:i0 + ni]
+                b = buf[r, :ni]
                 for c in range(ni):
                     v = scale * np.float64(row[c])
                     fro[c] += v * v
-            for r in range(nj):
-                row = K[j0 + r, i0:i0 + ni]
-                for c in range(ni):
-                    buf[c, r] = scale * np.float64(row[c])
-            # upper tile K[I, J] against buf
+                    b[c] = v
+            # upper tile K[I, J] against buf's columns: K[i0 + r, j0 + c] meets K[j0 + c, i0 + r]
             if bi == bj:  # its squares are counted above
                 for r in range(ni):
                     row = K[i0 + r, j0:j0 + nj]
-                    t = buf[r, :nj]
                     for c in range(nj):
-                        d = scale * np.float64(row[c]) - t[c]
+                        d = scale * np.float64(row[c]) - buf[c, r]
                         diag[c] += d * d
             else:
                 for r in range(ni):
                     row = K[i0 + r, j0:j0 + nj]
-                    t = buf[r, :nj]
                     for c in range(nj):
                         v = scale * np.float64(row[c])
                         fro[c] += v * v
-                        d = v - t[c]
+                        d = v - buf[c, r]
                         upper[c] += d * d
             q += 1
             bj += 1
