@@ -58,7 +58,11 @@ def _parallel_read():
 
 
 def run(n: int, repeat: int) -> dict:
-    from ntkcore._validate import as_float_matrix, check_kernel_matrix, check_square_symmetric
+    from ntkcore._validate import (
+        as_float_matrix,
+        check_kernel_matrix,
+        check_square_symmetric,
+    )
     from ntkcore.kernels import square_matrix_stats
 
     rng = np.random.default_rng(0)
@@ -91,8 +95,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     import numba
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.processor() or platform.machine()}"
-          f"  cores {os.cpu_count()}  numba threads {numba.get_num_threads()}  "
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"{now}  {platform.processor() or platform.machine()}  cores {os.cpu_count()}"
+          f"  numba threads {numba.get_num_threads()}  "
           f"NumPy {np.__version__}  Numba {numba.__version__}")
     for n in args.n:
         load0 = os.getloadavg()[0]

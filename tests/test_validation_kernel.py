@@ -8,6 +8,8 @@ Sizes straddle both kernels' tile edges (64 on the CPU, 32 on the GPU): n = 1, 6
 
 import numpy as np
 import pytest
+from conftest import BACKENDS, RTOL
+from reference import square_matrix_stats_naive
 
 import ntkcore as nc
 from ntkcore import errors
@@ -15,9 +17,6 @@ from ntkcore._validate import check_kernel_matrix, check_square_symmetric
 from ntkcore.backend import Backend
 from ntkcore.kernels import square_matrix_stats
 from ntkcore.kernels import validation as V
-
-from conftest import BACKENDS, RTOL
-from reference import square_matrix_stats_naive
 
 SIZES = [1, 2, 63, 64, 65, 200]
 
@@ -31,7 +30,7 @@ def _matrix(rng, n, *, symmetric=False):
     return K + K.T if symmetric else K
 
 
-def _check_against_reference(stats, K, dtype=np.float64):
+def _check_against_reference(stats, K):
     finite, fro2, asym2 = square_matrix_stats_naive(K)
     assert stats.finite == finite
     s2 = stats.scale ** 2
