@@ -285,3 +285,19 @@ def test_loo_influence_symmetry_diagnostic_is_the_measured_asymmetry(rng):
     assert res.diagnostics["symmetry_rel"] == pytest.approx(check_square_symmetric(K, "K"),
                                                             rel=1e-9)
     assert res.diagnostics["symmetry_rel"] > 0
+
+
+def test_strided_view_with_huge_entries_is_still_checked():
+    """The two-pass fallback (strided views) once let a huge asymmetric K through: its
+    squares overflowed and inf / inf = NaN compared False against rtol."""
+    from ntkcore import _validate
+    from ntkcore.errors import NotSymmetricError
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((6, 6))
+    big = np.zeros((6, 9))
+    big[:, :6] = 1e200 * (G + G.T)
+    K = big[:, :6]  # neither C- nor F-contiguous
+    assert _validate.check_kernel_matrix(K, "K")[1] < 1e-15
+    big[0, 3] *= 2.0
+    with pytest.raises(NotSymmetricError, match="asymmetry"):
+        _validate.check_kernel_matrix(K, "K")
