@@ -85,7 +85,9 @@ def _build(code: str, options: tuple):
               if _accepts("-ftrivial-auto-var-init=pattern") else [])
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-w", *poison, "-include", HEADER,
              *(o for o in options if o.startswith("-D"))]
-    key = hashlib.sha256((src + repr(flags) + open(HEADER).read()).encode()).hexdigest()[:16]
+    with open(HEADER) as fh:
+        header = fh.read()
+    key = hashlib.sha256((src + repr(flags) + header).encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), f"ntkcore-cudasim-{os.getuid()}")
     os.makedirs(folder, exist_ok=True)
     lib = os.path.join(folder, f"{key}.so")
