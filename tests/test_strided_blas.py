@@ -240,3 +240,33 @@ def test_gpu_factor_bench_runs_at_toy_size(sim_cupy, tmp_path):
     assert len(residuals) == 5 and max(residuals) < 1e-13, residuals  # potrf + 2 x 2 blocked
     inverse = [r for r in gpu_factor.ROWS if r[1].startswith("tri_inv_")]
     assert len(inverse) == 2 and max(float(r[5].split("= ")[1]) for r in inverse) < 1e-13, inverse
+
+
+def test_blocked_cholesky_refuses_a_nan_factor(sim_cupy):
+    """cuSOLVER need not report a NaN pivot (the simulator reports none): the factorisation
+    must find the NaN itself, not return it as a factor."""
+    A = np.eye(10)
+    A[6, 6] = np.nan
+    with pytest.raises(np.linalg.LinAlgError, match="not finite"):
+        cholesky_blocked(Backend("cuda"), sim_cupy.asarray(A), block=4)
+
+
+def test_exact_solver_with_the_blocked_cholesky_takes_a_strided_view(sim_cupy, monkeypatch):
+    """A device K that is a view with no unit stride, factored in place (overwrite_k): the
+    blocked factorisation needs one unit stride, so it works on a contiguous copy."""
+    import ntkcore as nc
+    from ntkcore.solvers import chol_blocked, exact
+    monkeypatch.setattr(exact, "GPU_CHOLESKY", "blocked")
+    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", 8)
+    rng = np.random.default_rng(4)
+    n = 30
+    G = rng.standard_normal((n, n))
+    K = G @ G.T / n
+    big = np.zeros((2 * n, 2 * n))
+    big[::2, ::2] = K
+    Y, Kt = np.eye(2)[rng.integers(0, 2, n)], K[:5]
+    want = nc.loo_influence(K, Y, Kt, Y[:5], lam=0.1, solver="exact").scores
+    got = nc.loo_influence(sim_cupy.asarray(big)[::2, ::2], sim_cupy.asarray(Y),
+                           sim_cupy.asarray(Kt), sim_cupy.asarray(Y[:5]), lam=0.1,
+                           solver="exact", overwrite_k=True).scores
+    assert_close(got.get(), want, rtol=1e-10, what="strided K, blocked Cholesky")

@@ -77,6 +77,9 @@ def cholesky_blocked(be: Backend, A, *, block: int | None = None):
         failed = np.flatnonzero(codes)
         if failed.size:
             _raise_not_pd(starts[failed[0]] + int(codes[failed[0]]))
+        if n and not bool(xp.isfinite(A[n - 1, n - 1])):  # a NaN pivot need not set devInfo
+            raise np.linalg.LinAlgError("the factor is not finite (NaN pivot): A is not "
+                                        "positive definite or not finite")
     _zero_strict_upper(xp, A, block)
     return A
 

@@ -98,6 +98,8 @@ def _cholesky(be: Backend, A, lam):
     try:
         if be.name == "cuda" and GPU_CHOLESKY == "blocked":
             from .chol_blocked import cholesky_blocked
+            if not (A.flags.c_contiguous or A.flags.f_contiguous):
+                A = be.xp.ascontiguousarray(A)  # cuBLAS needs one unit stride
             L = cholesky_blocked(be, A)  # in A's memory
         else:
             L = be.cholesky(A, overwrite=True)
@@ -114,9 +116,10 @@ def _cholesky(be: Backend, A, lam):
 
 
 def _tri_inv(be: Backend, L, scratch=None):
-    """L^-1 for lower-triangular L: LAPACK trtri in place on the CPU; on the GPU by block rows
-    in GEMMs (n^3/3 flops, not the n^3 of a trsm against I), into ``scratch`` (an n x n
-    array that may be destroyed, e.g. the factored K) when given."""
+    """L^-1 for lower-triangular L: LAPACK trtri in place on the CPU; on the GPU by blocks
+    (``tri_inverse.GPU_INV_METHOD``: block rows in GEMMs, or block columns by trsm; about
+    n^3/3 flops, not the n^3 of a trsm against I), into ``scratch`` (an n x n array that may
+    be destroyed, e.g. the factored K, unless it holds L) when given."""
     if be.name == "cpu":
         from scipy.linalg import lapack
         Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)

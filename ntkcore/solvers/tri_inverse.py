@@ -100,7 +100,9 @@ def tri_inv_gpu(be: Backend, L, *, out=None):
 
 
 def tri_inv_flops(n: int, block: int | None = None) -> float:
-    """Flops of :func:`tri_inv_blocked` at this n and block: the GEMMs plus the b-row solves.
+    """Flops :func:`tri_inv_blocked` executes at this n and block: the GEMMs plus the b-row
+    solves, counted as cuBLAS runs them (the diagonal block's trsm against I costs b^3, as
+    :func:`tri_inv_columns_flops` counts its trsm's zero rows).
 
     About n^3/3 (1 + 1.5 b / n): the GEMMs come to n^3/3 to second order, and each block row
     adds one b-row solve over its i0 columns (b n^2 / 2 in all).
@@ -110,7 +112,7 @@ def tri_inv_flops(n: int, block: int | None = None) -> float:
     total = 0.0
     for i0 in starts:
         bi = min(n, i0 + block) - i0
-        total += bi ** 3 / 3 + float(bi) ** 2 * i0  # diagonal inverse, the solve over i0
+        total += float(bi) ** 3 + float(bi) ** 2 * i0  # trsm against I (executed), solve over i0
         for j0 in range(0, i0, block):
             bj = min(i0, j0 + block) - j0
             total += 2.0 * bi * bj * (i0 - j0)

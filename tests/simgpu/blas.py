@@ -6,7 +6,8 @@ pointer is resolved to the simulated allocation that holds it, and the column-ma
 (rows, cols, ld) it names becomes a NumPy view of that memory. Strict where the libraries
 are: a matrix reaching outside its allocation, ld < rows, an output overlapping an input
 element, host scalars read outside host pointer mode all raise; ``beta = 0`` never reads C;
-syrk / trsm / potrf read and write only the triangle they are given.
+syrk / trsm / potrf read and write only the triangle they are given; potrf reports no NaN
+pivot (cuSOLVER need not), so callers must find NaN factors themselves.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def make_libs(allocations):
         lower = uplo == LOWER
         tri = np.tril(a) if lower else np.triu(a)  # the other triangle is never read
         if side == LEFT:
-            x = scipy.linalg.solve_triangular(tri, b, lower=lower, trans=int(trans == OP_T))
+            x = scipy.linalg.solve_triangular(tri, b, lower=lower, trans=int(trans == OP_T),
+                                              check_finite=False)
         else:  # X op(A) = B  <=>  op(A)^T X^T = B^T
-            x = scipy.linalg.solve_triangular(tri, b.T, lower=lower,
-                                              trans=int(trans != OP_T)).T
+            x = scipy.linalg.solve_triangular(tri, b.T, lower=lower, trans=int(trans != OP_T),
+                                              check_finite=False).T
         b[...] = scalar(alpha) * x
 
     def getPointerMode(handle):
@@ -130,6 +132,11 @@ def make_libs(allocations):
         info = _matrix(devInfo, 1, 1, 1, allocations, dtype=np.int32, what="devInfo")
         lower = uplo == LOWER
         rows, cols = np.tril_indices(n) if lower else np.triu_indices(n)
+        tri = np.array(a)[rows, cols]
+        if np.isnan(tri).any():  # cuSOLVER need not report a NaN pivot: the worst case
+            a[rows, cols] = np.nan
+            info[0, 0] = 0
+            return
         factor, code = scipy.linalg.lapack.dpotrf(np.array(a), lower=int(lower), clean=0)
         a[rows, cols] = factor[rows, cols]
         info[0, 0] = code
