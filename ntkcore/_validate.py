@@ -187,11 +187,17 @@ def check_square_symmetric(K, name: str = "K", *, rtol: float | None = None):
     """
     _check_square(K, name)
     xp = _xp(K)
+    scale = 1.0
     norm = _frobenius_norm(K, xp)
-    asym = _asymmetry_norm(K, xp) / norm if norm > 0 else 0.0
-    if not math.isfinite(asym) and all_finite(K):  # squares left float64 (|K| ~ 1e155 up)
-        scale = float(xp.abs(K).max())
-        asym = _asymmetry_norm(K / scale, xp) / _frobenius_norm(K / scale, xp)
+    if not 2.0 ** -300 < norm < math.inf:  # squares left float64, or K = 0, or not finite
+        if not all_finite(K):
+            raise NonFiniteError(_non_finite_message(name))
+        from .kernels.validation import max_abs
+        top = max_abs(K)
+        if top > 0:  # an exact power of two brings max |K| to [0.5, 1)
+            scale = math.ldexp(1.0, -math.frexp(top)[1])
+            norm = _frobenius_norm(K, xp, scale)
+    asym = _asymmetry_norm(K, xp, scale) / norm if norm > 0 else 0.0
     return _check_asymmetry(asym, K.dtype, name, rtol)
 
 
@@ -234,25 +240,27 @@ def _check_asymmetry(asym: float, dtype, name: str, rtol: float | None) -> float
     return asym
 
 
-def _frobenius_norm(K, xp, rows: int = 2048) -> float:
-    """||K||_F; on the GPU by row blocks (CuPy's norm squares K into a full temporary)."""
-    if xp.__name__ == "numpy":
+def _frobenius_norm(K, xp, scale: float = 1.0, rows: int = 2048) -> float:
+    """||scale K||_F; by row blocks on the GPU (CuPy's norm squares K into a full temporary)
+    and whenever K is scaled (no n x n temporary)."""
+    if xp.__name__ == "numpy" and scale == 1.0:
         return float(xp.linalg.norm(K))
     total = 0.0
     for i0 in range(0, K.shape[0], rows):
-        blk = K[i0:i0 + rows]
+        blk = K[i0:i0 + rows] * scale
         total += float((blk * blk).sum())
     return total ** 0.5
 
 
-def _asymmetry_norm(K, xp, tile: int = 2048) -> float:
-    """||K - K^T||_F over the upper tiles only: O(tile^2) temporaries, never n x n."""
+def _asymmetry_norm(K, xp, scale: float = 1.0, tile: int = 2048) -> float:
+    """||scale (K - K^T)||_F over the upper tiles only: O(tile^2) temporaries, never n x n
+    (each tile scaled before the difference, which could overflow otherwise)."""
     n = K.shape[0]
     total = 0.0
     for i0 in range(0, n, tile):
         i1 = min(n, i0 + tile)
         for j0 in range(i0, n, tile):
             j1 = min(n, j0 + tile)
-            d = K[i0:i1, j0:j1] - K[j0:j1, i0:i1].T
+            d = K[i0:i1, j0:j1] * scale - K[j0:j1, i0:i1].T * scale
             total += (1.0 if i0 == j0 else 2.0) * float((d * d).sum())
     return total ** 0.5

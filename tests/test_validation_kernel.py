@@ -301,3 +301,31 @@ def test_strided_view_with_huge_entries_is_still_checked():
     big[0, 3] *= 2.0
     with pytest.raises(NotSymmetricError, match="asymmetry"):
         _validate.check_kernel_matrix(K, "K")
+
+
+@pytest.mark.parametrize("size", [1e-170, 1e200])
+def test_strided_view_with_tiny_or_huge_entries_agrees_with_the_fused_path(size):
+    """A strided view takes the two-pass fallback; with |K| ~ 1e-170 its Frobenius norm
+    underflowed to 0 and any asymmetry passed. Both paths must decide the same."""
+    from ntkcore import _validate
+    from ntkcore.errors import NotSymmetricError
+    rng = np.random.default_rng(5)
+    K = size * rng.standard_normal((50, 50))  # asymmetric
+    big = np.zeros((50, 100))
+    big[:, ::2] = K
+    for k in (K, big[:, ::2]):
+        with pytest.raises(NotSymmetricError, match="asymmetry"):
+            _validate.check_kernel_matrix(k, "K")
+    S = K + K.T
+    big[:, ::2] = S
+    assert _validate.check_kernel_matrix(big[:, ::2], "K")[1] < 1e-15
+    assert _validate.check_kernel_matrix(np.zeros((3, 3))[:, :], "K")[1] == 0.0
+
+
+def test_check_square_symmetric_refuses_nan():
+    from ntkcore import _validate
+    from ntkcore.errors import NonFiniteError
+    K = np.eye(4)
+    K[1, 2] = np.nan
+    with pytest.raises(NonFiniteError):
+        _validate.check_square_symmetric(K, "K")

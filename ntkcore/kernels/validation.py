@@ -95,7 +95,7 @@ def _rescue(K) -> MatrixStats:
     from .._validate import all_finite
     if not all_finite(K):
         return MatrixStats(False, math.nan, math.nan)
-    top = _max_abs(K)
+    top = max_abs(K)
     if top == 0.0:
         return MatrixStats(True, 0.0, 0.0)
     exponent = max(-_MAX_EXPONENT, min(_MAX_EXPONENT, -math.frexp(top)[1]))
@@ -104,7 +104,7 @@ def _rescue(K) -> MatrixStats:
     return MatrixStats(True, fro2, asym2, scale)
 
 
-def _max_abs(K) -> float:
+def max_abs(K) -> float:
     """max |K_ij| of a finite K, by row blocks (bounded temporaries)."""
     rows = max(1, _BLOCK_ENTRIES // K.shape[1])
     return max(float(abs(K[r0:r0 + rows]).max()) for r0 in range(0, K.shape[0], rows))
