@@ -639,10 +639,16 @@ def main(argv=None):
     from ntkcore.solvers import chol_blocked, exact, tri_inverse
     exact.GPU_CHOLESKY = args.cholesky or exact.GPU_CHOLESKY
     chol_blocked.GPU_CHOL_BLOCK = args.chol_block or chol_blocked.GPU_CHOL_BLOCK
+    tuned_note = ""
     if args.tuned:
         import json
-        with open(args.tuned) as fh:
-            tuned = json.load(fh)
+        try:
+            with open(args.tuned) as fh:
+                tuned = json.load(fh)
+        except (OSError, ValueError) as exc:  # gpu_factor killed before its first setting
+            tuned, tuned_note = {}, f" ({args.tuned} unreadable: {type(exc).__name__})"
+        if not tuned.get("GPU_CHOLESKY") and not tuned.get("GPU_INV_METHOD"):
+            tuned_note = tuned_note or f" ({args.tuned} holds no settings)"
         for module, names in ((exact, ("GPU_CHOLESKY",)),
                               (chol_blocked, ("GPU_CHOL_BLOCK", "DIAG_UPDATE")),
                               (tri_inverse, ("GPU_INV_METHOD", "GPU_INV_BLOCK"))):
@@ -657,7 +663,8 @@ def main(argv=None):
               + (f" (block {chol_blocked.GPU_CHOL_BLOCK}, diagonal update "
                  f"{chol_blocked.DIAG_UPDATE})" if exact.GPU_CHOLESKY == "blocked" else "")
               + f"; L^-1 by {tri_inverse.GPU_INV_METHOD} (block {tri_inverse.GPU_INV_BLOCK})"
-              + (f"; settings from {args.tuned}" if args.tuned else "")]
+              + (f"; settings from {args.tuned}{tuned_note or ''}" if args.tuned else "")
+              + ("; the library's defaults are used" if tuned_note else "")]
     try:
         import cupy as cp
         props = cp.cuda.runtime.getDeviceProperties(0)

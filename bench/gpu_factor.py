@@ -45,8 +45,14 @@ T0 = time.perf_counter()
 TUNED: dict = {}
 
 
+#: where main() writes the table and the settings; rewritten after every row, so a run killed
+#: by its time limit still leaves what it measured (and gpu_check --tuned its settings so far)
+OUTPUTS: dict = {}
+
+
 def add(stage, what, ms="", tflops="", of_gemm="", note=""):
     ROWS.append((stage, what, ms, tflops, of_gemm, note))
+    _write_outputs()
     print(f"[{time.perf_counter() - T0:6.1f}s] {stage} | {what} | {ms} | {tflops} | {of_gemm} "
           f"| {note}", flush=True)
 
@@ -212,6 +218,18 @@ def run(cp, n, reps, chol_blocks, inv_blocks, gemm_size, d=3072, m=1024):
         f"{n ** 3 / 3 / (ms / 1e3) / 1e12:.1f} TFLOP/s")
 
 
+def _write_outputs():
+    if OUTPUTS.get("md"):
+        lines = OUTPUTS["header"] + ["| " + " | ".join(str(c) for c in row) + " |"
+                                     for row in ROWS]
+        with open(OUTPUTS["md"], "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    if OUTPUTS.get("json"):
+        import json
+        with open(OUTPUTS["json"], "w") as fh:
+            json.dump(dict(TUNED, **OUTPUTS["meta"]), fh, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=50_000)
@@ -226,6 +244,18 @@ def main(argv=None):
                    help="write the fastest settings here (for gpu_check.py --tuned)")
     args = p.parse_args(argv)
     import cupy as cp
+    try:
+        name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001
+        name = "unknown"
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    OUTPUTS.update(md=args.out, json=args.json, meta={"n": args.n, "gpu": name}, header=[
+        f"# gpu_factor, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"GPU: {name}; n = {args.n}; reps = {args.reps}; command: "
+        f"`python3 bench/gpu_factor.py {command}`",
+        "", "| stage | what | ms | TFLOP/s | of DGEMM rate | note |",
+        "| --- | --- | --- | --- | --- | --- |"])
     blocks = [int(b) for b in args.chol_blocks.split(",")]
     inv_blocks = [int(b) for b in args.inv_blocks.split(",")]
     try:
@@ -234,26 +264,9 @@ def main(argv=None):
         import traceback
         traceback.print_exc()
         add("ERROR", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    try:
-        name = cp.cuda.runtime.getDeviceProperties(0)["name"]
-        name = name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # noqa: BLE001
-        name = "unknown"
-    lines = [f"# gpu_factor, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"GPU: {name}; n = {args.n}; reps = {args.reps}; command: "
-             f"`python3 bench/gpu_factor.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             "", "| stage | what | ms | TFLOP/s | of DGEMM rate | note |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in ROWS]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    if args.json:
-        import json
-        with open(args.json, "w") as fh:
-            json.dump(dict(TUNED, n=args.n, gpu=name), fh, indent=1)
+    _write_outputs()
+    print("\n".join(OUTPUTS["header"] + ["| " + " | ".join(str(c) for c in row) + " |"
+                                         for row in ROWS]))
     return 1 if any(r[0] == "ERROR" for r in ROWS) else 0
 
 

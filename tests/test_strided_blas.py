@@ -270,3 +270,19 @@ def test_exact_solver_with_the_blocked_cholesky_takes_a_strided_view(sim_cupy, m
                            sim_cupy.asarray(Kt), sim_cupy.asarray(Y[:5]), lam=0.1,
                            solver="exact", overwrite_k=True).scores
     assert_close(got.get(), want, rtol=1e-10, what="strided K, blocked Cholesky")
+
+
+def test_gpu_check_tuned_tolerates_a_missing_settings_file(sim_cupy, monkeypatch, tmp_path):
+    """gpu_factor killed by its time limit before any setting: gpu_check --tuned runs (b)
+    with the library's defaults and says so."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "ROWS", [])
+    monkeypatch.setattr(gpu_check, "NOTES", [])
+    out = tmp_path / "check.md"
+    rc = gpu_check.main(["--quick", "--skip", "correct,entk,influence,numba", "--out", str(out),
+                         "--tuned", str(tmp_path / "missing.json")])
+    text = out.read_text()
+    assert rc == 0 and "unreadable: FileNotFoundError" in text and "defaults are used" in text
