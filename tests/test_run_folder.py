@@ -251,3 +251,25 @@ def test_large_npz_files_are_stored_plain(tmp_path, monkeypatch):
     with np.load(tmp_path / "big.npz") as z:
         assert np.array_equal(z["a"], big) and np.array_equal(z["labels"], np.arange(5))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_overwrite_never_deletes_result_named_files_no_manifest_lists(tmp_path):
+    """A user's --weights w/model.pt with --out w: the refusal used to say "pass
+    --overwrite", which then deleted the weights the same command was about to load."""
+    (tmp_path / "model.pt").write_bytes(b"the user's weights")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="no ntkcore run manifest"):
+            RunFolder(tmp_path, "cmd", CFG, overwrite=overwrite)
+    assert (tmp_path / "model.pt").read_bytes() == b"the user's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_failed_first_run_leaves_a_users_empty_folder_as_it_was(tmp_path):
+    """The folder existed (empty) before the run: a failure removes the run's lock file but
+    not the folder."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        with RunFolder(out, "cmd", CFG):
+            raise RuntimeError("boom")
+    assert out.is_dir() and list(out.iterdir()) == []

@@ -37,7 +37,9 @@ MANIFEST = "run.json"
 LOCK = ".run.lock"
 #: Marks a run.json as ntkcore's: a foreign file of that name is never read or deleted.
 MARKER = "ntkcore_run"
-#: Result files of folders written before the manifest existed (refused / deleted by name).
+#: Result names of folders written before the manifest existed: a folder holding one of them
+#: and no manifest is refused, with or without --overwrite (nothing proves they are a run's:
+#: a user's --weights model.pt was deleted by name once).
 LEGACY_FILES = ("influence.npz", "summary.json", "results.json", "table.md", "model.pt",
                 "partial_results.json", "scores.npz")
 
@@ -71,6 +73,7 @@ class RunFolder:
     def __init__(self, path, command: str, config: dict, *, identity: dict | None = None,
                  about: dict | None = None, overwrite: bool = False):
         self.path, self._created = _make_dir(path)
+        self._lock_created = not (self.path / LOCK).exists()
         self._lock = _acquire_lock(self.path)
         try:
             self._open(command, config, identity, overwrite)
@@ -117,11 +120,13 @@ class RunFolder:
                 self._write()
             return
         legacy = [f for f in LEGACY_FILES if (self.path / f).exists()] if old is None else []
-        if legacy and not overwrite:
-            raise OutputExistsError(f"{self.path} already holds results ({', '.join(legacy)}); "
-                                    f"pass --overwrite to replace them or choose another --out")
+        if legacy:  # no manifest lists them: they may be the user's (say, --weights model.pt)
+            raise OutputExistsError(
+                f"{self.path} holds {', '.join(legacy)} but no ntkcore run manifest ({MANIFEST}) "
+                f"lists them, so they may not be a run's results and --overwrite does not "
+                f"delete them: choose another --out, or move them away yourself")
         if overwrite:
-            self._delete(legacy + list((old or {}).get("files", [])))
+            self._delete(list((old or {}).get("files", [])))
         self.manifest = {MARKER: 1, "command": command, "config": self.config,
                          "identity": self.identity, "complete": False, "stages": {},
                          "files": []}
@@ -145,12 +150,15 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-            if failed and self._created:
+            # a refused or failed first run leaves no lock file in a folder it found without one
+            if failed and (self._created or self._lock_created) \
+                    and not (self.path / MANIFEST).exists():
                 (self.path / LOCK).unlink(missing_ok=True)
-                try:
-                    self.path.rmdir()  # only if empty
-                except OSError:
-                    pass
+                if self._created:
+                    try:
+                        self.path.rmdir()  # only if empty
+                    except OSError:
+                        pass
 
     def file(self, name: str) -> Path:
         return self.path / name
