@@ -272,3 +272,38 @@ def test_float32_notes_the_expected_inverse_check(tmp_path):
     assert "inverse_accurate=False" in r.stdout
     notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
     assert any("float32" in line and "expected" in line for line in notes), r.stdout
+
+
+# ---------------------------------------------------- review of session 8
+@pytest.mark.parametrize("extra,needles", [
+    # Curated keeps n - ceil(tau n) = 27 of 30: top-27 stability over them is 1 by definition
+    (("--topk", 27), ("topk", "Curated keeps")),
+    # Curated keeps 30 - ceil(28.5) = 1 point, whose top 95 % is empty
+    (("--tau", 0.95), ("tau", "Curated keeps 1")),
+])
+def test_curated_sizes_that_make_its_metrics_meaningless_are_refused_before_training(
+        tmp_path, monkeypatch, extra, needles):
+    import ntkcore.experiments.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "train_network",
+                        lambda *a, **k: pytest.fail("trained before refusing"))
+    args = [a if a != "adversarial" else "curated" for a in MAL]
+    r = invoke("malleability", *args, *extra, "--out", tmp_path / "o")
+    one_line_error(r, *needles)
+
+
+@pytest.mark.parametrize("command", ["malleability", "distance"])
+def test_a_seed_beyond_int64_is_one_line(tmp_path, command):
+    r = invoke(command, *TINY[command], "--seed", 2 ** 64, "--out", tmp_path / "o")
+    one_line_error(r, "seed", "2^63")
+
+
+def test_distance_trend_labels():
+    from ntkcore.experiments.distance import _trend
+    assert _trend([3.0]) == "n/a"
+    assert _trend([3.0, 2.0, 1.0]) == "decreasing" and _trend([1.0, 2.0]) == "increasing"
+    assert _trend([2.0, 2.0]) == "flat" and _trend([2.0, 2.0, 1.0]) == "non-monotonic"
+
+
+def test_flip_rate_labels_follow_tau():
+    from ntkcore.experiments.malleability import _percent
+    assert _percent(0.1) == "10%" and _percent(0.001) == "0.1%" and _percent(0.25) == "25%"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset, check_lam, experiment_settings
+from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 
 ARCHS = ("relu", "attn")
 ARCH_LABEL = {"relu": "2L-ReLU", "attn": "MLP-Attn"}
@@ -68,6 +68,7 @@ class DistanceConfig(DataOptions):
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
             raise ParameterError(f"epochs: expected an integer >= 0, got {e!r}")
         check_lam(d["lam"])
+        check_seed(d["seed"])
         return d
 
 
@@ -148,9 +149,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
             per_arch[arch] = {"ntk_test_accuracy": accuracy_from_outputs(ds, f_ntk, ds.y_test),
                               "ntk_output_norm": float(np.linalg.norm(f_ntk)), "widths": rows,
                               "seconds": time.perf_counter() - t0}
-            d = [r["distance"] for r in rows]
-            per_arch[arch]["monotone"] = ("decreasing" if all(np.diff(d) <= 0) else
-                                          "increasing" if all(np.diff(d) >= 0) else "non-monotonic")
+            per_arch[arch]["monotone"] = _trend([r["distance"] for r in rows])
         results = {"command": "distance", "config": s,
                    "data": {"name": ds.name, "classes": list(ds.classes),
                             "class_names": list(ds.class_names), "n_train": ds.n_train,
@@ -168,6 +167,19 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
             atomic_write_json(run.output("results.json"), results)
             run.finish()
         return results
+
+
+def _trend(d) -> str:
+    """How the distance moves with width: "n/a" for one width, else "decreasing" /
+    "increasing" (strictly, every step), "flat" (all equal) or "non-monotonic"."""
+    steps = np.diff(np.asarray(d, dtype=float))
+    if steps.size == 0:
+        return "n/a"
+    if (steps < 0).all():
+        return "decreasing"
+    if (steps > 0).all():
+        return "increasing"
+    return "flat" if (steps == 0).all() else "non-monotonic"
 
 
 def format_table(results: dict) -> str:

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ParameterError
-from .pipeline import DataOptions, apply_preset, check_lam, experiment_settings
+from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 from .. import malleability as mm
 
 ARCHS = ("relu", "attn")
@@ -114,6 +115,7 @@ class MalleabilityConfig(DataOptions):
         check_lam(d["lam"])
         if not (0 < d["tau"] < 1):
             raise ParameterError(f"tau: expected a value in (0, 1), got {d['tau']!r}")
+        check_seed(d["seed"])
         return d
 
 
@@ -263,8 +265,31 @@ def kernel_lipschitz_of(model, X_train, *, n_points=8, n_random=8, h=1e-2, seed=
 
 # --------------------------------------------------------------------------- one model
 
+def _percent(tau: float) -> str:
+    """tau as a percentage with the digits it needs: 0.1 -> "10%", 0.001 -> "0.1%"."""
+    return f"{100 * tau:.3g}%"
+
+
+def _check_curated_sizes(n: int, tau: float, k: int):
+    """Refuse, before any training, sizes for which Curated's metrics mean nothing.
+
+    Curated removes H_t (about ceil(tau n) points, fewer with ties) and compares the scores of
+    the rest: at most n - ceil(tau n) points in the worst case. Top-K stability over them is 1
+    by definition when K reaches their count, and their own top tau is empty when
+    tau (n - ceil(tau n)) < 1.
+    """
+    rest = n - math.ceil(tau * n - 1e-9)  # tau n as typed, not 1 ulp above an integer
+    if tau * rest < 1:
+        raise ParameterError(f"tau: Curated keeps {rest} of n_train={n} points, and the top "
+                             f"tau={tau:g} of {rest} points is empty; lower --tau or raise "
+                             f"--n-train (or leave Curated out of --interventions)")
+    if k >= rest:
+        raise ParameterError(f"topk: expected K < {rest} (the n_train - ceil(tau n_train) points "
+                             f"Curated keeps; n_train={n}, tau={tau:g}), got {k}; top-K "
+                             f"stability over all of them is 1 by definition")
+
+
 def _metrics(I0, I1, tau, k):
-    k = min(k, I0.size)
     return {"flip_rate": mm.flip_rate(I0, I1, tau), "spearman": mm.spearman(I0, I1),
             "topk": mm.topk_stability(I0, I1, k)}
 
@@ -409,6 +434,8 @@ def run_malleability(cfg: MalleabilityConfig, out_dir=None, *, overwrite: bool =
     if s["topk"] >= ds.n_train:  # the top K of all n points are all n points: stability 1
         raise ParameterError(f"topk: expected K < n_train ({ds.n_train}), got {s['topk']}; "
                              f"top-K stability over all training points is 1 by definition")
+    if "curated" in s["interventions"]:
+        _check_curated_sizes(ds.n_train, s["tau"], s["topk"])
     from ..nn._memory import check_model_fits
     for arch in s["archs"]:  # refused before any training
         check_model_fits(arch, ds.dim, s["width"], ds.Y_train.shape[1],
@@ -517,7 +544,7 @@ def format_table(results: dict) -> str:
     std = [r for r in runs if r["training"] == "standard"]
     if "transformed" in s["interventions"]:
         title = "Table 3 layout (binary)" if ds["binary"] else "Table 2 layout"
-        lines += [f"## {title}: flip rate (%) of the top {s['tau']:.0%} (Transformed)", "",
+        lines += [f"## {title}: flip rate (%) of the top {_percent(s['tau'])} (Transformed)", "",
                   "| Model | " + " | ".join(ATTACK_LABEL[a] for a in s["attacks"]) + " |",
                   "|---|" + "---|" * len(s["attacks"])]
         for r in std:
@@ -585,7 +612,7 @@ def _write_outputs(run, results, scores):
         errs = {r["arch"]: [100 * r["interventions"]["transformed"][a]["flip_rate"]["half_width"]
                             for a in s["attacks"]] for r in std}
         bar_figure(out("fig2a_flip_rate.png"), [ATTACK_LABEL[a] for a in s["attacks"]], archs,
-                   vals, errs, ylabel="flip rate of top 10 % (%)",
+                   vals, errs, ylabel=f"flip rate of top {_percent(s['tau'])} (%)",
                    title="Influence flip rate by perturbation type (Transformed)")
         files.append("fig2a_flip_rate.png")
     groups, keys = [], []

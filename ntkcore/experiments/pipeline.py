@@ -50,6 +50,14 @@ def apply_preset(cfg, presets: dict) -> dict:
 MAX_LAM = 1e6
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int in [0, 2^63) (torch's and NumPy's seeds), else ParameterError."""
+    from .._validate import check_count
+    if check_count(seed, "seed", minimum=0) >= 2 ** 63:
+        raise ParameterError(f"seed: expected an integer < 2^63, got {seed!r}")
+    return int(seed)
+
+
 def check_lam(lam) -> float:
     """``lam`` as a float, or ParameterError unless 0 < lam <= MAX_LAM: the one ridge rule
     of every command (influence, malleability, distance)."""
@@ -100,8 +108,7 @@ class InfluenceConfig(DataOptions):
         for name in ("n_test", "show"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name, minimum=0)
-        if check_count(self.seed, "seed", minimum=0) >= 2 ** 63:
-            raise ParameterError(f"seed: expected an integer < 2^63, got {self.seed!r}")
+        check_seed(self.seed)
         if self.arch not in ("relu", "attn"):
             raise ParameterError(f"arch: expected 'relu' or 'attn', got {self.arch!r}")
         if self.device not in DEVICES:
