@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 
 import click
 
 # Exit codes: 2 bad input / impossible request (NtkcoreError), 1 unexpected failure,
-# 130 interrupted.
+# 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 EXIT_USER = 2
 EXIT_INTERNAL = 1
+EXIT_TERMINATED = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a job scheduler), unwound as Ctrl-C is: finished files
+    stay, and a run that finished no stage leaves nothing behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises :class:`_Terminated` for the duration (main thread only; the previous
+    handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def handle_errors(fn):
@@ -21,7 +48,11 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         from ntkcore.errors import NtkcoreError
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_unwinds():
+                return fn(*args, **kwargs)
+        except _Terminated:
+            _fail("terminated: finished files in the output folder are complete; rerun the same "
+                  "command to resume", EXIT_TERMINATED)
         except NtkcoreError as exc:
             _fail(f"error: {_one_line(exc)}", EXIT_USER)
         except MemoryError as exc:

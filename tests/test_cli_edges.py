@@ -307,3 +307,36 @@ def test_distance_trend_labels():
 def test_flip_rate_labels_follow_tau():
     from ntkcore.experiments.malleability import _percent
     assert _percent(0.1) == "10%" and _percent(0.001) == "0.1%" and _percent(0.25) == "25%"
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_nothing_to_block_a_rerun(tmp_path, monkeypatch):
+    """`timeout` / `kill` during training used to leave run.json with no finished stage, and
+    the next command with other settings was refused with a false "resume" hint."""
+    import os
+    import signal
+
+    import ntkcore.experiments.influence_run as ir
+    real = ir.train_network
+    monkeypatch.setattr(ir, "train_network",
+                        lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "o"
+    r = invoke("influence", *INF, "--out", out)
+    assert r.exit_code == 143 and "terminated" in r.stderr, (r.exit_code, r.output)
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    monkeypatch.setattr(ir, "train_network", real)
+    assert invoke("influence", *INF, "--seed", 3, "--out", out).exit_code == 0
+
+
+def test_a_manifest_with_no_finished_stage_blocks_nothing(tmp_path):
+    """SIGKILL leaves run.json with no finished stage: nothing to resume, so a run with other
+    settings takes the folder (its partial files go) instead of being refused."""
+    from ntkcore.experiments.output import RunFolder
+    with RunFolder(tmp_path, "cmd", {"seed": 1}) as run:
+        run.output("half.npz").write_bytes(b"partial")
+        run._lock.close()  # as if killed: no close(), the manifest stays
+        run._lock = None
+    assert (tmp_path / "run.json").exists()
+    with RunFolder(tmp_path, "cmd", {"seed": 2}) as run:
+        assert not run.resumed and not (tmp_path / "half.npz").exists()
+        run.finish()

@@ -230,6 +230,12 @@ class RunFolder:
         if isinstance(old, dict) and MARKER not in old:
             raise OutputExistsError(f"{f} is not an ntkcore run manifest; choose another --out")
         if _valid_manifest(old):
+            if not old["stages"] and not old["complete"]:
+                # a run killed before finishing any stage (SIGKILL, power loss): nothing of it
+                # can be resumed, so it blocks nothing; its partial files go
+                self._delete(old["files"])
+                f.unlink(missing_ok=True)
+                return None
             return old
         if overwrite:  # unreadable or damaged, but ours by name: start afresh
             return None
