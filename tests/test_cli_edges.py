@@ -340,3 +340,8 @@ def test_a_manifest_with_no_finished_stage_blocks_nothing(tmp_path):
     with RunFolder(tmp_path, "cmd", {"seed": 2}) as run:
         assert not run.resumed and not (tmp_path / "half.npz").exists()
         run.finish()
+
+
+def test_a_refusal_under_the_memory_cap_names_the_cap(tmp_path):
+    r = invoke("influence", *INF, "--out", tmp_path / "o", env={"NTKCORE_MEMORY_LIMIT": "1e3"})
+    one_line_error(r, "NTKCORE_MEMORY_LIMIT")

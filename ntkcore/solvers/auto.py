@@ -210,7 +210,12 @@ def _budget(K, memory_budget):
         return check_positive(memory_budget, "memory_budget (bytes)"), "given memory_budget"
     x = K if hasattr(K, "ndim") else getattr(K, "X", None)
     be = backend_for(x)
-    return float(be.free_memory_bytes()), f"free {be.name} memory"
+    free = float(be.free_memory_bytes())
+    from ..backend import memory_limit_from_env
+    limit = memory_limit_from_env()
+    if limit is not None and free >= limit:  # the cap, not the machine, is what limits
+        return free, f"NTKCORE_MEMORY_LIMIT on {be.name} memory"
+    return free, f"free {be.name} memory"
 
 
 def _split_options(name, options):
