@@ -119,11 +119,14 @@ def _fail(message: str, code: int):
 
 
 def timing_table(rows) -> str:
-    """Rows of (stage, seconds) as an aligned text table with a total."""
+    """Rows of (stage, seconds) as an aligned text table with a total; indented rows are
+    parts of the row above them and are not added again."""
     rows = [(k, float(v)) for k, v in rows]
     width = max([len(k) for k, _ in rows] + [5])
     lines = [f"{'stage'.ljust(width)}  seconds", f"{'-' * width}  -------"]
     lines += [f"{k.ljust(width)}  {v:7.2f}" for k, v in rows]
+    total = sum(v for k, v in rows if not k.startswith(" "))
+    lines += [f"{'-' * width}  -------", f"{'total'.ljust(width)}  {total:7.2f}"]
     return "\n".join(lines)
 
 

@@ -345,3 +345,10 @@ def test_a_manifest_with_no_finished_stage_blocks_nothing(tmp_path):
 def test_a_refusal_under_the_memory_cap_names_the_cap(tmp_path):
     r = invoke("influence", *INF, "--out", tmp_path / "o", env={"NTKCORE_MEMORY_LIMIT": "1e3"})
     one_line_error(r, "NTKCORE_MEMORY_LIMIT")
+
+
+def test_timing_table_totals_the_top_level_stages_only():
+    from ntkcore.cli._common import timing_table
+    text = timing_table([("data", 0.5), ("influence", 1.0), ("  cholesky", 0.3),
+                         ("writing", 0.25)])
+    assert text.splitlines()[-1].split() == ["total", "1.75"]
