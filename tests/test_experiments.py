@@ -248,7 +248,13 @@ def test_a_large_top_k_keeps_its_lists_but_not_a_huge_figure(tmp_path):
     t0 = time.perf_counter()
     summary = run_influence(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
     assert time.perf_counter() - t0 < 60  # 201 subplot columns per row took minutes
-    assert len(summary["top_influences"][0]["helpful"]) == 60  # all n_train, capped at n
+    top = summary["top_influences"][0]
+    scores = np.load(tmp_path / "o" / "influence.npz")["scores"][0]
+    # all n_train, capped at n, split by sign: helpful are the positive scores, largest first
+    assert [e["train_position"] for e in top["helpful"]] == \
+        list(np.argsort(-scores, kind="stable")[:(scores > 0).sum()])
+    assert len(top["harmful"]) == (scores < 0).sum()
+    assert all(e["score"] < 0 for e in top["harmful"])
     assert FIGURE_MAX_K < 60
 
 
@@ -280,3 +286,19 @@ def test_malleability_saves_every_perturbed_score_and_its_metrics_follow(tmp_pat
     Ic = z["relu_standard__curated"]
     for t in range(3):
         assert np.isnan(Ic[t, high_influence_set(I0[t], 0.1)]).all()
+
+
+def test_helpful_and_harmful_lists_never_hold_the_wrong_sign(tmp_path):
+    """At n_train = 3 with top_k = 5 both lists used to hold every point, negative scores
+    listed as "helpful"."""
+    from ntkcore.experiments.influence_run import run_influence
+    from ntkcore.experiments.pipeline import InfluenceConfig
+    cfg = InfluenceConfig(classes=(3, 8), n_train=3, n_test=3, width=8, epochs=1, top_k=5,
+                          show=3)
+    summary = run_influence(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
+    for row in summary["top_influences"]:
+        helpful = {e["train_position"] for e in row["helpful"]}
+        harmful = {e["train_position"] for e in row["harmful"]}
+        assert not helpful & harmful
+        assert all(e["score"] > 0 for e in row["helpful"])
+        assert all(e["score"] < 0 for e in row["harmful"])

@@ -260,10 +260,13 @@ def _load_model(ds, cfg, path, device: str):
 
 
 def top_indices(scores_row, k: int):
-    """(helpful, harmful): the k largest and k smallest scores of one row, ties to the
-    smaller index (the order of TopK and of a stable argsort)."""
-    return (np.argsort(-scores_row, kind="stable")[:k],
-            np.argsort(scores_row, kind="stable")[:k])
+    """(helpful, harmful): of one row's k largest scores those > 0, and of its k smallest those
+    < 0, ties to the smaller index (the order of TopK and of a stable argsort). A point whose
+    removal would not lower (raise) the test loss is listed as neither: with fewer than k
+    positive scores "helpful" is shorter than k rather than padded with harmful points."""
+    top = np.argsort(-scores_row, kind="stable")[:k]
+    bottom = np.argsort(scores_row, kind="stable")[:k]
+    return top[scores_row[top] > 0], bottom[scores_row[bottom] < 0]
 
 
 def _shown_test_points(ds, k: int):
@@ -300,6 +303,8 @@ def _figure(ds, scores, shown, k, path):
     rows = max(1, len(shown))
     fig, axes = plt.subplots(rows, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * rows),
                              squeeze=False)
+    for ax in axes.ravel():  # a row with fewer than k helpful or harmful points leaves blanks
+        ax.axis("off")
     test_imgs = ds.as_images(ds.pixels_test[shown]) if shown else []
     gray = len(ds.image_shape) != 3
     for r, t in enumerate(shown):
