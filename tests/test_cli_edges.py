@@ -352,3 +352,12 @@ def test_timing_table_totals_the_top_level_stages_only():
     text = timing_table([("data", 0.5), ("influence", 1.0), ("  cholesky", 0.3),
                          ("writing", 0.25)])
     assert text.splitlines()[-1].split() == ["total", "1.75"]
+
+
+def test_distance_width_hint_is_a_power_of_two(tmp_path):
+    """--max-width takes only powers of two, so the refusal's hint must be one."""
+    r = invoke("distance", *DIST[:-3], "--max-width", 2 ** 30, "--quiet", "--out", tmp_path / "o",
+               env={"NTKCORE_MEMORY_LIMIT": "2e9"})
+    err = one_line_error(r, "would fit")
+    fit = int(err.split("width <= ")[1].split()[0])
+    assert fit & (fit - 1) == 0, err

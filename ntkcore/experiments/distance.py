@@ -112,7 +112,7 @@ def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,
                              "one test point, got 0")
     from ..nn._memory import check_model_fits
     for arch in s["archs"]:  # the widest network, refused before any training
-        check_model_fits(arch, ds.dim, s["max_width"], ds.Y_train.shape[1])
+        check_model_fits(arch, ds.dim, s["max_width"], ds.Y_train.shape[1], power_of_two=True)
     config, about = experiment_settings(s, ds)
     folder = (RunFolder(out_dir, "distance", config, about=about, overwrite=overwrite)
               if out_dir else contextlib.nullcontext())

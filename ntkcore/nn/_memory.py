@@ -37,15 +37,18 @@ def available_bytes(device=None) -> int:
 
 
 def check_model_fits(arch: str, d: int, width: int, n_outputs: int, *, itemsize: int = 4,
-                     device=None) -> int:
+                     device=None, power_of_two: bool = False) -> int:
     """Bytes :func:`model_bytes` estimates, or MemoryBudgetError (with the estimate and the
-    largest width that fits) when they exceed the device's free memory."""
+    largest width that fits; with ``power_of_two``, the largest power of two, for options
+    that take only those) when they exceed the device's free memory."""
     need = model_bytes(arch, d, width, n_outputs, itemsize)
     free = available_bytes(device)
     if need > free:
         fixed = model_bytes(arch, d, 0, n_outputs, itemsize)
         per_unit = model_bytes(arch, d, 1, n_outputs, itemsize) - fixed
         fit = max(0, (free - fixed) // per_unit)
+        if power_of_two and fit >= 1:
+            fit = 1 << (int(fit).bit_length() - 1)
         where = "cuda" if "cuda" in str(device) else "cpu"
         raise MemoryBudgetError(
             f"width: a {_LABEL.get(arch, arch)} network of width {width} on d={d} inputs "
