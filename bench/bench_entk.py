@@ -21,7 +21,7 @@ Usage:
   python bench/bench_entk.py --models cnn --n 512
   python bench/bench_entk.py --nmax --budget-gb 2             # largest n within 2 GiB
   python bench/bench_entk.py --models cnn --ours-only --n 10000 --budget-gb 24
-  python bench/bench_entk.py --device cuda --n 1024 --repeat 3        # GPU (owed)
+  python bench/bench_entk.py --device cuda --n 1024 --repeat 3        # GPU
 Prints markdown (paste into bench/RESULTS.md with machine and date).
 """
 
@@ -168,11 +168,17 @@ def gemm_rate(dtype, device="cpu"):
     return 3 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
+def _peak_name(args):
+    """What ``peak_growth`` measures on this device (see ``measure``)."""
+    return "peak device allocation" if args.device != "cpu" else "peak RSS"
+
+
 def equal_n(args):
+    peak = _peak_name(args)
     print(f"\n### Equal n ({args.dtype}; best of {args.repeat} fresh processes each; "
-          f"peak RSS growth)\n")
-    print("| model | P | n | plain jacrev+vmap | ours | plain / ours | peak RSS plain | "
-          "peak RSS ours | max rel. diff | ours: groups |")
+          f"{peak} growth)\n")
+    print(f"| model | P | n | plain jacrev+vmap | ours | plain / ours | {peak} plain | "
+          f"{peak} ours | max rel. diff | ours: groups |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
@@ -195,10 +201,11 @@ def equal_n(args):
 
 def largest_n(args):
     budget = int(args.budget_gb * 2**30)
-    print(f"\n### Largest n within {args.budget_gb:g} GiB of peak RSS growth ({args.dtype}); "
+    peak = _peak_name(args)
+    print(f"\n### Largest n within {args.budget_gb:g} GiB of {peak} growth ({args.dtype}); "
           f"n doubled from {args.n0} until the peak passes the budget or n reaches {args.nmax_cap}"
           f"\n")
-    print("| model | method | largest n measured within budget | its time | its peak RSS | "
+    print(f"| model | method | largest n measured within budget | its time | its {peak} | "
           "next n: peak / outcome |")
     print("|---|---|---|---|---|---|")
     for m in args.models:

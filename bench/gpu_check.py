@@ -387,7 +387,7 @@ def gemm_rate(cp, size=8192):
     A = rs.standard_normal((size, size))
     Bm = rs.standard_normal((size, size))
     C = cp.empty((size, size))
-    t = gpu_time(lambda: cp.matmul(A, Bm, out=C), warmup=2, reps=5)
+    t = gpu_time(lambda: cp.matmul(A, Bm, out=C), warmup=5, reps=10)
     return 2.0 * size ** 3 / (t / 1e3)
 
 
@@ -493,17 +493,14 @@ def _bench_influence_at(cp, sz, budget, rate):
     lam = 1e-3
     flops = (n * n * d + 2 * T * n * d + 2 * (n + T) * m * d      # assembly (syrk, gemm, X W^T)
              + n ** 3 / 3 + n ** 3 / 3                            # Cholesky, triangular inverse
-             + 2 * T * n * n + 2 * n * n * C)                     # K_test A^-1 (2 trsm), alpha
-    floor_ms = flops / rate * 1e3
-    add("(b) influence", f"flop floor n={n} T={T} C={C} ({flops:.2e} flop)",
-        f"{floor_ms:.0f} ms", "", "", "", "floor")
+             + 2 * T * n * n + 2 * n * n * C)                     # K_test A^-1 (two triangular multiplies), alpha
     small = dict(n=min(n, 2048), T=min(T, 256), C=C, d=d, m=m)
     ours_pipeline(cp, _influence_problem(cp, **small, seed=3), lam)  # compile, handles
     _free()
     prob = _influence_problem(cp, n, T, C, d, m, seed=4)
     times = []
     stages = None
-    for _ in range(2 if time_left(budget) > 120 else 1):
+    for _ in range(3 if time_left(budget) > 100 else 1):
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
         res = ours_pipeline(cp, prob, lam)
@@ -514,9 +511,27 @@ def _bench_influence_at(cp, sz, budget, rate):
         alpha = res.alpha
         del res
         _free()
+    # The first full-size call pays CuPy's one-time compiles of its 64-bit-index elementwise
+    # kernels (arrays past 2^31 elements, which the small warm-up cannot reach; CuPy caches
+    # them on disk). On the H200 the median of a process's first two calls was 3.59 s while the
+    # second's stage clocks summed to 3.22 s, and a later process's first call took 3.18 s.
+    # The first call is reported, and the ratio is the median of the calls after it.
+    if len(times) > 1:
+        add("(b) influence", f"ours, first full-size call in this process (CuPy's one-time "
+            f"kernel compiles included)", f"{times[0]:.0f} ms", "", "", "", "info")
+        times = times[1:]
     t_ours = float(np.median(times))
+    # The card's DGEMM rate moved from 48 to 58 TFLOP/s between runs on the H200 (clocks): it
+    # is measured again now, warm, and the floor takes the faster of the two (the stricter).
+    rate_after = gemm_rate(cp, sz["gemm"])
+    add("(b) influence", f"DGEMM {sz['gemm']}^3 rate again, after the timed runs",
+        f"{rate_after / 1e12:.1f} TFLOP/s", "", "", "", "floor")
+    floor_ms = flops / max(rate, rate_after) * 1e3
+    add("(b) influence", f"flop floor n={n} T={T} C={C} ({flops:.2e} flop at the faster rate)",
+        f"{floor_ms:.0f} ms", "", "", "", "floor")
     check_alpha_at_scale(cp, prob, alpha, lam)
-    add("(b) influence", f"ours: relu_ntk x2 + loo_influence(exact, check=False) n={n} T={T}",
+    add("(b) influence", f"ours: relu_ntk x2 + loo_influence(exact, check=False) n={n} T={T}"
+        + (f", median of {len(times)} calls after the first" if len(times) > 1 else ""),
         f"{t_ours:.0f} ms", f"floor {floor_ms:.0f} ms", f"{t_ours / floor_ms:.2f}", "<= 1.30",
         "PASS" if t_ours <= 1.3 * floor_ms else "MISS")
     if stages:  # host clocks, the device synchronised at each stage boundary
@@ -698,12 +713,12 @@ def main(argv=None):
             if time_left(args.budget_s) > 60:
                 run_section("(b) influence", bench_influence, cp, sz, args.budget_s)
             else:
-                add("(b) influence", "skipped (time budget)")
+                add("(b) influence", "exact influence at full size", "skipped (time budget)")
     if "numba" not in skip:
         if time_left(args.budget_s) > 20:
             run_section("(c) Numba", bench_numba, sz)
         else:
-            add("(c) Numba", "skipped (time budget)")
+            add("(c) Numba", "Numba kernels", "skipped (time budget)")
     NOTES.append(f"total wall time {time.perf_counter() - T_START:.0f} s")
     md = table_markdown(header)
     print()

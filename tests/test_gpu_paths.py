@@ -196,6 +196,21 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path,
     assert ("ours at n=" in text) == (free_bytes < 8 << 30)
 
 
+def test_gpu_check_with_no_time_left_says_skipped(sim_cupy, monkeypatch, tmp_path):
+    """A budget too small for (b) and (c) gives 'skipped' rows, not a crash (the H200 run of
+    2026-11-28 with --budget-s 40 died in add() here and wrote no table)."""
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "ROWS", [])
+    monkeypatch.setattr(gpu_check, "NOTES", [])
+    out = tmp_path / "gpu_check.md"
+    rc = gpu_check.main(["--quick", "--out", str(out), "--budget-s", "1",
+                         "--skip", "correct,entk"])
+    assert rc == 0
+    text = out.read_text()
+    assert "| (b) influence | exact influence at full size | skipped (time budget) |" in text
+    assert "| (c) Numba | Numba kernels | skipped (time budget) |" in text
+
+
 def test_bench_approx_gpu_scale_runs_at_toy_size(sim_cupy, tmp_path):
     """The 1 000 000-point GPU benchmark's code path (issue 4), at n = 3000 on the simulator."""
     import bench_approx

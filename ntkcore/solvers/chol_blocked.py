@@ -24,7 +24,10 @@ import numpy as np
 from ..backend import Backend
 from ..kernels.strided_blas import gemm, potrf_lower, syrk_lower, trsm_lower
 
-GPU_CHOL_BLOCK = 1024  # columns per block: n/b GEMMs; the potrf / trsm on b columns are O(b/n)
+# columns per block: n/b GEMMs; the potrf / trsm on b columns are O(b/n). At n = 50 000 on the
+# H200 (bench/gpu_factor.py, 2026-11-28) b = 1024 to 4096 with syrk all took 0.94 s; 4096 was
+# the fastest by under 1 ms.
+GPU_CHOL_BLOCK = 4096
 #: How the diagonal block's update A[J, J] -= L[J, :j0] L[J, :j0]^T is done: "syrk" (its lower
 #: triangle, b^2 j0 flops) or "gemm" (folded into the panel's GEMM, which then covers the whole
 #: block: b^2 j0 more flops, b n^2 / 2 in all, but one call at GEMM speed per block column).

@@ -3,8 +3,9 @@
 A = K + lam I = L L^T.  alpha = A^-1 Y by two triangular solves.  diag(A^-1) from the
 triangular inverse: A^-1 = L^-T L^-1, so (A^-1)_ii is the squared norm of column i of L^-1
 (no general inverse of A is ever formed).  K_test A^-1 = (K_test L^-T) L^-1 by two triangular
-multiplies (CPU) or two triangular solves with L (GPU).  Flops: n^3/3 (potrf) + n^3/3 (trtri;
-on the GPU by block rows in GEMMs, ``tri_inverse``) + 2 T n^2 (two trmm / trsm) + O(n^2 C).
+multiplies: BLAS trmm on the CPU, block-column GEMMs over L^-1 on the GPU.  Flops: n^3/3
+(potrf; on the GPU in place by block columns, ``chol_blocked``) + n^3/3 (trtri; on the GPU by
+block rows in GEMMs, ``tri_inverse``) + 2 T n^2 (the two multiplies) + O(n^2 C).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from ..errors import NotPSDError
 from ..kernels.triangular import abs_row_sums_and_product, lower_gram_apply
 from .base import KRRFit, Timer
 
-#: The GPU factorisation: "cusolver" (CuPy's cholesky: cuSOLVER potrf on a new copy) or
-#: "blocked" (``chol_blocked``: in place, its updates as large cuBLAS GEMMs). cuSOLVER stays
-#: the default until a GPU run measures the blocked one faster (``bench/gpu_factor.py`` times
-#: both; cuSOLVER's potrf ran at 0.68 of the DGEMM rate on the H200 of bench/RESULTS.md).
-GPU_CHOLESKY = "cusolver"
+#: The GPU factorisation: "blocked" (``chol_blocked``: in place, its updates as large cuBLAS
+#: GEMMs) or "cusolver" (CuPy's cholesky: cuSOLVER potrf on a new copy). At n = 50 000 on the
+#: H200 of bench/RESULTS.md (``bench/gpu_factor.py``, 2026-11-28) the blocked one took 0.94 s,
+#: cuSOLVER's potrf alone 1.24 s.
+GPU_CHOLESKY = "blocked"
 
 
 def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True,
@@ -72,15 +73,11 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
     if be.name == "cpu":
         del L  # its memory is Linv's
 
-        def right_solve(K_test):
-            """(T, n) K_test A^-1 = (K_test L^-T) L^-1 by two trmm (2 T n^2 flops)."""
-            with timer("right_solve"):
-                return _right_apply(be, K_test, Linv)
-    else:
-        def right_solve(K_test):
-            """(T, n) K_test A^-1 = (A^-1 K_test^T)^T by two trsm with L (2 T n^2 flops)."""
-            with timer("right_solve"):
-                return _right_solve_gpu(be, K_test, L)
+    def right_solve(K_test):
+        """(T, n) K_test A^-1 = (K_test L^-T) L^-1: two trmm (CPU) or block-column GEMMs
+        over L^-1 (GPU), 2 T n^2 flops."""
+        with timer("right_solve"):
+            return _right_apply(be, K_test, Linv)
 
     if check:
         with timer("checks"):
@@ -89,7 +86,7 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
             diagnostics.update(_inverse_residual(probe, Linv))
             diagnostics.update(spectrum or _lambda_min_estimate(be, Linv, lam))
     if be.name == "cuda":
-        del Linv  # only diag(A^-1) and the checks read it; the right solves use L
+        del L  # only the checks read it; the right solves use L^-1
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
                   diagnostics=diagnostics, timings=timer.seconds)
 
@@ -132,16 +129,11 @@ def _tri_inv(be: Backend, L, scratch=None):
     return tri_inv_gpu(be, L, out=scratch if usable else None)
 
 
-def _right_solve_gpu(be: Backend, K_test, L):
-    """(T, n) K_test A^-1 as (L^-T (L^-1 K_test^T))^T: two cuBLAS trsm on the full L, whose
-    F-ordered views CuPy passes without a copy (one copy of K_test^T is the right-hand side)."""
-    Z = be.solve_triangular(L, K_test.T, lower=True)
-    Z = be.solve_triangular(L, Z, lower=True, trans=1, overwrite_b=True)
-    return Z.T
-
-
 def _right_apply(be: Backend, K_test, Linv):
-    """K_test L^-T L^-1 by two BLAS trmm (CPU)."""
+    """K_test L^-T L^-1 by two BLAS trmm (CPU) or block-column GEMMs (GPU)."""
+    if be.name != "cpu":
+        from .tri_inverse import right_apply_inverse
+        return right_apply_inverse(be, K_test, Linv)
     from scipy.linalg import blas
     # trmm computes alpha * op(A) * B or B * op(A) with side=1 (right).
     Z = blas.dtrmm(1.0, Linv, np.asarray(K_test, order="F"), side=1, lower=1, trans_a=1)
