@@ -9,15 +9,16 @@
 #   gpu_check_tuned   gpu_check (b) alone with the settings gpu_factor measured fastest
 #                     (blocked or cuSOLVER Cholesky, its block, L^-1 by rows or columns)
 #   host_assembly     issue 3 (memory planning): eNTK at n = 80 000 assembled into host memory
-#                     through pinned panels vs the device-to-host copy floor (never run)
+#                     through pinned panels vs the device-to-host copy floor
 #   approx_1m         issue 4: Nystrom influence, 1 000 000 points x 100 test points
 #   entk_gpu          issue 6: generic eNTK vs torch.func on the GPU
-#   entk_nmax         issue 6: largest n per eNTK route within 8 GiB of GPU memory (never run)
+#   entk_nmax         issue 6: largest n per eNTK route within 8 GiB of GPU memory
 #   cli_shape         issue 3: the CLI job (CIFAR-10-shaped synthetic data, exact): kernel
 #                     stage vs training
-# The default STEPS are the first three (the timings issue 3 (b) still owes). The others ran in
-# session 7 (approx_1m, entk_gpu, cli_shape) or never (host_assembly; entk_nmax, issue 6's
-# largest-n row); each fills much of a 10-minute command, so run them on their own:
+# The default STEPS are the first three (issue 3 (b); they decided the exact solver's GPU
+# settings, bench/RESULTS.md "GPU run 2"). The others ran in session 7 (approx_1m, entk_gpu,
+# cli_shape) or session 9 (host_assembly, entk_nmax); each fills much of a 10-minute command,
+# so run them on their own:
 # STEPS="host_assembly entk_nmax", STEPS="approx_1m entk_gpu", STEPS="cli_shape". Each step has its own time limit, so one hang cannot
 # take the others' results with it. Generating the 1e6 synthetic points on the host took 53 s
 # and 18 GB on the 2-core dev machine, inside approx_1m's limit. Logs and tables go to $OUT

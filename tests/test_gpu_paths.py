@@ -33,15 +33,19 @@ def _problem(n=120, T=9, C=3, d=7, m=50, seed=0):
     return X, Xt, W, Y, Yt
 
 
-@pytest.mark.parametrize("solver,options,rtol", [
-    ("exact", {}, 1e-10),
-    ("nystrom", {"rank": 120, "landmarks": "uniform"}, 1e-6),  # full rank: exact up to K_rr
-    ("cg", {"tol": 1e-10, "probes": 4096}, None),
+@pytest.mark.parametrize("solver,options,rtol,cholesky", [
+    ("exact", {}, 1e-10, "blocked"),
+    ("exact", {}, 1e-10, "cusolver"),
+    ("nystrom", {"rank": 120, "landmarks": "uniform"}, 1e-6, "blocked"),  # full rank: exact up to K_rr
+    ("cg", {"tol": 1e-10, "probes": 4096}, None, "blocked"),
 ])
 def test_loo_influence_on_device_arrays_matches_the_cpu(sim_cupy, monkeypatch, solver,
-                                                        options, rtol):
-    from ntkcore.solvers import tri_inverse
+                                                        options, rtol, cholesky):
+    from ntkcore.solvers import chol_blocked, exact, tri_inverse
     monkeypatch.setattr(tri_inverse, "GPU_INV_BLOCK", 48)  # several block rows, ragged last
+    monkeypatch.setattr(tri_inverse, "RIGHT_APPLY_BLOCK", 40)  # several block columns
+    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", 56)
+    monkeypatch.setattr(exact, "GPU_CHOLESKY", cholesky)
     cp = sim_cupy
     X, Xt, W, Y, Yt = _problem()
     lam = 1e-1
@@ -91,8 +95,13 @@ def test_device_a8_checks_agree_with_the_exact_spectrum(sim_cupy):
     assert gpu.diagnostics["inverse_residual_probe"] < 1e-10
 
 
-def test_an_indefinite_kernel_on_the_device_is_not_psd_error(sim_cupy):
-    """CuPy's cholesky returns a finite partial factor by default; ntkcore must not score it."""
+@pytest.mark.parametrize("cholesky", ["blocked", "cusolver"])
+def test_an_indefinite_kernel_on_the_device_is_not_psd_error(sim_cupy, monkeypatch, cholesky):
+    """CuPy's cholesky returns a finite partial factor by default; ntkcore must not score it
+    (nor the blocked factorisation's, whose pivots are checked once at the end)."""
+    from ntkcore.solvers import chol_blocked, exact
+    monkeypatch.setattr(exact, "GPU_CHOLESKY", cholesky)
+    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", 16)
     cp = sim_cupy
     rng = np.random.default_rng(2)
     G = rng.standard_normal((40, 40))
@@ -243,11 +252,13 @@ def test_solvers_on_the_device_move_o_n_bytes_not_o_n_squared(sim_cupy, solver, 
     assert moved["to_device"] < (probes if solver == "cg" else 0) + 8 * n * 8, moved
 
 
+@pytest.mark.parametrize("cholesky", ["blocked", "cusolver"])
 @pytest.mark.parametrize("overwrite_k,extra", [(False, 2), (True, 1)])
-def test_exact_solver_device_memory_peak(sim_cupy, monkeypatch, overwrite_k, extra):
-    """Device memory the exact solver holds beyond K, in n x n arrays: the Cholesky copy and
-    L^-1 (CuPy's cholesky always copies; trsm gets F-ordered views, so CuPy copies no n x n
-    operand). With overwrite_k, L^-1 is built in K's memory. auto's GPU memory model
+def test_exact_solver_device_memory_peak(sim_cupy, monkeypatch, overwrite_k, extra, cholesky):
+    """Device memory the exact solver holds beyond K, in n x n arrays: the copy the blocked
+    Cholesky factors in place, and L^-1 (every block GEMM gets strided views, so no n x n
+    operand is copied). With overwrite_k, K is factored in place and L^-1 is the one extra
+    array; the right solve holds L^-1 and frees L. auto's GPU memory model
     (EXACT_COPIES_GPU x 8 n^2) must cover K plus these arrays."""
     import gc
 
@@ -256,7 +267,11 @@ def test_exact_solver_device_memory_peak(sim_cupy, monkeypatch, overwrite_k, ext
     from simgpu import cupy_shim
     from ntkcore.solvers import tri_inverse
     from ntkcore import backend
+    from ntkcore.solvers import chol_blocked, exact
+    monkeypatch.setattr(exact, "GPU_CHOLESKY", cholesky)
+    monkeypatch.setattr(chol_blocked, "GPU_CHOL_BLOCK", 128)
     monkeypatch.setattr(tri_inverse, "GPU_INV_BLOCK", 100)  # 10 block rows
+    monkeypatch.setattr(tri_inverse, "RIGHT_APPLY_BLOCK", 100)
     monkeypatch.setattr(backend, "SUM_SQ_BLOCK_ENTRIES", 100 * 1000)  # row blocks, as at large n
     cp = sim_cupy
     n, T = 1000, 100
