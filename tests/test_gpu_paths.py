@@ -63,6 +63,33 @@ def test_loo_influence_on_device_arrays_matches_the_cpu(sim_cupy, monkeypatch, s
     assert_close(gpu.scores.get(), cpu.scores, rtol=rtol, what=f"{solver} scores")
 
 
+@pytest.mark.parametrize("layout", ["F", "reversed rows", "broadcast row", "every other column",
+                                    "float32"])
+def test_exact_device_right_solve_takes_any_k_test_layout(sim_cupy, monkeypatch, layout):
+    """K_test A^-1 by GEMMs over L^-1 hands K_test to cuBLAS as pointer + leading dimension: a
+    view it cannot take as it is (reversed, broadcast, no unit stride; or float32) is copied,
+    and an F-ordered one goes as it is. Each gives the float64 K_test A^-1 of a dense solve."""
+    from ntkcore.solvers import tri_inverse
+    from ntkcore.solvers.exact import exact_fit
+    monkeypatch.setattr(tri_inverse, "RIGHT_APPLY_BLOCK", 16)
+    cp = sim_cupy
+    X, Xt, W, Y, Yt = _problem(n=60, T=9, seed=3)
+    K = nc.relu_ntk(X, W)
+    Kt = nc.relu_ntk(Xt, W, X)
+    if layout == "broadcast row":
+        Kt = np.broadcast_to(Kt[:1], Kt.shape)
+    Kd = cp.asarray(Kt[::-1] if layout == "reversed rows" else Kt)
+    Ktd = {"F": lambda: cp.asfortranarray(Kd), "reversed rows": lambda: Kd[::-1],
+           "broadcast row": lambda: cp.broadcast_to(Kd[:1], Kd.shape),
+           "every other column": lambda: cp.repeat(Kd, 2, axis=1)[:, ::2],
+           "float32": lambda: Kd.astype(np.float32)}[layout]()
+    want = np.linalg.solve(K + 0.1 * np.eye(60), (Ktd.astype(np.float64).get()).T).T
+    fit = exact_fit(cp.asarray(K), cp.asarray(Y), 0.1)
+    got = fit.right_solve(Ktd)
+    assert got.dtype == np.float64
+    assert_close(got.get(), want, rtol=1e-10, what=f"K_test A^-1, K_test {layout}")
+
+
 @pytest.mark.parametrize("solver", ["nystrom", "cg"])
 def test_matrix_free_operator_on_the_device(sim_cupy, solver):
     """The solvers' eNTK operator assembles tiles on the device and never forms n x n."""

@@ -33,13 +33,28 @@ def _stored(x):
     row_major: the stored matrix is x^T (x has unit column stride); rows/cols are the stored
     matrix's. A view with a single row or column is taken in the layout that needs no copy.
     """
+    return (x.data.ptr,) + _layout(x)
+
+
+def _layout(x):
+    """(ld, rows, cols, row_major) of view x (see ``_stored``); ValueError when x has no unit
+    stride with a leading dimension at least its extent (reversed, broadcast, overlapping)."""
     r, c = x.shape
     s0, s1 = (s // x.itemsize for s in x.strides)
     if s0 == 1 and (s1 >= max(1, r) or c == 1):  # column-major (or one column)
-        return x.data.ptr, max(1, r, s1 if c > 1 else r), r, c, False
+        return max(1, r, s1 if c > 1 else r), r, c, False
     if s1 == 1 and (s0 >= max(1, c) or r == 1):  # row-major (or one row)
-        return x.data.ptr, max(1, c, s0 if r > 1 else c), c, r, True
+        return max(1, c, s0 if r > 1 else c), c, r, True
     raise ValueError(f"strided_blas: a view needs one unit stride, got strides {x.strides}")
+
+
+def has_blas_layout(x) -> bool:
+    """Whether the 2-D view x can go to the calls here as it is (``_layout`` accepts it)."""
+    try:
+        _layout(x)
+    except ValueError:
+        return False
+    return True
 
 
 def _libs():
@@ -180,4 +195,4 @@ def potrf_lower(a, info=None, slot: int = 0):
     return None
 
 
-__all__ = ["gemm", "syrk_lower", "trsm_lower", "potrf_lower"]
+__all__ = ["gemm", "syrk_lower", "trsm_lower", "potrf_lower", "has_blas_layout"]

@@ -8,11 +8,11 @@ Memory model (bytes, float64):
 
 - exact: ``EXACT_COPIES`` (2) n x n arrays on the CPU (K or its materialised copy, and the
   factor / its triangular inverse, both in place), i.e. 16 n^2; on the GPU
-  ``EXACT_COPIES_GPU`` (3): CuPy's Cholesky factors a new copy, so K, the working copy of
-  K + lam I and the factor coexist, then K, the factor and its inverse (a trsm in place in an
-  F-ordered identity) (24 n^2; 16 n^2 with ``overwrite_k``, where the inverse is built in K's
-  memory, as for a kernel operator, which the solver materialises and factors in place; held
-  by tests/test_gpu_paths.py on the CUDA simulator's allocation counter);
+  ``EXACT_COPIES_GPU`` (3): K, the copy of K + lam I that the blocked Cholesky factors in
+  place, and L^-1 (built by block rows in GEMMs), 24 n^2; 16 n^2 with ``overwrite_k``, where K
+  itself is factored (with ``GPU_CHOLESKY = "cusolver"``, CuPy's new factor, and L^-1 in K's
+  memory), as for a kernel operator, which the solver materialises and factors in place; held
+  by tests/test_gpu_paths.py on the CUDA simulator's allocation counter;
 - exact in packed storage (CPU): the lower triangle in column panels and one assembly tile,
   about 4 n^2 (the dense solver is not used on the CPU above ``CPU_DENSE_MAX_N``);
 - Nystrom / CG preconditioner at rank r: the factor F (n, r), one (n, r) temporary, the

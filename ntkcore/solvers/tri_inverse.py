@@ -18,7 +18,7 @@ LAPACK's trtri.
 from __future__ import annotations
 
 from ..backend import Backend
-from ..kernels.strided_blas import gemm, trsm_lower
+from ..kernels.strided_blas import gemm, has_blas_layout, trsm_lower
 
 GPU_INV_BLOCK = 2048  # rows per block: 1.5 b / n over n^3/3 flops (6 % at n = 50 000), n^2/2b^2 GEMMs
 #: The exact solver's GPU inverse: "rows" (:func:`tri_inv_blocked`, 36 TFLOP/s on the H200 of
@@ -97,7 +97,9 @@ def tri_inv_columns_flops(n: int, block: int | None = None) -> float:
 def right_apply_inverse(be: Backend, K_test, X, *, block: int | None = None):
     """(T, n) K_test X^T X for X = L^-1 lower triangular (n, n): K_test A^-1 with A = L L^T
     [B.12], by block-column GEMMs over the lower triangle of X, 2 T n^2 (1 + b / n) flops
-    (``right_apply_flops``).
+    (``right_apply_flops``). The GEMMs read X's diagonal b x b blocks whole, so X's strict
+    upper triangle must be zero inside them (``tri_inv_blocked`` / ``tri_inv_columns`` leave
+    it so); above the diagonal blocks X is not read.
 
     Z = K_test X^T, block column J = [j0, j1):  Z[:, J] = K_test[:, :j1] X[J, :j1]^T
     W = Z X,                                    W[:, J] = Z[:, j0:] X[j0:, J]
@@ -110,8 +112,10 @@ def right_apply_inverse(be: Backend, K_test, X, *, block: int | None = None):
     xp = be.xp
     T, n = K_test.shape
     block = int(block or RIGHT_APPLY_BLOCK)
-    if 1 not in (s // K_test.itemsize for s in K_test.strides):
-        K_test = xp.ascontiguousarray(K_test)  # cuBLAS needs one unit stride
+    if K_test.dtype != X.dtype or not has_blas_layout(K_test):
+        # cuBLAS reads X's dtype, through one unit stride and a positive leading dimension
+        # (a reversed, broadcast or no-unit-stride view, even 1 x 1, is copied)
+        K_test = K_test.astype(X.dtype, order="C", copy=True)
     Z = xp.empty((T, n), dtype=X.dtype)
     if T == 0 or n == 0:
         return Z

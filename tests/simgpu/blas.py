@@ -46,7 +46,9 @@ def _matrix(ptr, rows, cols, ld, allocations, dtype=np.float64, what="matrix"):
     if last > end:
         raise AssertionError(f"simulated cuBLAS: {what} ({rows} x {cols}, ld {ld}) reaches "
                              f"{last - end} bytes past its allocation")
-    return np.ndarray((rows, cols), dtype=dtype, buffer=buf.view(np.uint8).reshape(-1),
+    raw = buf.ravel(order="K")  # the allocation's bytes in memory order (C- or F-ordered)
+    assert np.shares_memory(raw, buf), "simulated cuBLAS: allocation is not one block"
+    return np.ndarray((rows, cols), dtype=dtype, buffer=raw.view(np.uint8),
                       offset=offset, strides=(item, ld * item))
 
 
