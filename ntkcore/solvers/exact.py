@@ -95,8 +95,9 @@ def _cholesky(be: Backend, A, lam):
     try:
         if be.name == "cuda" and GPU_CHOLESKY == "blocked":
             from .chol_blocked import cholesky_blocked
-            if not (A.flags.c_contiguous or A.flags.f_contiguous):
-                A = be.xp.ascontiguousarray(A)  # cuBLAS needs one unit stride
+            from ..kernels.strided_blas import has_blas_layout
+            if not has_blas_layout(A):  # one unit stride, positive leading dimension
+                A = A.copy(order="C")
             L = cholesky_blocked(be, A)  # in A's memory
         else:
             L = be.cholesky(A, overwrite=True)
