@@ -300,6 +300,39 @@ def check_chol_blocked(cp, rng):
             "<= 1e-12", "PASS" if err <= 1e-12 and upper_zero else "FAIL")
 
 
+RIGHT_APPLY_CASES = ((3000, 200, None), (777, 50, 100))  # (n, T, block; None = the default)
+RIGHT_APPLY_LAYOUTS = ("C", "F", "reversed rows", "broadcast row", "every other column",
+                       "float32")
+
+
+def check_right_apply(cp, rng):
+    """K_test A^-1 by block-column GEMMs over L^-1 (the exact solver's GPU right solve) vs a
+    float64 CPU solve, for every K_test layout cuBLAS may be handed (F-ordered views go as they
+    are; reversed, broadcast, no-unit-stride and float32 ones are copied first)."""
+    from ntkcore.backend import Backend
+    from ntkcore.solvers.tri_inverse import right_apply_inverse, tri_inv_blocked
+    for n, T, block in RIGHT_APPLY_CASES:
+        G = rng.standard_normal((n, n + 16))
+        A = G @ G.T / n + 0.1 * np.eye(n)
+        X = tri_inv_blocked(Backend("cuda"), cp.asarray(np.linalg.cholesky(A)))
+        Kt = rng.standard_normal((T, n))
+        for layout in RIGHT_APPLY_LAYOUTS:
+            host = {"broadcast row": np.broadcast_to(Kt[:1], Kt.shape),
+                    "float32": Kt.astype(np.float32)}.get(layout, Kt)
+            dev = cp.asarray(np.ascontiguousarray(host))
+            dev = {"F": lambda: cp.asfortranarray(dev),
+                   "reversed rows": lambda: cp.ascontiguousarray(dev[::-1])[::-1],
+                   "broadcast row": lambda: cp.broadcast_to(dev[:1], dev.shape),
+                   "every other column": lambda: cp.repeat(dev, 2, axis=1)[:, ::2]
+                   }.get(layout, lambda: dev)()
+            ref = np.linalg.solve(A, host.astype(np.float64).T).T
+            got = right_apply_inverse(Backend("cuda"), dev, X, block=block)
+            err = rel_err(got.get(), ref)
+            add("correct", f"right_apply_inverse n={n} T={T} block={block or 'default'} "
+                f"K_test {layout}", f"{err:.1e}", "numpy solve", "", "<= 1e-10",
+                "PASS" if err <= 1e-10 and got.dtype == np.float64 else "FAIL")
+
+
 def check_pipeline(cp, rng):
     """ntkcore.loo_influence on CuPy inputs vs the same call on NumPy inputs."""
     import ntkcore as nc
@@ -705,7 +738,8 @@ def main(argv=None):
     if cp is not None:
         if "correct" not in skip:
             for fn in (check_pack, check_entk, check_infinite, check_scoring,
-                       check_tri_inverse, check_chol_blocked, check_pipeline):
+                       check_tri_inverse, check_chol_blocked, check_right_apply,
+                       check_pipeline):
                 run_section("correct", fn, cp, rng)
         if "entk" not in skip:
             run_section("(a) eNTK", bench_entk, cp, sz, args.budget_s)

@@ -181,10 +181,12 @@ def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeyp
     monkeypatch.setattr(gpu_check, "SCORING_CASES", ((1, 1, 1), (20, 700, 10), (9, 2049, 3)))
     monkeypatch.setattr(gpu_check, "TRI_INV_CASES", ((700, 256), (300, 64)))
     monkeypatch.setattr(gpu_check, "CHOL_CASES", ((300, 64), (100, 33), (64, 64)))
+    monkeypatch.setattr(gpu_check, "RIGHT_APPLY_CASES", ((120, 7, 32), (50, 3, None)))
     rng = np.random.default_rng(4)
     for fn in (gpu_check.check_pack, gpu_check.check_entk, gpu_check.check_infinite,
                gpu_check.check_scoring, gpu_check.check_tri_inverse,
-               gpu_check.check_chol_blocked, gpu_check.check_pipeline):
+               gpu_check.check_chol_blocked, gpu_check.check_right_apply,
+               gpu_check.check_pipeline):
         gpu_check.run_section("correct", fn, sim_cupy, rng)
     verdicts = [row[-1] for row in gpu_check.ROWS]
     assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
@@ -209,7 +211,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path,
     monkeypatch.setattr(gpu_check, "QUICK", dict(n=300, d=32, m=64, T=40, C=3, cpu_n=200,
                                                  cpu_d=16, cpu_T=20, cpu_nn=500, gemm=128))
     for name in ("check_pack", "check_entk", "check_infinite", "check_scoring",
-                 "check_tri_inverse", "check_chol_blocked", "check_pipeline"):
+                 "check_tri_inverse", "check_chol_blocked", "check_right_apply", "check_pipeline"):
         monkeypatch.setattr(gpu_check, name, lambda cp, rng: None)  # covered above
     from simgpu import blas
     del blas.CALLS[:]
