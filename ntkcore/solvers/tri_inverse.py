@@ -21,9 +21,10 @@ from ..backend import Backend
 from ..kernels.strided_blas import gemm, has_blas_layout, trsm_lower
 
 GPU_INV_BLOCK = 2048  # rows per block: 1.5 b / n over n^3/3 flops (6 % at n = 50 000), n^2/2b^2 GEMMs
-#: The exact solver's GPU inverse: "rows" (:func:`tri_inv_blocked`, 36 TFLOP/s on the H200 of
-#: bench/RESULTS.md when its GEMMs still copied their operands) or "columns"
-#: (:func:`tri_inv_columns`, not yet measured on a GPU).
+#: The exact solver's GPU inverse: "rows" (:func:`tri_inv_blocked`) or "columns"
+#: (:func:`tri_inv_columns`). At n = 50 000 on the H200 of bench/RESULTS.md (gpu_factor,
+#: 2026-11-28) rows took 0.91-0.97 s at b = 1024-4096 (0.91 s, 48.5 TFLOP/s, at 2048) and
+#: columns 0.99-1.17 s.
 GPU_INV_METHOD = "rows"
 RIGHT_APPLY_BLOCK = 2048  # columns per GEMM of right_apply_inverse: b / n extra flops (4 %)
 
