@@ -526,7 +526,7 @@ def _bench_influence_at(cp, sz, budget, rate):
     lam = 1e-3
     flops = (n * n * d + 2 * T * n * d + 2 * (n + T) * m * d      # assembly (syrk, gemm, X W^T)
              + n ** 3 / 3 + n ** 3 / 3                            # Cholesky, triangular inverse
-             + 2 * T * n * n + 2 * n * n * C)                     # K_test A^-1 (two triangular multiplies), alpha
+             + 2 * T * n * n + 2 * n * n * C)                     # K_test A^-1, alpha
     small = dict(n=min(n, 2048), T=min(T, 256), C=C, d=d, m=m)
     ours_pipeline(cp, _influence_problem(cp, **small, seed=3), lam)  # compile, handles
     _free()
