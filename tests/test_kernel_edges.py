@@ -125,21 +125,20 @@ def test_threads_writing_one_generated_file(tmp_path, monkeypatch):
     assert not list((tmp_path / "kernels").glob(".*.tmp"))
 
 
-def test_threads_loading_one_scoring_kernel(tmp_path, monkeypatch, rng):
-    from ntkcore.kernels import numba_scoring
+def test_threads_loading_one_generated_kernel(tmp_path, monkeypatch, rng):
+    from ntkcore.kernels import numba_tri
+    from ntkcore.kernels.triangular import lower_gram_apply
     monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
-    numba_scoring.scoring_kernel.cache_clear()
+    numba_tri.tri_kernels.cache_clear()
     try:
-        kernels = _in_threads(6, lambda: numba_scoring.scoring_kernel(3))
-        B, dinv = rng.standard_normal((5, 40)), rng.random(40) + 0.5
-        alpha, R = rng.standard_normal((40, 3)), rng.standard_normal((5, 3))
-        g, blocks = numba_scoring.pack_operands(dinv, alpha)
-        for kern in kernels:
-            out = np.full_like(B, np.nan)
-            kern(B, g, blocks, R, out)
-            assert_close(out, _scores_reference(B, dinv, alpha, R), what="kernel")
+        loaded = _in_threads(6, numba_tri.tri_kernels)
+        assert all(len(kernels) == 3 and all(map(callable, kernels)) for kernels in loaded)
+        assert len(list((tmp_path / "kernels").glob("tri_cols8_*.py"))) == 1
+        Lt = np.tril(rng.standard_normal((11, 11)))
+        V = rng.standard_normal((11, 3))
+        assert_close(lower_gram_apply(Lt, V), Lt.T @ (Lt @ V), what="kernel")
     finally:
-        numba_scoring.scoring_kernel.cache_clear()
+        numba_tri.tri_kernels.cache_clear()
 
 
 # ------------------------------------------------------------------ leftover rows

@@ -226,31 +226,31 @@ def test_topk_matches_stable_argsort(backend, T, n, C, k, keep):
         assert res.scores is None
 
 
-def test_generated_scoring_kernel_is_written_once_and_reused(tmp_path, monkeypatch):
-    """The per-C CPU scoring source goes to $NTKCORE_CACHE/kernels, is named by a hash of its
-    text, is not rewritten by a second process-level load, and computes the formula."""
-    from ntkcore.kernels import _generated, numba_scoring
+def test_generated_kernel_source_is_written_once_and_reused(tmp_path, monkeypatch):
+    """The generated triangular-product source goes to $NTKCORE_CACHE/kernels, is named by a
+    hash of its text, is not rewritten by a second process-level load, and computes the
+    product it renders."""
+    from ntkcore.kernels import _generated, numba_tri
+    from ntkcore.kernels.triangular import lower_gram_apply
     monkeypatch.setenv("NTKCORE_CACHE", str(tmp_path))
-    numba_scoring.scoring_kernel.cache_clear()
+    numba_tri.tri_kernels.cache_clear()
     try:
-        kern = numba_scoring.scoring_kernel(2)
-        files = list((tmp_path / "kernels").glob("score_c2_*.py"))
-        assert len(files) == 1 and "C = 2" in files[0].read_text()
+        numba_tri.tri_kernels()
+        files = list((tmp_path / "kernels").glob("tri_cols8_*.py"))
+        assert len(files) == 1 and "def lower_gram_apply" in files[0].read_text()
         stamp = files[0].stat().st_mtime_ns
-        numba_scoring.scoring_kernel.cache_clear()
-        assert _generated.write_source(files[0].name, numba_scoring._render(2)) == files[0]
+        numba_tri.tri_kernels.cache_clear()
+        assert _generated.write_source(files[0].name, numba_tri._render()) == files[0]
         assert files[0].stat().st_mtime_ns == stamp  # same text: left alone
         rng = np.random.default_rng(5)
-        B, dinv, alpha, R = _scoring_problem(rng, 9, 70, 2)
-        out = np.full_like(B, np.nan)
-        g, alpha_blocks = numba_scoring.pack_operands(dinv, alpha)
-        kern(B, g, alpha_blocks, R, out)
-        assert_close(out, _scores_reference(B, dinv, alpha, R), what="generated kernel")
+        Lt = np.tril(rng.standard_normal((13, 13)))
+        V = rng.standard_normal((13, 9))
+        assert_close(lower_gram_apply(Lt, V), Lt.T @ (Lt @ V), what="generated kernel")
     finally:
-        numba_scoring.scoring_kernel.cache_clear()
+        numba_tri.tri_kernels.cache_clear()
 
 
-def test_generated_scoring_source_falls_back_when_the_cache_is_unwritable(tmp_path,
+def test_generated_source_falls_back_when_the_cache_is_unwritable(tmp_path,
                                                                            monkeypatch):
     from ntkcore.kernels import _generated
     blocker = tmp_path / "not-a-folder"

@@ -164,60 +164,7 @@ def arccos_scale(out, norms, norms2, sym, pairs):
             _mirror_pair(out, i0, i1, j0, j1)
 
 
-# ----------------------------------------------------------------------------- influence
-_BLOCK = 512  # columns per inner block: the cross-term buffer stays in L1
-_ROWS = 16    # test rows per parallel task (they share each block of alpha^T)
-
-
-@njit(inline="always", cache=True)
-def _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, acc, dst):
-    """dst[:c1-c0] <- scores of row t, columns c0:c1; ``acc`` is scratch for the cross term.
-
-    ``dst`` may be the same row of B: each element is read before it is written. Slices keep
-    the inner loops free of index wrap-around checks, so they vectorize.
-    """
-    C = alphaT.shape[0]
-    nb = c1 - c0
-    a = acc[:nb]
-    a[:] = 0.0
-    for c in range(C):
-        rc = R[t, c]
-        arow = alphaT[c, c0:c1]
-        for k in range(nb):
-            a[k] += rc * arow[k]
-    brow = B[t, c0:c1]
-    drow = dinv[c0:c1]
-    hrow = half_sq[c0:c1]
-    for k in range(nb):
-        u = brow[k] / drow[k]
-        s = u * hrow[k]
-        s -= a[k]
-        dst[k] = s * u
-
-
-@njit(parallel=True, cache=True)
-def influence_rows(B, dinv, half_sq, alphaT, R, out):
-    """Fused scoring [Def 3.3 via Thm B.9], one pass over B:
-
-    out[t, i] = U (U * half_sq[i] - R[t] . alpha_i),  U = B[t, i] / dinv[i],
-    half_sq = ||alpha_i||^2 / 2, alphaT = alpha^T (C, n) contiguous. ``out`` may be ``B``.
-    Tiled over test points: _ROWS rows share each (C, _BLOCK) block of alpha^T while it is in
-    L1, instead of streaming all of alpha^T (C n doubles) once per row. The generic kernel,
-    used for C > ``numba_scoring.MAX_SPECIALISED_C`` classes; smaller C runs the per-C
-    kernels of :mod:`.numba_scoring`, which keep the cross term in registers (2-4x faster).
-    """
-    T, n = B.shape
-    nblocks = (T + _ROWS - 1) // _ROWS
-    for rb in prange(nblocks):
-        t0 = rb * _ROWS
-        t1 = min(T, t0 + _ROWS)
-        buf = np.empty(_BLOCK)
-        for c0 in range(0, n, _BLOCK):
-            c1 = min(n, c0 + _BLOCK)
-            for t in range(t0, t1):
-                _score_block(B, t, c0, c1, dinv, half_sq, alphaT, R, buf, out[t, c0:c1])
-
-
+# ----------------------------------------------------------------------------- top-k
 @njit(inline="always", cache=True)
 def _worse(v1, i1, v2, i2):
     """Ordering of the top-k lists: larger value first, ties to the smaller index."""

@@ -15,7 +15,6 @@ import numpy as np
 
 from ..backend import Backend
 from ..ntk.tiling import DEFAULT_TEMP_FRACTION, tile_rows, tiles
-from .numba_scoring import MAX_SPECIALISED_C
 
 _TOPK_CHUNK_BYTES = 8 << 20  # scores of one CPU top-k chunk: stays in a 16-32 MB L3
 
@@ -130,18 +129,21 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
 
 
 def _cpu_scorer(dinv, alpha):
-    """``score(B, R, out)`` for row chunks of one problem: the kernel specialised for this
-    class count C when C is small (four test rows per loop, residuals in registers, its
-    per-column operands packed once here, straight from alpha), else the generic one."""
-    C = alpha.shape[1]
-    if 1 <= C <= MAX_SPECIALISED_C:
-        from .numba_scoring import pack_operands, scoring_kernel
-        kernel = scoring_kernel(C)
-        g, alpha_blocks = pack_operands(dinv, alpha)
-        return lambda B, R, out: kernel(B, g, alpha_blocks, R, out)
-    from . import numba_kernels as nk
-    half_sq, alphaT = _transposed_operands(alpha, np)
-    return lambda B, R, out: nk.influence_rows(B, dinv, half_sq, alphaT, R, out)
+    """``score(B, R, out)`` for row chunks of one problem: the register-blocked tile kernel
+    (:mod:`.numba_tile`, any class count), its per-column operands packed once here,
+    straight from alpha. An ``out`` the tile cannot write directly (another dtype than B's,
+    or columns that are not contiguous) is filled through a buffer of B's layout."""
+    from . import numba_tile
+    g, alpha_blocks = numba_tile.pack_operands(dinv, alpha)
+
+    def score(B, R, out):
+        if out.dtype == B.dtype and out.strides[1] == out.itemsize:
+            numba_tile.score_rows(B, g, alpha_blocks, R, out)
+        else:
+            buffer = np.empty(B.shape, dtype=B.dtype)
+            numba_tile.score_rows(B, g, alpha_blocks, R, buffer)
+            out[...] = buffer
+    return score
 
 
 def _topk_cpu_chunked(B, dinv, alpha, R, k, hi_idx, hi_val, lo_idx, lo_val, S):
