@@ -97,12 +97,51 @@ def test_public_scores_into_an_out_the_tile_cannot_write(rng, out_kind):
         assert np.isnan(out[:, 1::2]).all(), "wrote between the strided columns"
 
 
-def test_tile_constants_agree_with_the_packing():
-    """A tile is one packed block of alpha': the two widths must be the same number."""
-    B = np.ones((1, 40))
-    g, blocks = pack_operands(np.ones(40), np.ones((40, 3)))
-    assert blocks.shape == (-(-40 // numba_tile.TILE_COLS), 3, numba_tile.TILE_COLS)
-    assert g.shape == (40,) and B.shape[1] == g.shape[0]
+def _field_rows(values):
+    """``values`` (T, n) as the field of a structured array: rows 8 n + 1 bytes apart, which is
+    not a whole number of float64 entries."""
+    rec = np.zeros(values.shape[0], dtype=[("B", "f8", (values.shape[1],)), ("flag", "i1")])
+    rec["B"] = values
+    return rec["B"]
+
+
+def test_rows_apart_by_a_fraction_of_an_entry(rng):
+    """A B (or out) whose rows start 8 n + 1 bytes apart: the strips stepped rows by
+    strides[0] // 8 entries, so rows 1.. were read from (and written to) the wrong places
+    (inf and -0.0 scores, a false NonFiniteError from nc.influence_scores). Such arrays are
+    copied or scored through a buffer; the kernel itself refuses them."""
+    B, dinv, alpha, R = _problem(rng, 6, 40, 3)
+    ref = _reference(B, dinv, alpha, R)
+    assert B.strides == (320, 8) and _field_rows(B).strides == (321, 8)
+    assert_close(nc.influence_scores(_field_rows(B), dinv, alpha, R), ref, what="B field")
+    from ntkcore.kernels import influence_scores_fused, influence_topk_fused
+    out = _field_rows(np.full_like(B, np.nan))
+    influence_scores_fused(B, dinv, alpha, R, out=out)
+    assert_close(out, ref, what="out field")
+    top = influence_topk_fused(_field_rows(B), dinv, alpha, R, 3)
+    assert np.array_equal(top.helpful, np.argsort(-ref, axis=1, kind="stable")[:, :3])
+    g, blocks = pack_operands(dinv, alpha)
+    with pytest.raises(ValueError, match="whole number of entries"):
+        score_rows(_field_rows(B), g, blocks, R, np.empty_like(B))
+
+
+@pytest.mark.parametrize("bad", ["out columns", "R classes", "g length", "blocks"])
+def test_tile_kernel_refuses_operands_that_do_not_fit(rng, bad):
+    """The strips read by pointer with no bounds checks: a short g or alpha_blocks, or an out
+    or R of another shape, would read or write past an array. score_rows refuses them."""
+    B, dinv, alpha, R = _problem(rng, 6, 40, 3)
+    g, blocks = pack_operands(dinv, alpha)
+    out = np.empty_like(B)
+    if bad == "out columns":
+        out = np.empty((6, 39))
+    elif bad == "R classes":
+        R = R[:, :2].copy()
+    elif bad == "g length":
+        g = g[:32]
+    else:
+        blocks = blocks[:2]
+    with pytest.raises(ValueError, match="do not fit together"):
+        score_rows(B, g, blocks, R, out)
 
 
 def test_public_api_uses_the_tile_kernel_for_any_class_count(rng, monkeypatch):

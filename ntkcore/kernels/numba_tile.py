@@ -44,7 +44,8 @@ TILE_COLS = 16
 TILE_ROWS = 4
 #: full tiles per parallel job: 2048 columns, so T = 4 rows still spreads over the threads
 _JOB_BLOCKS = 128
-#: how far ahead (in entries) each row of B is prefetched; 0 disables
+#: how far ahead (in entries) each row of B is prefetched, 0 for not at all. A source
+#: constant: Numba's on-disk cache keeps the value the strips were compiled with.
 PREFETCH_AHEAD = 32
 
 _I64 = ir.IntType(64)
@@ -208,16 +209,31 @@ _strip_quad = _strip_intrinsic(TILE_ROWS)
 _strip_row = _strip_intrinsic(1)
 
 
+@njit(cache=True)
+def _whole_steps(a):
+    """Rows of the 2-D array ``a`` start a whole number of entries apart and the entries of a
+    row are adjacent: the strips step through ``a`` by entries."""
+    return a.strides[0] % a.itemsize == 0 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize)
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def score_rows(B, g, alpha_blocks, R, out):
     """out[t, i] = b (b g[i] - R[t] . alpha'_i), b = B[t, i] (``out`` may be ``B``).
 
     B, out : (T, n), contiguous rows; g : (n,); alpha_blocks : (ceil(n / 16), C, 16) from
     :func:`pack_operands`; R : (T, C) contiguous. float64 or float32, all one
-    dtype.
+    dtype. Shapes or steps the strips cannot address raise ValueError (they read memory by
+    pointer, with no bounds checks).
     """
     T, n = B.shape
     C = alpha_blocks.shape[1]
+    if (out.shape != B.shape or R.shape[0] != T or R.shape[1] != C or g.shape[0] != n
+            or alpha_blocks.shape[0] != -(-n // TILE_COLS)
+            or alpha_blocks.shape[2] != TILE_COLS):
+        raise ValueError("score_rows: B, out, g, alpha_blocks and R do not fit together")
+    if not (_whole_steps(B) and _whole_steps(out) and _whole_steps(R)):
+        raise ValueError("score_rows: B, out and R need adjacent entries in a row and rows "
+                         "a whole number of entries apart")
     quads = T // TILE_ROWS
     full = n // TILE_COLS
     chunks = max(1, -(-full // _JOB_BLOCKS))

@@ -39,8 +39,8 @@ class TopK:
 def _prepare(B, diag_inv, alpha, residuals, xp):
     """Operands of the kernels: B with contiguous rows, 1-D diag, alpha (n, C), R (T, C)."""
     dt = B.dtype
-    if B.strides[1] != B.itemsize:
-        B = xp.ascontiguousarray(B)
+    if B.strides[1] != B.itemsize or B.strides[0] % B.itemsize:
+        B = xp.ascontiguousarray(B)  # the kernels step rows by whole entries
     dinv = xp.ascontiguousarray(diag_inv, dtype=dt).reshape(-1)
     C = alpha.shape[1] if alpha.ndim == 2 else 1  # explicit: reshape(0, -1) is ambiguous
     alpha = alpha.reshape(alpha.shape[0], C).astype(dt, copy=False)
@@ -50,7 +50,7 @@ def _prepare(B, diag_inv, alpha, residuals, xp):
 
 def _transposed_operands(alpha, xp):
     """half_sq = ||alpha_i||^2 / 2 (n,) and alpha^T (C, n) contiguous: the operands of the
-    CUDA kernels and of the generic Numba kernel."""
+    CUDA kernels."""
     half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", alpha, alpha))
     return half_sq, xp.ascontiguousarray(alpha.T)
 
@@ -132,12 +132,14 @@ def _cpu_scorer(dinv, alpha):
     """``score(B, R, out)`` for row chunks of one problem: the register-blocked tile kernel
     (:mod:`.numba_tile`, any class count), its per-column operands packed once here,
     straight from alpha. An ``out`` the tile cannot write directly (another dtype than B's,
-    or columns that are not contiguous) is filled through a buffer of B's layout."""
+    columns that are not contiguous, or rows that do not start a whole number of entries apart)
+    is filled through a buffer of B's layout."""
     from . import numba_tile
     g, alpha_blocks = numba_tile.pack_operands(dinv, alpha)
 
     def score(B, R, out):
-        if out.dtype == B.dtype and out.strides[1] == out.itemsize:
+        if (out.dtype == B.dtype and out.strides[1] == out.itemsize
+                and out.strides[0] % out.itemsize == 0):
             numba_tile.score_rows(B, g, alpha_blocks, R, out)
         else:
             buffer = np.empty(B.shape, dtype=B.dtype)
