@@ -173,3 +173,26 @@ def test_sys_exit_in_a_model_file_is_a_one_line_error(tmp_path):
     interrupt.write_text("raise KeyboardInterrupt\n")
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C is the user's, not a model error
         load_user_model(f"{interrupt}:make")
+
+
+# ------------------------------------------------------------------ weights shared by modules
+def _tied_model():
+    torch.manual_seed(3)
+    shared = nn.Linear(5, 5)
+    return nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "jacobian"])
+def test_tied_weights_survive_and_every_call_is_right(strategy):
+    """A weight used by two modules: torch.func.functional_call left a plain, grad-less tensor
+    in its place, so the model could no longer train, and every later call left the shared
+    layer out of the kernel (51 % error; influence_for_model's second, K_test call too)."""
+    m = _tied_model()
+    X = torch.randn(6, 5, dtype=torch.float64)
+    ref = autograd_entk_generic(m, X)
+    for call in range(2):
+        K = empirical_ntk(m, X, strategy=strategy)
+        assert_close(K.numpy(), ref, what=f"call {call}")
+    assert isinstance(m[0].weight, nn.Parameter) and m[0].weight.requires_grad
+    assert m[0].weight is m[2].weight, "the two modules must still share one weight"
+    assert [n for n, _ in m.named_parameters()] == ["0.weight", "0.bias", "4.weight", "4.bias"]

@@ -273,7 +273,8 @@ def _parse_dtype(dtype):
 
 @contextlib.contextmanager
 def _working_model(model, dtype, device):
-    """The model to evaluate (a cast/moved copy when dtype/device differ), in eval mode."""
+    """The model to evaluate (a cast/moved copy when dtype/device differ), in eval mode; its
+    training flags and registered parameters and buffers are restored on exit."""
     import torch
     dtype = _parse_dtype(dtype)
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
@@ -290,12 +291,18 @@ def _working_model(model, dtype, device):
     work = model if (dt == cur_dt and dev == cur_dev) else \
         copy.deepcopy(model).to(device=dev, dtype=dt)
     flags = {m: m.training for m in work.modules()}
+    # torch.func.functional_call leaves a plain, grad-less tensor in place of a weight that
+    # two modules share (torch 2.14): keep every registered tensor and put it back after
+    state = [(m, table, name, t) for m in work.modules()
+             for table in (m._parameters, m._buffers) for name, t in table.items()]
     work.eval()
     try:
         yield work, dt, dev
     finally:
         for m, f in flags.items():
             m.training = f
+        for _, table, name, t in state:
+            table[name] = t
 
 
 def _parse_device(device, cur_dev):
