@@ -185,6 +185,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     asym = None
     if dense:  # finite, square and symmetric: one read of K
         K, asym = check_kernel_matrix(K, "K", dtype=np.float64)
+    elif isinstance(K, DenseKernel):  # the same check of the caller's matrix behind it (the
+        asym = check_kernel_matrix(K.K, "K")[1]  # packed, Nystrom and CG solvers read one side)
     Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
     Y_test = as_float_matrix(Y_test, "Y_test", dtype=np.float64, allow_1d=True)
     K_test = as_float_matrix(K_test, "K_test", dtype=np.float64)
