@@ -208,6 +208,12 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     if not keep_scores and top_k is None:
         raise ParameterError("keep_scores=False needs top_k (otherwise nothing is returned)")
     overwrite_k = check_flag(overwrite_k, "overwrite_k")
+    if overwrite_k and (dense or isinstance(K, DenseKernel)):
+        flags = (K if dense else K.K).flags
+        if not getattr(flags, "writeable", True):
+            raise ParameterError("overwrite_k: expected a writeable K to factor in place, got a "
+                                 "read-only array (e.g. a read-only memory map); pass "
+                                 "overwrite_k=False, or a writeable copy")
     if overwrite_k and (dense or isinstance(K, DenseKernel)):  # DenseKernel: the caller's K
         K_test, Y, Y_test, overwrite_k = _unshare_from_k(K if dense else K.K, K_test, Y,
                                                          Y_test)

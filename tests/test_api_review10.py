@@ -37,3 +37,21 @@ def test_an_asymmetric_dense_kernel_operator_is_refused(rng, solver, options):
     if solver == "exact":
         assert_close(res.scores, loo_influence_bruteforce(K, Y, Kt, Yt, 0.1), rtol=1e-9,
                      what="packed scores")
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_overwrite_k_with_a_read_only_k_is_typed(rng, tmp_path, wrap):
+    """overwrite_k=True with a read-only K (a flag, or np.load(mmap_mode='r')) raised a bare
+    ValueError ('assignment destination is read-only') from inside the exact solver."""
+    K, Y, Kt, Yt = _problem(rng)
+    np.save(tmp_path / "K.npy", K)
+    mapped = np.load(tmp_path / "K.npy", mmap_mode="r")
+    frozen = K.copy()
+    frozen.flags.writeable = False
+    for ro in (mapped, frozen):
+        arg = nc.DenseKernel(ro) if wrap else ro
+        with pytest.raises(errors.ParameterError, match="read-only"):
+            nc.loo_influence(arg, Y, Kt, Yt, lam=0.1, overwrite_k=True)
+        res = nc.loo_influence(nc.DenseKernel(ro) if wrap else ro, Y, Kt, Yt, lam=0.1)
+        assert_close(res.scores, loo_influence_bruteforce(K, Y, Kt, Yt, 0.1), rtol=1e-9,
+                     what="without overwrite_k")
