@@ -55,3 +55,16 @@ def test_overwrite_k_with_a_read_only_k_is_typed(rng, tmp_path, wrap):
         res = nc.loo_influence(nc.DenseKernel(ro) if wrap else ro, Y, Kt, Yt, lam=0.1)
         assert_close(res.scores, loo_influence_bruteforce(K, Y, Kt, Yt, 0.1), rtol=1e-9,
                      what="without overwrite_k")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # CG's residual norms overflowed too
+@pytest.mark.parametrize("scale", [1e155, 1e-150])
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"solver": "cg"}])
+def test_scores_do_not_change_when_k_and_lam_scale_together(rng, scale, kw):
+    """K, K_test and lam times 1e155 leave the scores unchanged, but the CPU scorer folded
+    1/diag(A^-1)^2 (1e310: inf) into ||alpha_i||^2 (1e-310) and reported an overflow."""
+    K, Y, Kt, Yt = _problem(rng)
+    ref = loo_influence_bruteforce(K, Y, Kt, Yt, 0.1)
+    res = nc.loo_influence(K * scale, Y, Kt * scale, Yt, lam=0.1 * scale, **kw)
+    assert_close(res.scores, ref, rtol=1e-6 if kw.get("solver") == "cg" else 1e-9,
+                 what=f"scores at scale {scale:g}")

@@ -291,10 +291,10 @@ def _pack(alpha, diag_inv, g, alpha_blocks):
                 inv_d = 1.0 / diag_inv[k]
                 sq = 0.0
                 for c in range(C):
-                    a = alpha[k, c]
-                    sq += a * a
-                    alpha_blocks[b, c, w] = a * inv_d
-                g[k] = inv_d * inv_d * (0.5 * sq)
+                    a = alpha[k, c] * inv_d  # scaled first: alpha and diag_inv may be tiny
+                    sq += a * a  # together (K and lam scaled up), their squares not
+                    alpha_blocks[b, c, w] = a
+                g[k] = 0.5 * sq
             else:
                 for c in range(C):
                     alpha_blocks[b, c, w] = 0.0

@@ -104,7 +104,11 @@ def _as_apply(A, name):
 
 
 def _colnorms(xp, R):
-    return xp.sqrt((R * R).sum(axis=0))
+    """||R[:, j]||_2 per column, scaled by the column's largest entry first: entries past
+    1e154 (K and lam scaled up together) would overflow their squares."""
+    top = xp.abs(R).max(axis=0) if R.shape[0] else xp.zeros(R.shape[1:], dtype=R.dtype)
+    unit = xp.where(top > 0, top, 1)
+    return top * xp.sqrt(((R / unit) ** 2).sum(axis=0))
 
 
 def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,
