@@ -32,7 +32,8 @@ def is_kernel_operator(K) -> bool:
 def as_float_matrix(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False):
     """Return ``a`` as a floating array of ``ndim`` dims on its own device, finite-checked.
 
-    Integer/bool input becomes float64; float32 stays float32 unless ``dtype`` is given.
+    Integer/bool input, float16 and long double become float64; float32 stays float32
+    unless ``dtype`` is given.
     A 1-D input with ``allow_1d`` becomes a column (n,) -> (n, 1).
     """
     a = _as_float(a, name, ndim=ndim, dtype=dtype, allow_1d=allow_1d)
@@ -57,7 +58,7 @@ def _as_float(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False
         raise ShapeError(f"{name}: expected a {ndim}-D array, got shape {tuple(a.shape)}")
     if dtype is not None:
         a = a.astype(dtype, copy=False)
-    elif a.dtype.kind not in "f":
+    elif a.dtype not in (xp.float64, xp.float32):  # integers, bools, float16, long double
         a = a.astype(xp.float64)
     return a
 

@@ -77,8 +77,8 @@ def influence_scores(B, diag_inv, alpha, residuals):
     alpha : (n, C), or (n,) for C = 1
     residuals : (T, C) f(x_t) - y_t, or (T,) for C = 1
 
-    Array-likes (NumPy, CuPy, torch CPU tensors, lists) are accepted; integers and bools
-    become float64, float32 B stays float32 (the other operands are cast to B's dtype). CuPy
+    Array-likes (NumPy, CuPy, torch CPU tensors, lists) are accepted; integers, bools,
+    float16 and long double become float64, float32 B stays float32 (the other operands are cast to B's dtype). CuPy
     inputs stay on the device.
 
     Returns
@@ -205,6 +205,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
                          f"got n={n}, T={K_test.shape[0]}")
     if top_k is not None:
         top_k = check_count(top_k, "top_k")
+    keep_scores = check_flag(keep_scores, "keep_scores")
+    check = check_flag(check, "check")
     if not keep_scores and top_k is None:
         raise ParameterError("keep_scores=False needs top_k (otherwise nothing is returned)")
     overwrite_k = check_flag(overwrite_k, "overwrite_k")

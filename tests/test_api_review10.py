@@ -68,3 +68,31 @@ def test_scores_do_not_change_when_k_and_lam_scale_together(rng, scale, kw):
     res = nc.loo_influence(K * scale, Y, Kt * scale, Yt, lam=0.1 * scale, **kw)
     assert_close(res.scores, ref, rtol=1e-6 if kw.get("solver") == "cg" else 1e-9,
                  what=f"scores at scale {scale:g}")
+
+
+@pytest.mark.parametrize("solver,options", [
+    ("nystrom", {"seed": -1}), ("cg", {"seed": 1.5}), ("exact", {"seed": "a", "diag_probes": 16}),
+    ("nystrom", {"diag_correction": "no"}), ("exact", {"keep_scores": "no"}),
+    ("exact", {"check": "no"})])
+def test_bad_option_values_are_typed(rng, solver, options):
+    """seed=-1 raised a bare ValueError and seed=1.5 or 'a' a TypeError; the strings 'no' for
+    keep_scores, check or diag_correction were taken as True."""
+    K, Y, Kt, Yt = _problem(rng)
+    name = next(iter(options))
+    with pytest.raises(errors.ParameterError, match=name):
+        nc.loo_influence(K, Y, Kt, Yt, lam=0.1, solver=solver, **options)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.longdouble])
+def test_scores_of_other_float_widths(rng, dtype):
+    """float16 or long double B failed inside the Numba kernel (NotImplementedError,
+    TypingError); such input is now scored in float64, like integers."""
+    B = rng.standard_normal((4, 30))
+    d, a, r = rng.random(30) + 0.5, rng.standard_normal((30, 2)), rng.standard_normal((4, 2))
+    Bw = B.astype(dtype)
+    want = nc.influence_scores(Bw.astype(np.float64), d, a, r)
+    got = nc.influence_scores(Bw, d, a, r)
+    assert got.dtype == np.float64
+    assert_close(got, want, what=str(dtype))
+    from ntkcore.kernels import influence_scores_fused
+    assert_close(influence_scores_fused(Bw, d, a, r), want, what=f"kernel, {dtype}")

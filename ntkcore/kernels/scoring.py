@@ -38,6 +38,8 @@ class TopK:
 
 def _prepare(B, diag_inv, alpha, residuals, xp):
     """Operands of the kernels: B with contiguous rows, 1-D diag, alpha (n, C), R (T, C)."""
+    if B.dtype not in (np.float64, np.float32):  # the kernels are built for these two
+        B = B.astype(np.float64)
     dt = B.dtype
     if B.strides[1] != B.itemsize or B.strides[0] % B.itemsize:
         B = xp.ascontiguousarray(B)  # the kernels step rows by whole entries

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from .._validate import check_positive
+from .._validate import check_count, check_flag, check_positive
 from ..backend import backend_for
 from ..errors import MemoryBudgetError, ParameterError
 from .cg import CG_ARRAYS, DEFAULT_PROBES
@@ -238,7 +238,8 @@ def check_solver_options(requested: str, options: dict) -> dict:
 
     Raises
     ------
-    ParameterError : unknown solver or option, or a bad precision / diag_probes value.
+    ParameterError : unknown solver or option, or a bad precision / diag_probes / rank / seed
+        / diag_correction / CG value.
     """
     if requested not in SOLVERS:
         raise ParameterError(f"solver: expected one of {SOLVERS}, got {requested!r}")
@@ -250,6 +251,10 @@ def check_solver_options(requested: str, options: dict) -> dict:
     _packed_approximations(options)
     if "rank" in options:
         check_rank(options["rank"], 1)
+    if "seed" in options:  # NumPy's default_rng takes integers >= 0
+        options["seed"] = check_count(options["seed"], "seed", minimum=0)
+    if "diag_correction" in options:
+        options["diag_correction"] = check_flag(options["diag_correction"], "diag_correction")
     from .cg import check_cg_options
     check_cg_options(**{k: options[k] for k in ("tol", "atol", "maxiter", "probes")
                         if k in options})
