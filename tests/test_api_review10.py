@@ -96,3 +96,16 @@ def test_scores_of_other_float_widths(rng, dtype):
     assert_close(got, want, what=str(dtype))
     from ntkcore.kernels import influence_scores_fused
     assert_close(influence_scores_fused(Bw, d, a, r), want, what=f"kernel, {dtype}")
+
+
+def test_cg_refuses_a_complex_right_hand_side(rng):
+    """cg(A, b + 1j b) dropped the imaginary part with only a ComplexWarning and returned
+    info = 0 with the solution of the real part."""
+    from ntkcore.solvers.cg import cg
+    K, _, _, _ = _problem(rng)
+    b = rng.standard_normal(K.shape[0])
+    with pytest.raises(errors.ParameterError, match="real numbers"):
+        cg(K, b + 1j * b)
+    x, info = cg(K, b, rtol=1e-12)
+    assert info == 0
+    assert_close(x, np.linalg.solve(K, b), rtol=1e-9, what="real b")

@@ -299,7 +299,10 @@ def cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: int | N
         recurrence that drifted from the true residual); -1 breakdown (A or M not SPD).
     """
     xp = backend_for(B).xp
-    B = xp.asarray(B, dtype=np.float64)
+    B = xp.asarray(B)
+    if B.dtype.kind not in "biuf":  # complex would lose its imaginary part to the cast
+        raise ParameterError(f"B: expected real numbers, got dtype {B.dtype}")
+    B = B.astype(np.float64, copy=False)
     if B.ndim not in (1, 2):
         raise ShapeError(f"B: expected an (n,) or (n, s) array, got shape {tuple(B.shape)}")
     vec = B.ndim == 1
