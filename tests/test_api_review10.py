@@ -109,3 +109,14 @@ def test_cg_refuses_a_complex_right_hand_side(rng):
     x, info = cg(K, b, rtol=1e-12)
     assert info == 0
     assert_close(x, np.linalg.solve(K, b), rtol=1e-9, what="real b")
+
+
+def test_cg_tolerance_beyond_float64_is_not_called_indefinite(rng):
+    """tol=1e-200: the residual's r^T M r underflowed to exactly 0 and CG reported a
+    breakdown, 'K has an eigenvalue below -lam' (NotPSDError), for a valid NTK."""
+    X, Xt = rng.standard_normal((200, 8)), rng.standard_normal((5, 8))
+    W = rng.standard_normal((8, 8))
+    K, Kt = nc.relu_ntk(X, W), nc.relu_ntk(Xt, W, X)
+    Y, Yt = np.eye(3)[rng.integers(0, 3, 200)], np.eye(3)[rng.integers(0, 3, 5)]
+    with pytest.raises(errors.ConvergenceError, match="float64"):
+        nc.loo_influence(K, Y, Kt, Yt, lam=1e-3, solver="cg", tol=1e-200)

@@ -15,7 +15,7 @@ restarted from its true residual (at most ``max_restarts`` times). Reported, nev
 - ``info > 0``: not converged after ``info`` iterations (maxiter reached, stagnation — the worst
   relative residual did not halve in ``stall_window`` iterations — or repeated failed
   verification, i.e. the recurrence drifted from the truth);
-- ``info = -1``: breakdown, p^T A p <= 0 or r^T M r <= 0 (A or M not positive definite).
+- ``info = -1``: breakdown, p^T A p <= 0 or r^T M r < 0 (A or M not positive definite).
 
 :func:`cg_fit` is the KRR solver on top: a Nystrom (randomly pivoted Cholesky) preconditioner
 P = F F^T + lam I, whose inverse is also the warm start and the control variate of the
@@ -74,7 +74,8 @@ class CGResult:
         ||r_j|| / ||b_j|| over all columns (recurrence values; verified ones are true).
     true_checks : list of (iteration, largest true relative residual).
     restarts : int, columns restarted after a failed verification.
-    stagnated : bool; breakdown : str or None; reason : str (one line).
+    stagnated : bool; breakdown : str or None; underflow : bool, r^T M r of a nonzero
+        residual underflowed to 0 (the tolerance is beyond float64); reason : str (one line).
     """
 
     X: object
@@ -87,6 +88,7 @@ class CGResult:
     restarts: int = 0
     stagnated: bool = False
     breakdown: str | None = None
+    underflow: bool = False
     reason: str = ""
 
 
@@ -203,8 +205,11 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
             if act.size:
                 Z = apply_M(R_a) if apply_M else R_a
                 rho_new = (R_a * Z).sum(axis=0)
-                if bool(xp.any(rho_new <= 0)):
-                    res.breakdown = "r^T M r <= 0: the preconditioner is not positive definite"
+                if bool(xp.any(rho_new < 0)):
+                    res.breakdown = "r^T M r < 0: the preconditioner is not positive definite"
+                    break
+                if bool(xp.any(rho_new == 0)):  # a nonzero residual whose square underflows
+                    res.underflow = True
                     break
                 P = Z + P * (rho_new / rho)
                 rho = rho_new
@@ -235,7 +240,9 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
         res.info, res.reason = 0, f"converged in {it} iterations (true residual verified)"
     else:
         res.info = max(it, 1)
-        why = ("stagnated: the worst relative residual did not halve in "
+        why = ("the residual became too small to square in float64 (r^T M r = 0): the "
+               "tolerance is below what float64 can resolve for this system" if res.underflow
+               else "stagnated: the worst relative residual did not halve in "
                f"{stall_window} iterations" if res.stagnated else
                f"maxiter={maxiter} reached" if it >= maxiter else
                "the recurrence residual converged but the true residual did not "
