@@ -172,6 +172,19 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+#: the most training epochs accepted (the paper trains 500); far more only overflowed
+#: inside the progress bar, after the data had been loaded
+MAX_EPOCHS = 1_000_000
+
+
+def check_epochs(value, name: str = "epochs") -> int:
+    """``value`` as an int, or ParameterError unless it is an integer in [0, MAX_EPOCHS]."""
+    value = check_count(value, name, minimum=0)
+    if value > MAX_EPOCHS:
+        raise ParameterError(f"{name}: expected at most {MAX_EPOCHS:,}, got {value!r}")
+    return value
+
+
 def check_flag(value, name: str) -> bool:
     """``value`` as a bool, or ParameterError unless it is True/False (or 0/1)."""
     value = as_scalar(value)

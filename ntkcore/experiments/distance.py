@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
+from .._validate import check_epochs
 from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 
 ARCHS = ("relu", "attn")
@@ -67,6 +68,7 @@ class DistanceConfig(DataOptions):
         e = d["epochs"]
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
             raise ParameterError(f"epochs: expected an integer >= 0, got {e!r}")
+        check_epochs(e)
         check_lam(d["lam"])
         check_seed(d["seed"])
         return d

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._validate import check_epochs
 from ..errors import ParameterError
 from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 from .. import malleability as mm
@@ -109,6 +110,7 @@ class MalleabilityConfig(DataOptions):
         for key in ("width", "test_points", "topk", "iters", "lipschitz_points"):
             _int_at_least(d[key], key, 1)
         _int_at_least(d["epochs"], "epochs", 0)
+        check_epochs(d["epochs"])
         _int_at_least(d["lipschitz_directions"], "lipschitz_directions", 0)
         from ..nn.attacks import _check_budget
         _check_budget(d["eps"], d["step"], d["iters"], d["momentum"])  # finite, as the attacks

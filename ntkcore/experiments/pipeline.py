@@ -122,9 +122,9 @@ class InfluenceConfig(DataOptions):
     def resolved_epochs(self) -> int:
         if self.preset not in PRESETS:
             raise ParameterError(f"preset: expected one of {tuple(PRESETS)}, got {self.preset!r}")
-        from .._validate import check_count
+        from .._validate import check_epochs
         epochs = PRESETS[self.preset]["epochs"] if self.epochs is None else self.epochs
-        return check_count(epochs, "epochs", minimum=0)
+        return check_epochs(epochs)
 
 
 def load_data(cfg: InfluenceConfig):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._validate import check_epochs
 from ..errors import NonFiniteError, ParameterError
 from ._loss import per_sample_loss, targets
 from ._memory import torch_memory_errors
@@ -146,10 +147,9 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
     TrainResult
     """
     t_start = time.perf_counter()
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or int(value) != value or value < (0 if name == "epochs" else 1):
-            raise ParameterError(f"{name}: expected an integer >= "
-                                 f"{0 if name == 'epochs' else 1}, got {value!r}")
+    epochs = check_epochs(epochs)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ParameterError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if not (lr > 0):
         raise ParameterError(f"lr: expected a value > 0, got {lr!r}")
     if not (lam >= 0):
