@@ -284,6 +284,7 @@ _NUMPY_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in a Python 3 pickle of protocol 0-2: encode(str, latin1)
 }
 
 

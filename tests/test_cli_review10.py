@@ -16,3 +16,18 @@ def test_huge_epochs_is_one_line_before_any_work(tmp_path, command):
     res = invoke(command, "--epochs", "99999999999999999999", "--out", tmp_path / "o")
     one_line_error(res, "epochs", "at most")
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_cifar_batch_pickled_by_python3_with_an_old_protocol(tmp_path, protocol):
+    """A valid batch re-pickled by Python 3 with protocol 0-2 (its bytes become
+    _codecs.encode(str, 'latin1')) was refused as 'not a readable CIFAR-10 batch'."""
+    from ntkcore._formats import read_cifar_batch
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [0, 1, 2, 3, 4, 9],
+             b"data": data, b"filenames": [b"a.png"] * 6}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    got, labels = read_cifar_batch(path)
+    assert np.array_equal(got, data) and labels.tolist() == [0, 1, 2, 3, 4, 9]
