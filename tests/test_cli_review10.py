@@ -31,3 +31,17 @@ def test_cifar_batch_pickled_by_python3_with_an_old_protocol(tmp_path, protocol)
     path.write_bytes(pickle.dumps(batch, protocol=protocol))
     got, labels = read_cifar_batch(path)
     assert np.array_equal(got, data) and labels.tolist() == [0, 1, 2, 3, 4, 9]
+
+
+@pytest.mark.parametrize("content", ['[{"my": "log"}]', "42", '"a note"'])
+def test_someone_elses_run_json_is_never_replaced(tmp_path, content):
+    """A run.json that parses as JSON but not as an object was called a damaged ntkcore
+    manifest, and --overwrite replaced it; a foreign JSON object was already refused."""
+    out = tmp_path / "dir"
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    for extra in ([], ["--overwrite"]):
+        res = invoke("spectrum", "--out", out, *extra)
+        one_line_error(res, "not an ntkcore run manifest")
+        assert (out / "run.json").read_text() == content
+    assert json.loads(content) is not None

@@ -223,11 +223,12 @@ class RunFolder:
         f = self.path / MANIFEST
         if not f.exists():
             return None
+        parsed = True
         try:
             old = json.loads(f.read_text())
         except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and MARKER not in old:
+            old, parsed = None, False
+        if parsed and not (isinstance(old, dict) and MARKER in old):  # JSON, but not ours
             raise OutputExistsError(f"{f} is not an ntkcore run manifest; choose another --out")
         if _valid_manifest(old):
             if not old["stages"] and not old["complete"]:
