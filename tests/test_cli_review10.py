@@ -45,3 +45,13 @@ def test_someone_elses_run_json_is_never_replaced(tmp_path, content):
         one_line_error(res, "not an ntkcore run manifest")
         assert (out / "run.json").read_text() == content
     assert json.loads(content) is not None
+
+
+@pytest.mark.parametrize("probes", ["99999999999999999999", "100000000"])
+def test_absurd_diag_probes_are_refused_before_training(tmp_path, probes):
+    """--diag-probes 1e20 ran out of memory (killed, exit 137, no message) listing its probe
+    blocks after training; 1e8 on n = 200 ran for minutes."""
+    res = invoke("influence", "--n-train", "200", "--width", "8", "--epochs", "1",
+                 "--solver", "exact", "--diag-probes", probes, "--out", tmp_path / "o", "--quiet")
+    one_line_error(res, "diag_probes", "65536")
+    assert not (tmp_path / "o" / "model.pt").exists(), "refused only after training"

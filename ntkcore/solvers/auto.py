@@ -104,6 +104,12 @@ def _dense_allowed(K, n: int) -> bool:
     return n <= CPU_DENSE_MAX_N or not _on_cpu(K)
 
 
+#: the most diag(A^-1) probes accepted: s probes cost about s n^2 flops against n^3 / 3 for
+#: the exact diagonal, so more than this only pays for n above about 200 000 (a huge count
+#: ran out of memory listing its probe blocks, after training)
+MAX_DIAG_PROBES = 65536
+
+
 def _packed_approximations(opts) -> list:
     """Validate the packed solver's approximation options; one phrase for each one asked."""
     from .exact_packed import PRECISIONS
@@ -116,8 +122,12 @@ def _packed_approximations(opts) -> list:
         out.append(f"precision={precision} (approximate)")
     probes = opts.get("diag_probes")
     if probes is not None:
-        if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 2:
-            raise ParameterError(f"diag_probes: expected an integer >= 2, got {probes!r}")
+        if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) \
+                or not 2 <= probes <= MAX_DIAG_PROBES:
+            raise ParameterError(
+                f"diag_probes: expected an integer in [2, {MAX_DIAG_PROBES}], got {probes!r} "
+                f"(s probes cost about s n^2 flops, the exact diagonal n^3 / 3: past n / 3 "
+                f"probes, leave diag_probes out)")
         out.append(f"diag(A^-1) estimated from {probes} probes (relative standard error "
                    f"{math.sqrt(2 / probes):.2g})")
     return out
