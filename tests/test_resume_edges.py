@@ -294,3 +294,40 @@ def test_distance_ignores_where_the_data_came_from(tmp_path):
     _as_legacy(out, tmp_path)
     r = invoke(*args)
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_users_model_run_keeps_its_solve_when_a_later_step_stops(tmp_path, monkeypatch,
+                                                                   stop):
+    """The --model route recorded no stage: stopped (or failing) while its figure was drawn,
+    after influence.npz was written, it deleted the whole folder, the finished solve too. Now
+    the solve is a stage: it survives, and the rerun reuses it without a new eNTK."""
+    import ntkcore.experiments.user_model as um
+    import ntkcore.ntk.empirical as emp
+    path = _user_model(tmp_path)
+    out = tmp_path / "D"
+    args = ("influence", "--model", f"{path}:make", "--weights", tmp_path / "w.pt",
+            "--n-train", 40, "--n-test", 5, "--show", 2, "--quiet", "--out", out)
+    real_figure = um._figure
+
+    def stopped(*a, **kw):
+        raise stop("stopped while drawing")
+
+    monkeypatch.setattr(um, "_figure", stopped)
+    try:
+        invoke(*args)
+    except (KeyboardInterrupt, OSError):
+        pass
+    assert (out / "influence.npz").is_file(), "the finished solve was deleted"
+    assert "solve" in _manifest(out)["stages"]
+    with np.load(out / "influence.npz") as z:
+        first = z["scores"].copy()
+    monkeypatch.setattr(um, "_figure", real_figure)
+    monkeypatch.setattr(emp, "model_kernels", _no_training)  # the rerun must not solve again
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores_reused_from_influence_npz"] is True
+    with np.load(out / "influence.npz") as z:
+        assert np.array_equal(z["scores"], first)
+    assert (out / "influence_examples.png").is_file()

@@ -79,11 +79,11 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
 
 
 def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -> dict:
-    """Load the user's model, its eNTK, exact influence and the outputs, into ``run``."""
+    """Load the user's model, its eNTK, exact influence and the outputs, into ``run``; the
+    solve is a stage of ``run`` (kept when a later step fails, reused by a rerun)."""
     import torch
 
-    from ..influence import loo_influence
-    from ..ntk.empirical import load_user_model, model_kernels
+    from ..ntk.empirical import load_user_model
 
     t0 = time.perf_counter()
     model = load_user_model(spec, weights)
@@ -106,35 +106,16 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
                          f"(one row per input row), got shape {tuple(probe.shape)} for b = 1 "
                          f"row; flatten or select the outputs in the model's forward")
     n_out = probe.shape[1] if probe.ndim == 2 else 1
-    Y, Yt = ds.Y_train, ds.Y_test
-    if Y.shape[1] != n_out:
-        raise ParameterError(f"model: expected {Y.shape[1]} outputs for {ds.n_classes} classes "
+    if ds.Y_train.shape[1] != n_out:
+        raise ParameterError(f"model: expected {ds.Y_train.shape[1]} outputs for {ds.n_classes} classes "
                              f"({'binary: one output' if ds.binary else 'one per class'}), "
                              f"got {n_out}")
-    t0 = time.perf_counter()
-    K, K_test, entk = model_kernels(model, Xtr, Xte, device=entk_device)
-    res = loo_influence(_on_backend(K, be), be.asarray(Y), _on_backend(K_test, be),
-                        be.asarray(Yt), lam=cfg.lam, solver=cfg.solver, top_k=cfg.top_k,
-                        **cfg.solver_options)
-    res.diagnostics["entk"] = entk
-    del K, K_test
-    be.synchronize()
-    timings["influence"] = time.perf_counter() - t0
-    with torch.no_grad():
-        net_out = model(Xte.to(dtype)).double().cpu().numpy()
-    net_out = net_out.reshape(len(net_out), -1)
-    scores = be.to_host(res.scores)
-    predictions = be.to_host(res.predictions)
+    solved = _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings)
+    scores, predictions, net_out = (solved["scores"], solved["kernel_predictions"],
+                                    solved["network_outputs"])
+    store32 = scores.dtype == np.float32
     shown = list(range(min(cfg.show, ds.n_test)))
     t0 = time.perf_counter()
-    store32 = scores.size > FLOAT64_SCORE_LIMIT
-    atomic_write_npz(run.output("influence.npz"),
-                     scores=scores.astype(np.float32 if store32 else np.float64),
-                     train_indices=ds.train_indices, test_indices=ds.test_indices,
-                     y_train=ds.y_train, y_test=ds.y_test, kernel_predictions=predictions,
-                     network_outputs=net_out, loo_residuals=be.to_host(res.loo_residuals),
-                     top_helpful=be.to_host(res.top_helpful),
-                     top_harmful=be.to_host(res.top_harmful))
     fig = (_figure(ds, scores, shown, cfg.top_k, run.output("influence_examples.png"))
            if shown else None)  # --show 0: no figure
     timings["writing"] = time.perf_counter() - t0
@@ -152,10 +133,11 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
         "accuracy": {"network_test": accuracy_from_outputs(ds, net_out, ds.y_test),
                      "kernel_predictor_test": accuracy_from_outputs(ds, predictions,
                                                                     ds.y_test)},
-        "solver": res.solver,
-        "solver_reason": res.diagnostics.get("solver_reason"),
-        "diagnostics": res.diagnostics,
-        "timings": {**timings, "influence_stages": res.timings},
+        "solver": solved["solver"],
+        "solver_reason": solved["diagnostics"].get("solver_reason"),
+        "diagnostics": solved["diagnostics"],
+        "timings": {**timings, "influence_stages": solved["influence_stages"]},
+        "scores_reused_from_influence_npz": solved["reused"],
         "scores_dtype": "float32" if store32 else "float64",
         "top_influences": _top_table(ds, scores, shown, cfg.top_k),
         "files": ["influence.npz", "summary.json", *([fig.name] if fig else []), "run.json"],
@@ -163,6 +145,49 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
     atomic_write_json(run.output("summary.json"), summary)
     run.finish()
     return summary
+
+
+def _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings) -> dict:
+    """The model's eNTK and LOO influence, written to influence.npz and recorded as the
+    "solve" stage (as the built-in route does), so an interruption while the figure or the
+    summary is written keeps it; reused from there by a rerun with the same SOLVE_FIELDS."""
+    import torch
+
+    from ..influence import loo_influence
+    from ..ntk.empirical import model_kernels
+    from .influence_run import SOLVE_FIELDS
+
+    path = run.file("influence.npz")
+    if run.done("solve"):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in ("scores", "kernel_predictions", "network_outputs")}
+        return {**arrays, **run.info("solve"), "reused": True}
+    t0 = time.perf_counter()
+    K, K_test, entk = model_kernels(model, Xtr, Xte, device=entk_device)
+    res = loo_influence(_on_backend(K, be), be.asarray(ds.Y_train), _on_backend(K_test, be),
+                        be.asarray(ds.Y_test), lam=cfg.lam, solver=cfg.solver,
+                        top_k=cfg.top_k, **cfg.solver_options)
+    res.diagnostics["entk"] = entk
+    del K, K_test
+    be.synchronize()
+    timings["influence"] = time.perf_counter() - t0
+    with torch.no_grad():
+        net_out = model(Xte.to(dtype)).double().cpu().numpy()
+    scores = be.to_host(res.scores)
+    store32 = scores.size > FLOAT64_SCORE_LIMIT
+    arrays = {"scores": scores.astype(np.float32 if store32 else np.float64),
+              "kernel_predictions": be.to_host(res.predictions),
+              "network_outputs": net_out.reshape(len(net_out), -1)}
+    atomic_write_npz(run.output("influence.npz"), **arrays,
+                     train_indices=ds.train_indices, test_indices=ds.test_indices,
+                     y_train=ds.y_train, y_test=ds.y_test,
+                     loo_residuals=be.to_host(res.loo_residuals),
+                     top_helpful=be.to_host(res.top_helpful),
+                     top_harmful=be.to_host(res.top_harmful))
+    report = {"solver": res.solver, "diagnostics": res.diagnostics,
+              "influence_stages": res.timings}
+    run.record("solve", ["influence.npz"], depends_on=SOLVE_FIELDS, **report)
+    return {**arrays, **run.info("solve"), "reused": False}
 
 
 def _file_hash(path):
