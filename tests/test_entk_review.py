@@ -196,3 +196,13 @@ def test_tied_weights_survive_and_every_call_is_right(strategy):
     assert isinstance(m[0].weight, nn.Parameter) and m[0].weight.requires_grad
     assert m[0].weight is m[2].weight, "the two modules must still share one weight"
     assert [n for n, _ in m.named_parameters()] == ["0.weight", "0.bias", "4.weight", "4.bias"]
+
+
+def test_block_may_be_a_numpy_integer():
+    """block=np.int64(2) was refused ('expected an integer >= 1') while top_k took one."""
+    m = _tied_model()
+    X = torch.randn(5, 5, dtype=torch.float64)
+    assert_close(empirical_ntk(m, X, block=np.int64(2)).numpy(), autograd_entk_generic(m, X),
+                 what="block=np.int64(2)")
+    with pytest.raises(errors.ParameterError, match="block"):
+        empirical_ntk(m, X, block=np.int64(0))

@@ -127,9 +127,10 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     if X2t is not None and tuple(X2t.shape[1:]) != tuple(Xt.shape[1:]):
         raise ShapeError(f"X and X2: inconsistent feature shapes: "
                          f"[{tuple(Xt.shape[1:])}, {tuple(X2t.shape[1:])}]")
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int)
-                              or block < 1):
-        raise ParameterError(f"block: expected an integer >= 1, got {block!r}")
+    if block is not None:
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+            raise ParameterError(f"block: expected an integer >= 1, got {block!r}")
+        block = int(block)
     with _working_model(model, dtype, device) as (work, dt, dev):
         tensors = {**{k: v.detach() for k, v in work.named_parameters()},
                    **{k: v.detach() for k, v in work.named_buffers()}}
