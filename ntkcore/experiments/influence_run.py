@@ -177,9 +177,16 @@ def _solve(run, cfg, ds, model, be, net_out_test, log) -> dict:
     arrays = {"scores": scores,
               "kernel_predictions": be.to_host(res.predictions),
               "alpha": be.to_host(res.alpha)}
-    atomic_write_npz(run.output("influence.npz"), **arrays,
+    return write_solve(run, ds, res, be, arrays, network_outputs=net_out_test)
+
+
+def write_solve(run, ds, res, be, arrays: dict, **extra) -> dict:
+    """Write influence.npz (``arrays`` and ``extra``, with the data's indices and labels, the
+    LOO residuals and the top-k lists of ``res``) and record it as the "solve" stage of
+    ``run``. Returns ``arrays`` with the stage's info (solver, diagnostics, timings)."""
+    atomic_write_npz(run.output("influence.npz"), **arrays, **extra,
                      train_indices=ds.train_indices, test_indices=ds.test_indices,
-                     y_train=ds.y_train, y_test=ds.y_test, network_outputs=net_out_test,
+                     y_train=ds.y_train, y_test=ds.y_test,
                      loo_residuals=be.to_host(res.loo_residuals),
                      top_helpful=be.to_host(res.top_helpful),
                      top_harmful=be.to_host(res.top_harmful))

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..backend import get_backend
 from ..errors import ParameterError, ShapeError
-from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions
-from .output import RunFolder, atomic_write_json, atomic_write_npz
+from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions, write_solve
+from .output import RunFolder, atomic_write_json
 from .pipeline import (
     InfluenceConfig,
     accuracy_from_outputs,
@@ -155,7 +155,6 @@ def _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings) -> di
 
     from ..influence import loo_influence
     from ..ntk.empirical import model_kernels
-    from .influence_run import SOLVE_FIELDS
 
     path = run.file("influence.npz")
     if run.done("solve"):
@@ -178,16 +177,7 @@ def _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings) -> di
     arrays = {"scores": scores.astype(np.float32 if store32 else np.float64),
               "kernel_predictions": be.to_host(res.predictions),
               "network_outputs": net_out.reshape(len(net_out), -1)}
-    atomic_write_npz(run.output("influence.npz"), **arrays,
-                     train_indices=ds.train_indices, test_indices=ds.test_indices,
-                     y_train=ds.y_train, y_test=ds.y_test,
-                     loo_residuals=be.to_host(res.loo_residuals),
-                     top_helpful=be.to_host(res.top_helpful),
-                     top_harmful=be.to_host(res.top_harmful))
-    report = {"solver": res.solver, "diagnostics": res.diagnostics,
-              "influence_stages": res.timings}
-    run.record("solve", ["influence.npz"], depends_on=SOLVE_FIELDS, **report)
-    return {**arrays, **run.info("solve"), "reused": False}
+    return write_solve(run, ds, res, be, arrays)
 
 
 def _file_hash(path):
