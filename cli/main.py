@@ -116,7 +116,7 @@ def _check_environment():
               help="Exact solver in packed storage (CPU): estimate diag(A^-1) from this many "
                    "probes (relative error sqrt(2/probes)) instead of n^3/3 flops.")
 @click.option("--show", type=int, default=5, show_default=True,
-              help="Test points shown in summary.json and the figure.")
+              help="Test points shown in summary.json (the figure: the first 20).")
 @click.option("--model", "model_spec", default=None,
               help="Your own model: 'module:factory' or 'file.py:factory' (generic eNTK route).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,

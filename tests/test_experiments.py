@@ -258,6 +258,24 @@ def test_a_large_top_k_keeps_its_lists_but_not_a_huge_figure(tmp_path):
     assert FIGURE_MAX_K < 60
 
 
+def test_a_large_show_lists_every_point_but_draws_at_most_figure_max_rows(tmp_path):
+    """--show 300: summary.json lists all 300 test points; the figure only the first
+    FIGURE_MAX_ROWS (300 rows of subplots took minutes and made an image no viewer opens)."""
+    import matplotlib.image
+
+    from ntkcore.experiments.influence_run import FIGURE_MAX_ROWS, run_influence
+    from ntkcore.experiments.pipeline import InfluenceConfig
+    cfg = InfluenceConfig(n_train=60, n_test=300, width=16, epochs=1, top_k=2, show=300)
+    summary = run_influence(cfg, tmp_path / "o", progress=False, log=lambda *a: None)
+    assert [r["test_position"] for r in summary["top_influences"]] == list(range(300))
+    height = matplotlib.image.imread(tmp_path / "o" / "influence_examples.png").shape[0]
+    cfg2 = InfluenceConfig(n_train=60, n_test=300, width=16, epochs=1, top_k=2,
+                           show=FIGURE_MAX_ROWS)
+    run_influence(cfg2, tmp_path / "p", progress=False, log=lambda *a: None)
+    assert height == matplotlib.image.imread(tmp_path / "p" / "influence_examples.png").shape[0]
+    assert FIGURE_MAX_ROWS <= 20
+
+
 def test_malleability_saves_every_perturbed_score_and_its_metrics_follow(tmp_path):
     """scores.npz holds I_orig and the scores after each intervention (Curated: NaN at the
     removed H_t), so results.json's flip rates and Spearman rho can be recomputed from it."""

@@ -297,12 +297,16 @@ def _top_table(ds, scores, shown, k):
 
 #: Images per side in Figure 3 (the summary and influence.npz keep all top_k).
 FIGURE_MAX_K = 8
+#: Test points (rows) in Figure 3; summary.json lists every shown point. A figure of
+#: thousands of rows would take minutes and an image no viewer opens.
+FIGURE_MAX_ROWS = 20
 
 
 def _figure(ds, scores, shown, k, path):
-    """Figure 3: each shown test image, its k (at most FIGURE_MAX_K) most helpful and most
-    harmful training images."""
+    """Figure 3: each shown test image (the first FIGURE_MAX_ROWS), its k (at most
+    FIGURE_MAX_K) most helpful and most harmful training images."""
     k = min(k, FIGURE_MAX_K)
+    shown = shown[:FIGURE_MAX_ROWS]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
