@@ -212,6 +212,10 @@ def check_data_root(name: str, root, download: bool = False):
     if path.is_dir() or (download and not path.exists()):
         return
     what = "is not a folder" if path.exists() else "does not exist"
+    if name in ("digits", "synthetic"):
+        source = "embedded in scikit-learn" if name == "digits" else "generated"
+        raise DataNotFoundError(f"data_root: {root} {what}; {name} is {source} and reads no "
+                                f"files, so drop --data-root (root=)")
     if name in _formats._SUBDIRS and _formats.find_dir(name) is None:
         raise _formats.not_found_error(name, root, extra=f"(The data root {root} {what}.)")
     raise DataNotFoundError(f"data_root: {root} {what}; expected the folder holding the "

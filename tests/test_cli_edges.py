@@ -135,7 +135,10 @@ def test_divergence_message_names_options_that_exist():
 # ---------------------------------------------------- 9. --data-root that does not exist
 def test_missing_data_root_is_an_error(tmp_path):
     r = invoke("influence", *INF, "--data-root", tmp_path / "nonexist", "--out", tmp_path / "o")
-    one_line_error(r, "nonexist", "does not exist")
+    one_line_error(r, "nonexist", "does not exist", "embedded", "drop --data-root")
+    r = invoke("influence", *INF, "--dataset", "synthetic", "--data-root", tmp_path / "nonexist",
+               "--out", tmp_path / "o")
+    one_line_error(r, "nonexist", "does not exist", "generated", "drop --data-root")
     r = invoke("info", "--data-root", tmp_path / "nonexist")
     assert r.exit_code == 0 and "does not exist" in r.stdout, r.output
 
