@@ -48,8 +48,8 @@ class InfluenceResult:
     predictions : (T, C) kernel predictor f(x_t) = K_test alpha.
     loo_residuals : (n, C) y_i - f^{-i}(x_i) = alpha_i / C_ii.
     diag_inv : (n,) diag(A^-1).
-    top_helpful, top_harmful : (T, k) indices of the k largest / smallest scores per test point
-        (when ``top_k`` was given).
+    top_helpful, top_harmful : (T, min(k, n)) indices of the k largest / smallest scores per
+        test point (when ``top_k`` was given; a k above n ranks all n).
     diagnostics : dict of A.8 checks and solver reports.
     timings : dict of seconds per stage.
     solver : the solver that ran.
@@ -163,7 +163,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
     solver : "auto" | "exact" | "nystrom" | "cg". "auto" picks exact when the n x n float64
         matrix fits the device's memory comfortably (see solvers.auto).
     top_k : int, optional
-        Also return the k most helpful / harmful training indices per test point.
+        Also return the k most helpful / harmful training indices per test point (all n
+        of them, ranked, when k > n).
     keep_scores : bool, default True
         Keep the full (T, n) score matrix (False with top_k keeps only the indices).
     check : bool, default True
