@@ -22,6 +22,17 @@ def _xp(a):
     return numpy
 
 
+def untracked(a):
+    """A torch tensor without its autograd history (NumPy refuses a tensor that requires
+    grad), bfloat16 widened to float32 (NumPy has no bfloat16); anything else unchanged."""
+    detach = getattr(a, "detach", None)
+    if callable(detach) and type(a).__module__.startswith("torch"):
+        a = detach()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()  # exact: every bfloat16 is a float32
+    return a
+
+
 def is_kernel_operator(K) -> bool:
     """True for a kernel operator (``shape``, ``diag()``, ``columns(idx)``, see
     solvers.operator); anything else is read as an array."""
@@ -46,7 +57,7 @@ def _as_float(a, name: str, *, ndim: int = 2, dtype=None, allow_1d: bool = False
     """:func:`as_float_matrix` without its finiteness check."""
     xp = _xp(a)
     try:
-        a = xp.asarray(a)
+        a = xp.asarray(untracked(a))
     except (ValueError, TypeError) as exc:  # ragged nested lists, unconvertible objects
         raise ShapeError(f"{name}: expected a {ndim}-D numeric array, got {type(a).__name__} "
                          f"({exc})") from None

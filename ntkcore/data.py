@@ -16,6 +16,7 @@ Fashion-MNIST / CIFAR-10 are read from torchvision's on-disk formats (see
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import _formats
 from ._dataset import Dataset
-from ._validate import check_count
+from ._validate import check_count, check_flag
 from ._units import format_bytes
 from .errors import (
     CorruptDataError,
@@ -385,6 +386,10 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
         raise ParameterError(f"seed: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
     dim = _check_count(dim, "dim", 1)
+    download = check_flag(download, "download")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ParameterError(f"root: expected a folder path (str or path-like), got "
+                             f"{type(root).__name__} {root!r}")
     check_data_root(name, root, download)
     if dim is not None and name != "synthetic":
         raise ParameterError(f"dim: only synthetic data takes a dimension, got dim={dim} "

@@ -126,6 +126,17 @@ def _rownorm(A, xp):
     return A / norms
 
 
+def _binary_scale(A, xp):
+    """(A 2^-e, e): A scaled by a power of two (exact) so that its largest |entry| lies in
+    [0.5, 1); e = 0 for an all-zero A. Scale-free results (unit rows, condition numbers)
+    computed from the scaled A neither overflow nor underflow in the products."""
+    top = float(xp.abs(A).max()) if A.size else 0.0
+    if top == 0.0:
+        return A, 0
+    e = math.frexp(top)[1]
+    return xp.ldexp(A, -e), e  # elementwise: 2^-e itself may not be a float64
+
+
 def attention_features(X, Q=None, normalize: bool = True):
     """Linearized-attention features [Def 3.1, A.1], transductive over the training set X.
 
@@ -155,6 +166,9 @@ def attention_features(X, Q=None, normalize: bool = True):
         check_cols(X, Q, "X", "Q")
     normalize = check_flag(normalize, "normalize")
     xp = backend_for(X).xp
+    if normalize:  # rownorm(c^3 X M) = rownorm(X M): X (and Q) scaled by powers of two, so
+        X = _binary_scale(X, xp)[0]  # tiny or huge rows neither under- nor overflow
+        Q = None if Q is None else _binary_scale(Q, xp)[0]
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
         M = X.T @ X
         F = check_result_finite(X @ M if Q is None else Q @ M, "attention_features")
@@ -206,7 +220,8 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
     Raises
     ------
     ShapeError : no rows or no columns. ParameterError : rank_rtol not a finite number >= 0.
-    NonFiniteError : NaN/Inf in X, or G (or G^3) overflowed float64 (rescale X).
+    NonFiniteError : NaN/Inf in X, or the eigenvalues of G overflowed float64 (rescale X;
+        the condition numbers are scale-free and computed on X scaled by a power of two).
     ConvergenceError : the eigensolver did not converge.
     """
     X = check_min_cols(as_float_matrix(X, "X", dtype=np.float64), "X")
@@ -222,20 +237,26 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
     be = backend_for(X)
     xp = be.xp
     n, d = X.shape
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-        small = check_result_finite(X @ X.T if n <= d else X.T @ X, "spectrum: X X^T")
-        # kappa(G^3) from the matrix G^3 itself (not by cubing lambda), so that the identity
-        # kappa(G^3) = kappa(G)^3 of Theorem 4.7 is a check, not a tautology. The nonzero
-        # spectrum of G^3 is that of small^3 (X^T X)^3 or (X X^T)^3 on the smaller side.
-        cube = check_result_finite(small @ small @ small, "spectrum: (X X^T)^3")
-    ev = _descending_eigenvalues(be, small)  # on X's device
-    lam1 = float(ev[0])
+    # On X 2^-e (exact): the condition numbers and the rank are scale-free, and the scaled
+    # G and G^3 neither overflow nor underflow (X 1e-55 gave kappa(G^3) = inf, X 1e-165 "G is
+    # singular"); only the reported eigenvalues are scaled back, by 4^e.
+    Xs, e = _binary_scale(X, xp)
+    small = Xs @ Xs.T if n <= d else Xs.T @ Xs
+    # kappa(G^3) from the matrix G^3 itself (not by cubing lambda), so that the identity
+    # kappa(G^3) = kappa(G)^3 of Theorem 4.7 is a check, not a tautology. The nonzero
+    # spectrum of G^3 is that of small^3 (X^T X)^3 or (X X^T)^3 on the smaller side.
+    cube = small @ small @ small
+    ev_scaled = _descending_eigenvalues(be, small)  # on X's device
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
+        ev = check_result_finite(xp.ldexp(ev_scaled, 2 * e),
+                                 "spectrum: the eigenvalues of X X^T")
+    lam1 = float(ev_scaled[0])
     rtol = max(n, d) * np.finfo(np.float64).eps if rank_rtol is None else rank_rtol
-    rank = int(xp.count_nonzero(ev > rtol * lam1)) if lam1 > 0 else 0  # a prefix: descending
+    rank = int(xp.count_nonzero(ev_scaled > rtol * lam1)) if lam1 > 0 else 0  # a prefix
     notes = []
     full_rank = n <= d and rank == n
-    kappa = lam1 / float(ev[-1]) if full_rank else float("inf")
-    kappa_eff = lam1 / float(ev[rank - 1]) if rank else float("inf")
+    kappa = lam1 / float(ev_scaled[-1]) if full_rank else float("inf")
+    kappa_eff = lam1 / float(ev_scaled[rank - 1]) if rank else float("inf")
     if not full_rank:
         notes.append(f"G is singular (n={n}, d={d}, rank={rank}); kappa(G) is infinite, "
                      f"effective kappa over {rank} nonzero eigenvalues reported")

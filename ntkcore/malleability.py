@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_scalar, check_count, check_positive, is_real_number
+from ._validate import as_scalar, check_count, check_positive, is_real_number, untracked
 from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
@@ -57,7 +57,7 @@ def _real_array(a, name: str, xp=np):
     """``a`` as a float64 array; complex, string or object input is refused (casting would
     drop the imaginary part or fail deep inside), as is a ragged nesting."""
     try:
-        a = xp.asarray(a)
+        a = xp.asarray(untracked(a))
     except (ValueError, TypeError) as exc:
         raise ShapeError(f"{name}: expected a numeric array, got {type(a).__name__} "
                          f"({exc})") from None
@@ -288,7 +288,15 @@ def intrinsic_sensitivity(L_K: float, y, lam: float) -> float:
     y = _real_array(y, "y")
     if not np.isfinite(y).all():
         raise NonFiniteError("y: expected finite targets, got NaN or Inf")
-    return float(L_K) * float(np.linalg.norm(y.ravel())) / float(lam) ** 2
+    if L_K == 0 or not y.size:
+        return 0.0
+    top = float(np.abs(y).max())  # ||y|| = top ||y / top||: no overflow in the squares
+    norm = top * float(np.linalg.norm(y.ravel() / top)) if top > 0 else 0.0
+    value = (float(L_K) / float(lam)) * (norm / float(lam))  # lam^2 alone may underflow to 0
+    if not math.isfinite(value):
+        raise NonFiniteError(f"intrinsic_sensitivity: L_K ||y|| / lam^2 overflows float64 "
+                             f"(L_K={L_K!r}, ||y||={norm:.3g}, lam={lam!r})")
+    return value
 
 
 @dataclass

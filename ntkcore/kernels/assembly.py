@@ -240,6 +240,31 @@ def _loop_gpu(X, Xs, W, P, P2, out, inv_m, sym, train_a, t, xp):
                        mirror=sym, diag=sym and i0 == j0)
 
 
+def _norm_safe_range(dtype):
+    """(lo, hi): outside it a row norm may have lost bits, vanished or overflowed, its
+    squares being subnormal or infinite -- 2^-495 .. 2^496 in float64 (entries under about
+    1e-149 or over 1e149), 2^-47 .. 2^48 in float32; 2^16 from the square-root limits."""
+    info = np.finfo(dtype)
+    return (float(np.ldexp(1.0, info.minexp // 2 + 16)),
+            float(np.ldexp(1.0, info.maxexp // 2 - 16)))
+
+
+def _row_norms(X, xp):
+    """(n,) Euclidean row norms; rows whose squares underflowed or overflowed (X 1e-200
+    against X2 1e200 gave norms 0 and inf, and a wrong kernel) are recomputed divided by
+    their largest |entry|. Only those rows are copied: no n x d temporary."""
+    with np.errstate(over="ignore"):
+        norms = xp.linalg.norm(X, axis=1)
+    lo, hi = _norm_safe_range(X.dtype)
+    suspect = xp.flatnonzero((norms < lo) | (norms > hi))
+    if suspect.size:
+        rows = X[suspect]
+        peak = xp.abs(rows).max(axis=1) if rows.shape[1] else xp.zeros(rows.shape[0])
+        safe = xp.where(peak > 0, peak, 1.0)
+        norms[suspect] = peak * xp.linalg.norm(rows / safe[:, None], axis=1)
+    return norms
+
+
 def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
                             backend: Backend | None = None):
     """Kernel-3 assembly: K_inf = <x,x'> (pi - theta) / (2 pi) [Thm 4.2], tiled like kernel 1.
@@ -267,8 +292,8 @@ def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
     if n == 0 or n2 == 0:
         return out
     t = choose_tile(be, max(n, n2), 0, train_a=False, tile=tile)
-    norms = xp.linalg.norm(X, axis=1)
-    norms2 = norms if sym else xp.linalg.norm(Xs, axis=1)
+    norms = _row_norms(X, xp)
+    norms2 = norms if sym else _row_norms(Xs, xp)
     near = []  # (I, J) index arrays of the entries to recompute (sym: I < J only)
     if be.name == "cuda":
         from . import cuda

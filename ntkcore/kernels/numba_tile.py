@@ -11,8 +11,8 @@ rows as named scalars, LLVM hoisted 4C broadcasts out of the loop and spilled th
 as explicit vector IR, the way a GEMM micro-kernel is. One call scores a strip of 4 rows x
 (16 tiles) columns; per 4 x 16 tile it:
 
-1. loads the tile's entries of B first (and prefetches the next ones), so their memory
-   latency overlaps the arithmetic below;
+1. loads the tile's entries of B first (and prefetches those PREFETCH_AHEAD = 32 entries,
+   two tiles, further along each row), so their memory latency overlaps the arithmetic below;
 2. for c = 0 .. C-1 (a real loop, not unrolled per C) loads the 16 values alpha'[:, c] of the
    block (two zmm of doubles), broadcasts R[t, c] of each row from memory, and does 8 vector
    multiply-adds into 8 accumulators that never leave the registers;
@@ -223,7 +223,8 @@ def score_rows(B, g, alpha_blocks, R, out):
     B, out : (T, n), contiguous rows; g : (n,); alpha_blocks : (ceil(n / 16), C, 16) from
     :func:`pack_operands`; R : (T, C) contiguous. float64 or float32, all one
     dtype. Shapes or steps the strips cannot address raise ValueError (they read memory by
-    pointer, with no bounds checks).
+    pointer, with no bounds checks). ``fastmath={"contract"}`` only lets the scalar tail
+    (the n % 16 columns) fuse its multiply-adds, as the strips' explicit ``llvm.fma`` does.
     """
     T, n = B.shape
     C = alpha_blocks.shape[1]

@@ -95,7 +95,8 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
 
     Parameters as :func:`influence_scores_fused`; ``k`` is clipped to n. With
     ``keep_scores`` every score is also written (into ``out`` when given; it may be ``B``).
-    Without it no (T, n) buffer is allocated (on the GPU, k > 16 uses row chunks whose size
+    Without it the scores stream through a bounded buffer (CPU: about 8 MB, at least 4 rows,
+    so for small T x n it may hold them all; on the GPU, k > 16 uses row chunks whose size
     comes from free memory).
 
     Returns

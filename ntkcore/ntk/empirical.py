@@ -46,6 +46,7 @@ from ..errors import (
     ParameterError,
     ShapeError,
 )
+from .._validate import check_flag
 from ._entk_cost import EntkReport, is_alloc_failure
 from ._entk_user import influence_for_model, load_user_model, model_kernels
 
@@ -111,7 +112,8 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         it speaks of shapes or sizes); or its output is not a tensor with one row per input.
     ShapeError : fewer than 2 dims, no rows, or X and X2 feature shapes differ.
     BackendError / ParameterError : a device that is unavailable / not a torch device.
-    NonFiniteError : NaN or Inf in X or X2.
+    NonFiniteError : NaN or Inf in X or X2, or in the kernel (the model's outputs or their
+        gradients not finite at X, or J J^T overflowing the compute dtype).
     MemoryBudgetError : the output or one row's working set does not fit, or an allocation
         fails while computing (torch.OutOfMemoryError, CPU "can't allocate memory": the
         budget exceeds what is really free).
@@ -127,6 +129,7 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
     if X2t is not None and tuple(X2t.shape[1:]) != tuple(Xt.shape[1:]):
         raise ShapeError(f"X and X2: inconsistent feature shapes: "
                          f"[{tuple(Xt.shape[1:])}, {tuple(X2t.shape[1:])}]")
+    return_report = check_flag(return_report, "return_report")
     if block is not None:
         if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
             raise ParameterError(f"block: expected an integer >= 1, got {block!r}")
@@ -159,6 +162,11 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
                 f"model: its operations are not supported by the available eNTK strategies "
                 f"(torch.func jacrev/jvp/vjp, batched by vmap or one example at a time; "
                 f"strategy={strategy!r}): {type(e).__name__}: {e}") from e
+    if not bool(torch.isfinite(K).all()):
+        raise NonFiniteError(
+            f"empirical_ntk: expected a finite kernel, got NaN or Inf ({K.dtype}): the model's "
+            f"outputs or their gradients at these inputs are not finite, or J J^T overflowed; "
+            f"check the weights' scale (or compute in float64)")
     report.seconds = time.perf_counter() - t0
     report.device = str(dev)
     if numpy_out:
@@ -387,7 +395,8 @@ def _budget(memory_budget, dev):
         if dev.type == "cuda":
             return int(torch.cuda.mem_get_info(dev)[0] * 0.5)
         return int(host_available_bytes() * 0.5)
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
+    if isinstance(memory_budget, (bool, np.bool_)) or \
+            not isinstance(memory_budget, (int, float, np.integer, np.floating)) or \
             not memory_budget > 0 or not math.isfinite(memory_budget):
         raise ParameterError(f"memory_budget: expected a number of bytes > 0, got "
                              f"{memory_budget!r}")

@@ -249,7 +249,7 @@ def check_solver_options(requested: str, options: dict) -> dict:
     Raises
     ------
     ParameterError : unknown solver or option, or a bad precision / diag_probes / rank / seed
-        / diag_correction / CG value.
+        / diag_correction / progress / CG value.
     """
     if requested not in SOLVERS:
         raise ParameterError(f"solver: expected one of {SOLVERS}, got {requested!r}")
@@ -265,6 +265,8 @@ def check_solver_options(requested: str, options: dict) -> dict:
         options["seed"] = check_count(options["seed"], "seed", minimum=0)
     if "diag_correction" in options:
         options["diag_correction"] = check_flag(options["diag_correction"], "diag_correction")
+    if "progress" in options:  # None (bars on a terminal only) was dropped above
+        options["progress"] = check_flag(options["progress"], "progress")
     from .cg import check_cg_options
     check_cg_options(**{k: options[k] for k in ("tol", "atol", "maxiter", "probes")
                         if k in options})

@@ -224,6 +224,7 @@ def _read_k_for_checks(be: Backend, K, lam, probes: int = 8):
     n = K.shape[0]
     rng = xp.random.default_rng(1) if hasattr(xp.random, "default_rng") else xp.random
     V = rng.standard_normal((n, probes))  # drawn on K's device: nothing crosses the bus
+    V /= xp.abs(V).max()  # |entries| <= 1: lam V cannot overflow (lam = 1e308 gave NaN)
     if be.name == "cpu" and K.flags.f_contiguous and not K.flags.c_contiguous:
         K = K.T  # the same symmetric matrix, in the row order the kernel streams
     row_abs, KV = abs_row_sums_and_product(K, V)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import blas, lapack
 
-from ..errors import NotPSDError
+from ..errors import NotPSDError, ParameterError
 from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
 from .diag_estimate import summarize_stderr
@@ -282,7 +282,11 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     n = op.n
     panel = panel or PANEL
     dtype = np.dtype(PRECISIONS[precision])
+    if precision == "float32":
+        _check_float32_range(op, lam)
     probes = np.random.default_rng(1).standard_normal((n, _PROBES)) if check else None
+    if probes is not None:
+        probes /= np.abs(probes).max()  # |entries| <= 1: lam V cannot overflow (lam = 1e308)
     with timer("kernel_assembly"):
         P, abs_sums, KV = assemble_packed(op, lam, probes, tile=tile, panel=panel,
                                           dtype=dtype)
@@ -334,6 +338,26 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve,
                   solver=solver_label(precision, diag_probes), diagnostics=diagnostics,
                   timings=timer.seconds)
+
+
+#: float32 panels keep their range and precision for |entries of A| in [2^-60, 2^60]
+#: (about 1e-18 to 1e18): K_test A^-1 reaches ||K_test|| / lam, and lam under eps32 ||A||
+#: is rounding already
+FLOAT32_SAFE = (2.0 ** -60, 2.0 ** 60)
+
+
+def _check_float32_range(op, lam: float) -> None:
+    """ParameterError unless max |diag(K)| + lam (a bound on the entries of a PSD A) lies in
+    FLOAT32_SAFE; outside it the float32 factor overflowed (ZeroDivisionError, false
+    "scores overflowed" errors) or lost its digits to subnormals."""
+    diag = np.asarray(op.diag(), dtype=np.float64)
+    top = (float(np.abs(diag).max()) if diag.size else 0.0) + float(lam)
+    if not FLOAT32_SAFE[0] <= top <= FLOAT32_SAFE[1]:
+        raise ParameterError(
+            f"precision='float32': K + lam I has entries up to {top:.3g}, outside "
+            f"[{FLOAT32_SAFE[0]:.2g}, {FLOAT32_SAFE[1]:.2g}] where float32 panels keep their "
+            f"range and digits; rescale K, K_test and lam by one factor (the scores do not "
+            f"change) or use precision='float64'")
 
 
 def solver_label(precision: str = "float64", diag_probes: int | None = None) -> str:

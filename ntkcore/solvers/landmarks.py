@@ -254,7 +254,8 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
     xp = op.xp if hasattr(op, "xp") else np
     be = backend_for(d)
     d_host = be.to_host(d).astype(np.float64).copy()
-    trace0 = float(d_host.sum())
+    with np.errstate(over="ignore"):  # inf past float64: only compared and reported
+        trace0 = float(d_host.sum())
     tol_abs = PIVOT_RTOL * float(d_host.max()) if n else 0.0
     psd_tol = max(float(ridge), PSD_RTOL * float(np.abs(d_host).max()) if n else 0.0)
     _check_residual_diag(d_host, psd_tol)
@@ -276,7 +277,9 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
             # (sampling such columns only costs operator work; on an exactly low-rank K that
             # was 45 % of all points at n = 16 000)
             w = np.where(untried & (d_host > tol_abs), d_host, 0.0)
-            total = float(w.sum())
+            top = float(w.max())  # weights over their largest: their sum cannot overflow
+            w = w / top if top > 0 else w
+            total = top * float(w.sum())  # (inf past float64 only compares with stop_abs)
             if total <= stop_abs:
                 stopped = (f"residual trace of the untried points ({total:.3g}) <= "
                            f"{stop_abs:.3g}: negligible against lam and rounding")
@@ -285,7 +288,7 @@ def nystrom_factor(op, rank: int, *, landmarks: str = "rpcholesky", seed: int = 
                                "pivot tolerance, tried, or <= 0)")
                 break
             b = min(block, rank - k, int(np.count_nonzero(w)))
-            S = np.sort(rng.choice(n, size=b, replace=False, p=w / total))
+            S = np.sort(rng.choice(n, size=b, replace=False, p=w / w.sum()))
             untried[S] = False  # kept, or dropped below tol_abs (and only shrinking)
             kk, dr = _add_block(be, op, F, k, S, d_host, tol_abs, psd_tol, pivots)
             k += kk

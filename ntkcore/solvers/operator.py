@@ -43,8 +43,12 @@ def _check_columns(idx, n, xp):
 
 
 def _check_block(V, n, xp):
-    """``V`` for ``matmat``: (n,) or (n, k) on the operator's device, else ShapeError."""
+    """``V`` for ``matmat``: (n,) or (n, k) real numbers on the operator's device, else
+    ShapeError (shape) or ParameterError (complex, string, object: casting would drop the
+    imaginary part or fail deep inside)."""
     V = xp.asarray(V)
+    if V.dtype.kind not in "biuf":
+        raise ParameterError(f"V: expected real numbers, got dtype {V.dtype}")
     if V.ndim not in (1, 2) or V.shape[0] != n:
         raise ShapeError(f"V: expected shape ({n},) or ({n}, k) for an operator of shape "
                          f"({n}, {n}), got {tuple(V.shape)}")
