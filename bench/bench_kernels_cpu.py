@@ -7,15 +7,18 @@
      (target <= 1.3x), and
    - the flop floor: (n^2 d + 2 n d m) flops (the syrk triangle and X W^T) at the float64 GEMM
      rate measured in this run (bench/_floors.py).
-   Also vs the previous path (float32 pattern GEMM, kept for general output weights).
+   Also vs the previous path (a float32 pattern GEMM, kept here only as a comparison; the
+   library's route for general output weights is the same GEMM in float64).
 2. influence scoring (fused, one pass over B) at T = 1000, n = 10 000, C = 10 vs one streaming
    pass over B at the memory bandwidth measured here: read B, write the scores, by a parallel
    Numba pass on the same threads as the kernel (bench/_floors.py; a one-thread NumPy pass is
    also shown, it is no floor on a multi-core machine). Target <= 1.2x. Also vs the NumPy
    formula and with top-k, and the kernel's arithmetic alone (rows that stay in cache).
 
-Floor and candidate are timed alternately, ``--repeat`` rounds, so both see the same machine
-load; the table gives the minimum (and the median) of each. The load average is printed: on a
+Floor and candidate are timed alternately, so both see the same machine load: relu_ntk in
+``--repeat`` rounds (the previous path in ``--repeat`` - 1), scoring in 5 x ``--repeat``
+(the NumPy formula in rounds of its own, see below). The table gives the minimum (and the
+median) of each. The load average is printed: on a
 shared machine, ratios of minima are the meaningful numbers.
 """
 
@@ -137,7 +140,7 @@ def main(argv=None):
         "topk": lambda: influence_topk_fused(B, dinv, alpha, R, 10),
     }, 5 * args.repeat, raw=rounds)
     r.update(interleaved({"numpy": numpy_scores}, 5 * args.repeat))
-    # The kernel's arithmetic alone: 64 rows (5 MB with their scores) stay in L2/L3 and are
+    # The kernel's arithmetic alone: 64 rows (10 MB with their scores) stay in L2/L3 and are
     # scored again and again by the compiled kernel itself (operands prepared once, as the
     # driver does per call), so memory is out of the picture; scaled to T rows. If this alone
     # is near the pass, the 1.2x target needs compute and streaming to overlap almost fully.
