@@ -93,8 +93,10 @@ def _first_line(exc, limit: int = 300) -> str:
 
 
 def usage_error_line(exc, command: str) -> str:
-    """``error: <message> (see ntkcore <command> --help)`` for a Click usage error."""
-    return f"error: {' '.join(exc.format_message().split())} (see {command} --help)"
+    """``error: <message> (see ntkcore <command> --help)`` for a Click usage error, its lines
+    joined into one (spaces inside a line, say in a quoted '   ' value, are kept)."""
+    lines = (part.strip() for part in exc.format_message().splitlines())
+    return f"error: {' '.join(part for part in lines if part)} (see {command} --help)"
 
 
 def check_out_dir(ctx, param, value):
@@ -102,6 +104,15 @@ def check_out_dir(ctx, param, value):
     if value is not None and not value.strip():
         raise click.BadParameter(f"expected a folder name, got {value!r}", ctx=ctx,
                                  param=param)
+    return value
+
+
+def check_data_root_arg(ctx, param, value):
+    """Click callback of --data-root: not blank (an empty shell variable read the current
+    folder); None: the default folders."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(f"expected a folder, got {value!r} (leave --data-root out "
+                                 f"for the default folders)", ctx=ctx, param=param)
     return value
 
 

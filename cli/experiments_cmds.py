@@ -7,9 +7,11 @@ Thin shells (STYLE rule 12): parse options, call ``run_malleability`` / ``run_di
 
 from __future__ import annotations
 
+import re
+
 import click
 
-from ._common import check_out_dir, handle_errors
+from ._common import check_data_root_arg, check_out_dir, handle_errors
 
 
 def _split(value, name):
@@ -27,11 +29,11 @@ def _data_options(fn, n_train_help="Seeded training subset size (default: from -
         click.option("--dataset", default="digits", show_default=True,
                      help="digits (embedded), mnist, fashion-mnist, cifar10 or synthetic."),
         click.option("--data-root", type=click.Path(file_okay=False), default=None,
-                     help="Folder with the dataset files (flat or torchvision layout)."),
+                     callback=check_data_root_arg, help="Folder with the dataset files (flat or torchvision layout)."),
         click.option("--download", is_flag=True,
                      help="Fetch missing files with torchvision (needs a network)."),
         click.option("--classes", default="10", show_default=True,
-                     help='"10" all, "5" the first five, or a pair such as "3,8" (binary).'),
+                     help='"10" all, "5" the first five, or a list such as "3,8" (a pair is binary).'),
         click.option("--n-train", type=int, default=None, help=n_train_help),
         click.option("--seed", type=int, default=42, show_default=True),
     ]):
@@ -49,7 +51,10 @@ def _out_options(fn):
 
 
 def _default_out(command, dataset, classes):
-    return f"runs/{command}-{dataset.lower()}-{classes.replace(',', '_').replace(' ', '')}"
+    """runs/<command>-<dataset>-<classes>, the classes as one safe folder name (a class name
+    such as "T-shirt/top" made a nested folder)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", classes.replace(" ", ""))
+    return f"runs/{command}-{dataset.lower()}-{safe}"
 
 
 @click.command()

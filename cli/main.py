@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ._common import (EXIT_USER, check_out_dir, explicit, handle_errors, timing_table,
-                      usage_error_line)
+from ._common import (EXIT_USER, check_data_root_arg, check_out_dir, explicit, handle_errors,
+                      timing_table, usage_error_line)
 
 
 #: Click >= 8.2 raises it for a bare ``ntkcore``; it shows the help, not an error.
@@ -86,6 +86,7 @@ def _check_environment():
 @click.option("--dataset", default="digits", show_default=True,
               help="digits (embedded), mnist, fashion-mnist, cifar10 or synthetic.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              callback=check_data_root_arg,
               help="Folder with the dataset files (flat or torchvision layout).")
 @click.option("--download", is_flag=True, help="Fetch missing files with torchvision (needs a network).")
 @click.option("--classes", default="10", show_default=True,

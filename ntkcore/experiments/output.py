@@ -103,6 +103,10 @@ class RunFolder:
                 old_config = _upgraded_legacy_config(old_config, self.config)
                 old_identity = {k: old_config.get(k) for k in self.identity}
             same = old["command"] == command and old_identity == self.identity
+            if same and old["complete"] and old_config == self.config and any(
+                    not (self.path / f).is_file() for f in old["files"]):
+                old["complete"] = False  # a result file was deleted: resume, and the stages
+                # whose files are gone run again (the others, training say, are reused)
             if not same or (old["complete"] and old_config == self.config):
                 raise OutputExistsError(self._refusal(old, old_identity, same))
             self.manifest, self.resumed = old, True
@@ -120,6 +124,9 @@ class RunFolder:
                 self._write()
             return
         legacy = [f for f in LEGACY_FILES if (self.path / f).exists()] if old is None else []
+        if legacy and overwrite and self._damaged_ours:  # our run, its manifest damaged
+            self._delete(legacy)
+            legacy = []
         if legacy:  # no manifest lists them: they may be the user's (say, --weights model.pt)
             raise OutputExistsError(
                 f"{self.path} holds {', '.join(legacy)} but no ntkcore run manifest ({MANIFEST}) "
@@ -221,11 +228,13 @@ class RunFolder:
 
     def _read_manifest(self, overwrite: bool):
         f = self.path / MANIFEST
+        self._damaged_ours = False
         if not f.exists():
             return None
-        parsed = True
+        parsed, text = True, ""
         try:
-            old = json.loads(f.read_text())
+            text = f.read_text()
+            old = json.loads(text)
         except (OSError, ValueError):
             old, parsed = None, False
         if parsed and not (isinstance(old, dict) and MARKER in old):  # JSON, but not ours
@@ -238,10 +247,19 @@ class RunFolder:
                 f.unlink(missing_ok=True)
                 return None
             return old
-        if overwrite:  # unreadable or damaged, but ours by name: start afresh
-            return None
-        raise OutputExistsError(f"{f}: damaged run manifest; pass --overwrite to replace the "
-                                f"run or choose another --out")
+        # damaged (truncated, a field of the wrong type): its marker still shows it is ours,
+        # and then --overwrite deletes the result files it can no longer list
+        self._damaged_ours = f'"{MARKER}"' in text
+        results = [n for n in LEGACY_FILES if (self.path / n).exists()]
+        if overwrite and (self._damaged_ours or not results):
+            return None  # start afresh (_open deletes the results of a run shown to be ours)
+        if self._damaged_ours or not results:
+            raise OutputExistsError(f"{f}: damaged run manifest; pass --overwrite to replace "
+                                    f"the run or choose another --out")
+        raise OutputExistsError(
+            f"{f}: damaged, and nothing in it shows it is an ntkcore run manifest, so "
+            f"--overwrite does not delete {', '.join(results)}: choose another --out, or move "
+            f"them away yourself")
 
     def _refusal(self, old, old_identity, same):
         what = "finished results" if old["complete"] else "an unfinished run"

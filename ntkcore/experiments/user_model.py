@@ -9,8 +9,9 @@ same output files as the built-in architectures; no training happens here.
 ``cfg.device`` is honoured as on the built-in route: "cuda" without a usable GPU is a
 BackendError; on the GPU the eNTK runs in torch on CUDA (where torch has it) and the solve on
 CuPy. The options that only shape the built-in networks (arch, width, epochs, preset) are
-left out of the run's recorded config. The run's identity is the data, the model, its weights'
-hash and the model input: the same folder may be scored again with another solver or display
+left out of the run's recorded config. The run's identity is the data, the model (its spec and
+:func:`model_fingerprint`: source file, module tree and state_dict), its weights file's hash
+and the model input: the same folder may be scored again with another solver or display
 options (its previous results are replaced), but not with another model or data.
 """
 
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 from ..backend import get_backend
-from ..errors import ParameterError, ShapeError
+from ..errors import NonFiniteError, ParameterError, ShapeError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions, write_solve
 from .output import RunFolder, atomic_write_json
 from .pipeline import (
@@ -67,37 +68,78 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
     log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test}")
     check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # before the eNTK
                       n_outputs=ds.Y_train.shape[1], private=False)
+    from ..ntk.empirical import load_user_model
+
+    t0 = time.perf_counter()
+    model = load_user_model(spec, weights)  # before the folder: its content is the identity
+    timings["model_load"] = time.perf_counter() - t0
     identity = {**data_identity(cfg, ds), "model": spec, "weights": _file_hash(weights),
-                "model_input": model_input}
+                "model_content": model_fingerprint(spec, model), "model_input": model_input}
     config, about = run_settings(cfg, ds, be.name, identity, drop=BUILTIN_ONLY)
     with RunFolder(out_dir, "influence", config, identity=identity, about=about,
                    overwrite=overwrite) as run:
         if run.changed:
             log(f"replacing the results in {run.path} ({', '.join(run.changed)} changed; same "
                 f"model and data)")
-        return _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings)
+        return _score(run, cfg, spec, weights, model, ds, be, entk_device, model_input,
+                      timings)
 
 
-def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -> dict:
-    """Load the user's model, its eNTK, exact influence and the outputs, into ``run``; the
-    solve is a stage of ``run`` (kept when a later step fails, reused by a rerun)."""
+def model_fingerprint(spec: str, model) -> dict:
+    """What identifies a user's model beyond its spec string: blake2b of the source file the
+    spec names (or the module's file), of the module tree as torch prints it (ReLU -> Tanh
+    changes it), and of every state_dict entry (name, dtype, shape, bytes). A run folder
+    scored with one model is never resumed with another that has the same spec."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
     import torch
 
-    from ..ntk.empirical import load_user_model
+    def digest(data: bytes) -> str:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
 
-    t0 = time.perf_counter()
-    model = load_user_model(spec, weights)
-    timings["model_load"] = time.perf_counter() - t0
+    target = spec.rsplit(":", 1)[0]
+    try:
+        if target.endswith(".py") or "/" in target:
+            source = Path(target)
+        else:
+            found = importlib.util.find_spec(target)
+            source = Path(found.origin) if found and found.origin else None
+        code = digest(source.read_bytes()) if source and source.is_file() else None
+    except (ImportError, OSError, ValueError):
+        code = None
+    state = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        state.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        state.update(t.view(torch.uint8).numpy().tobytes())
+    return {"source": code, "structure": digest(repr(model).encode()),
+            "state": state.hexdigest()}
+
+
+def _score(run, cfg, spec, weights, model, ds, be, entk_device, model_input, timings) -> dict:
+    """The user's model's eNTK, exact influence and the outputs, into ``run``; the solve is
+    a stage of ``run`` (kept when a later step fails, reused by a rerun)."""
+    import torch
+
     dtype = _model_dtype(model, spec)
     Xtr = torch.as_tensor(model_inputs(ds, ds.X_train, model_input))
     Xte = torch.as_tensor(model_inputs(ds, ds.X_test, model_input))
+    row = Xte[:1].to(dtype, copy=True)
     try:
         with torch.no_grad():
-            probe = model(Xte[:1].to(dtype))
+            probe = model(row)
     except Exception as e:  # the user's forward failed on our rows: say on what
         raise ParameterError(f"model: {spec} failed on one row of shape "
                              f"{tuple(Xte[:1].shape)} (model_input={model_input!r}): "
                              f"{type(e).__name__}: {e}") from e
+    if not torch.equal(row, Xte[:1].to(dtype)):  # x.mul_(2) in forward: every eNTK block
+        # would see other inputs (and the data set's arrays would change under it)
+        raise ParameterError(f"model: {spec} changes its input in place in forward (an "
+                             f"in-place op on x); the eNTK needs a forward without side "
+                             f"effects on its input: use the out-of-place op (x * 2, not "
+                             f"x.mul_(2))")
     if not isinstance(probe, torch.Tensor):
         raise ParameterError(f"model: expected {spec} to return a tensor of shape (b,) or "
                              f"(b, C), got {type(probe).__name__}")
@@ -110,7 +152,14 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
         raise ParameterError(f"model: expected {ds.Y_train.shape[1]} outputs for {ds.n_classes} classes "
                              f"({'binary: one output' if ds.binary else 'one per class'}), "
                              f"got {n_out}")
-    solved = _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings)
+    with torch.no_grad():
+        net_out = model(Xte.to(dtype)).double().cpu().numpy()
+    bad = int((~np.isfinite(net_out.reshape(len(net_out), -1))).any(axis=1).sum())
+    if bad:  # its accuracy would be argmax over NaN, a number that means nothing
+        raise NonFiniteError(f"model: {spec} returned NaN or Inf on {bad} of {len(net_out)} "
+                             f"test rows; check its weights (or inputs: model_input="
+                             f"{model_input!r})")
+    solved = _solve(run, cfg, ds, model, Xtr, Xte, net_out, be, entk_device, timings)
     scores, predictions, net_out = (solved["scores"], solved["kernel_predictions"],
                                     solved["network_outputs"])
     store32 = scores.dtype == np.float32
@@ -147,12 +196,10 @@ def _score(run, cfg, spec, weights, ds, be, entk_device, model_input, timings) -
     return summary
 
 
-def _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings) -> dict:
+def _solve(run, cfg, ds, model, Xtr, Xte, net_out, be, entk_device, timings) -> dict:
     """The model's eNTK and LOO influence, written to influence.npz and recorded as the
     "solve" stage (as the built-in route does), so an interruption while the figure or the
     summary is written keeps it; reused from there by a rerun with the same SOLVE_FIELDS."""
-    import torch
-
     from ..influence import loo_influence
     from ..ntk.empirical import model_kernels
 
@@ -170,8 +217,6 @@ def _solve(run, cfg, ds, model, Xtr, Xte, dtype, be, entk_device, timings) -> di
     del K, K_test
     be.synchronize()
     timings["influence"] = time.perf_counter() - t0
-    with torch.no_grad():
-        net_out = model(Xte.to(dtype)).double().cpu().numpy()
     scores = be.to_host(res.scores)
     store32 = scores.size > FLOAT64_SCORE_LIMIT
     arrays = {"scores": scores.astype(np.float32 if store32 else np.float64),
