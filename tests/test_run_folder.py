@@ -232,6 +232,11 @@ def test_an_unreadable_model_pt_is_one_line_not_a_traceback(tmp_path, monkeypatc
     monkeypatch.setattr(ir, "kernel_influence", real)
     (tmp_path / "r" / "model.pt").write_bytes(b"")
     one_line_error(invoke(*args), "model.pt", "--overwrite")
+    # garbage bytes: torch's own first line suggested weights_only=False (unpickling it)
+    (tmp_path / "r" / "model.pt").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
+    err = one_line_error(invoke(*args), "model.pt", "not a readable state_dict",
+                         "--overwrite")
+    assert "weights_only" not in err
 
 
 def test_large_npz_files_are_stored_plain(tmp_path, monkeypatch):

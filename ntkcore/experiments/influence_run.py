@@ -254,8 +254,15 @@ def _load_model(ds, cfg, path, device: str):
                        seed=cfg.seed, device=torch_device(device))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, never a traceback
+        # (not torch's own first line: for a damaged file it suggests weights_only=False,
+        # i.e. unpickling whatever the file holds)
+        raise CorruptDataError(f"{path}: cannot resume from it (not a readable state_dict: "
+                               f"{type(exc).__name__}); pass --overwrite to train again"
+                               ) from None
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - wrong keys or shapes, or not a dict at all
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CorruptDataError(f"{path}: cannot resume from it ({first}); pass --overwrite to "
                                f"train again") from None
