@@ -126,14 +126,24 @@ def _rownorm(A, xp):
     return A / norms
 
 
+#: |exponent| of the largest |entry| of X up to which products of a few factors of X (X M,
+#: G^3) can neither overflow nor underflow: such an X is used as it is (no copy)
+_SAFE_EXPONENT = 48
+
+
 def _binary_scale(A, xp):
     """(A 2^-e, e): A scaled by a power of two (exact) so that its largest |entry| lies in
-    [0.5, 1); e = 0 for an all-zero A. Scale-free results (unit rows, condition numbers)
-    computed from the scaled A neither overflow nor underflow in the products."""
-    top = float(xp.abs(A).max()) if A.size else 0.0
+    [0.5, 1), when that entry lies outside 2^+-_SAFE_EXPONENT; else (A, 0), A itself. Scale-free
+    results (unit rows, condition numbers) computed from the returned A neither overflow nor
+    underflow in products of up to six factors (G^3)."""
+    if not A.size:
+        return A, 0
+    top = max(float(A.max()), -float(A.min()))  # no |A| temporary
     if top == 0.0:
         return A, 0
     e = math.frexp(top)[1]
+    if abs(e) <= _SAFE_EXPONENT:
+        return A, 0
     return xp.ldexp(A, -e), e  # elementwise: 2^-e itself may not be a float64
 
 
@@ -248,7 +258,7 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
     cube = small @ small @ small
     ev_scaled = _descending_eigenvalues(be, small)  # on X's device
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported here
-        ev = check_result_finite(xp.ldexp(ev_scaled, 2 * e),
+        ev = check_result_finite(xp.ldexp(ev_scaled, 2 * e) if e else ev_scaled,
                                  "spectrum: the eigenvalues of X X^T")
     lam1 = float(ev_scaled[0])
     rtol = max(n, d) * np.finfo(np.float64).eps if rank_rtol is None else rank_rtol

@@ -292,7 +292,13 @@ def intrinsic_sensitivity(L_K: float, y, lam: float) -> float:
         return 0.0
     top = float(np.abs(y).max())  # ||y|| = top ||y / top||: no overflow in the squares
     norm = top * float(np.linalg.norm(y.ravel() / top)) if top > 0 else 0.0
-    value = (float(L_K) / float(lam)) * (norm / float(lam))  # lam^2 alone may underflow to 0
+    # mantissas and exponents apart: lam^2 alone may underflow to 0, and L_K / lam overflow
+    # where L_K ||y|| / lam^2 does not
+    (m1, e1), (m2, e2), (m3, e3) = (math.frexp(v) for v in (float(L_K), norm, float(lam)))
+    try:
+        value = math.ldexp(m1 * m2 / (m3 * m3), e1 + e2 - 2 * e3)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
         raise NonFiniteError(f"intrinsic_sensitivity: L_K ||y|| / lam^2 overflows float64 "
                              f"(L_K={L_K!r}, ||y||={norm:.3g}, lam={lam!r})")

@@ -120,3 +120,90 @@ def test_a_class_name_with_a_slash_makes_one_default_folder():
     assert _default_out("spectrum", "fashion-mnist", "T-shirt/top,Bag") == \
         "runs/spectrum-fashion-mnist-T-shirt_top_Bag"
     assert _default_out("spectrum", "mnist", "3, 8") == "runs/spectrum-mnist-3_8"
+
+
+def test_the_model_fingerprint_sees_state_structure_and_shapes():
+    """Shapes were taken after flattening ((2, 3) and (3, 2) buffers of the same bytes
+    matched); extra state, lazy and sparse entries crashed the run (internal error)."""
+    import torch
+
+    from ntkcore.experiments.user_model import model_fingerprint
+
+    def with_buffer(shape):
+        m = torch.nn.Module()
+        m.register_buffer("b", torch.arange(6.0).reshape(shape))
+        return m
+    assert model_fingerprint("m:f", with_buffer((2, 3)))["state"] != \
+        model_fingerprint("m:f", with_buffer((3, 2)))["state"]
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)  # other weights: the state differs, the structure not
+    fa, fb = model_fingerprint("m:f", a), model_fingerprint("m:f", b)
+    assert fa["state"] != fb["state"] and fa["structure"] == fb["structure"]
+    relu = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    tanh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    tanh.load_state_dict(relu.state_dict())  # same state, other structure
+    fr, ft = model_fingerprint("m:f", relu), model_fingerprint("m:f", tanh)
+    assert fr["state"] == ft["state"] and fr["structure"] != ft["structure"]
+
+    class Extra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+    sparse = torch.nn.Linear(3, 2)
+    sparse.register_buffer("s", torch.eye(3).to_sparse())
+    for model in (Extra(), torch.nn.LazyLinear(2), sparse):
+        assert len(model_fingerprint("m:f", model)["state"]) == 32
+
+
+def test_a_model_whose_state_alone_changed_is_not_resumed(tmp_path, monkeypatch):
+    """Same source file, same structure, other weights (the seed from the environment):
+    only the state hash tells the two models apart."""
+    path = tmp_path / "seeded.py"
+    path.write_text("import os\nimport torch\n\n\ndef make():\n"
+                    "    torch.manual_seed(int(os.environ['NTKCORE_TEST_SEED']))\n"
+                    "    return torch.nn.Linear(64, 10).double()\n")
+    args = ("influence", "--model", f"{path}:make", "--n-train", 40, "--n-test", 6, "--quiet",
+            "--out", tmp_path / "o")
+    monkeypatch.setenv("NTKCORE_TEST_SEED", "0")
+    assert invoke(*args).exit_code == 0
+    monkeypatch.setenv("NTKCORE_TEST_SEED", "1")
+    one_line_error(invoke(*args, "--show", 2), "other settings", "model_content")
+
+
+def test_overwrite_of_a_damaged_manifest_deletes_no_file_it_cannot_name(tmp_path):
+    """A model.pt the damaged run never listed (say, the --weights being read) was deleted
+    by name; now the new run only replaces what it writes itself."""
+    import torch
+    path = _model_file(tmp_path, "    return torch.nn.Linear(64, 10).double()\n")
+    out = tmp_path / "o"
+    args = ("influence", "--model", f"{path}:make", "--n-train", 40, "--n-test", 6,
+            "--quiet", "--out", out)
+    assert invoke(*args).exit_code == 0
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("m_for_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.make().state_dict(), out / "model.pt")
+    weights = (out / "model.pt").read_bytes()
+    (out / "run.json").write_text((out / "run.json").read_text()[:60])  # truncated, ours
+    r = invoke(*args, "--weights", out / "model.pt", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (out / "model.pt").read_bytes() == weights
+
+
+def test_a_finished_malleability_run_missing_a_file_is_still_refused(tmp_path):
+    """Its partial files are dropped when it finishes, so no stage is left to reuse:
+    resuming would have rerun the whole experiment (hours with --preset paper) unasked."""
+    args = ("malleability", "--n-train", 60, "--n-test", 30, "--test-points", 3, "--archs",
+            "relu", "--attacks", "fgsm", "--interventions", "curated", "--width", 8,
+            "--epochs", 1, "--quiet", "--out", tmp_path / "m")
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "m" / "table.md").unlink()
+    one_line_error(invoke(*args), "finished results", "--overwrite")

@@ -104,9 +104,14 @@ class RunFolder:
                 old_identity = {k: old_config.get(k) for k in self.identity}
             same = old["command"] == command and old_identity == self.identity
             if same and old["complete"] and old_config == self.config and any(
-                    not (self.path / f).is_file() for f in old["files"]):
-                old["complete"] = False  # a result file was deleted: resume, and the stages
-                # whose files are gone run again (the others, training say, are reused)
+                    not (self.path / f).is_file() for f in old["files"]) and any(
+                    all((self.path / f).is_file() for f in st["files"])
+                    for st in old["stages"].values()):
+                # a result file was deleted, and a finished stage (training, say) is still
+                # whole: resume, reusing it; the stages whose files are gone run again. With
+                # no stage left to reuse (malleability drops its partial files at the end),
+                # it is refused as before: rerunning all of it is --overwrite's to ask for
+                old["complete"] = False
             if not same or (old["complete"] and old_config == self.config):
                 raise OutputExistsError(self._refusal(old, old_identity, same))
             self.manifest, self.resumed = old, True
@@ -124,8 +129,10 @@ class RunFolder:
                 self._write()
             return
         legacy = [f for f in LEGACY_FILES if (self.path / f).exists()] if old is None else []
-        if legacy and overwrite and self._damaged_ours:  # our run, its manifest damaged
-            self._delete(legacy)
+        if legacy and overwrite and self._damaged_ours:
+            # our run, its manifest damaged: which of these it wrote is no longer known (a
+            # model.pt may be the user's --weights), so none is deleted; the new run replaces
+            # the ones it writes, atomically
             legacy = []
         if legacy:  # no manifest lists them: they may be the user's (say, --weights model.pt)
             raise OutputExistsError(

@@ -110,12 +110,25 @@ def model_fingerprint(spec: str, model) -> dict:
     except (ImportError, OSError, ValueError):
         code = None
     state = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        state.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        state.update(t.view(torch.uint8).numpy().tobytes())
+    for name, value in sorted(model.state_dict().items()):
+        state.update(f"{name}|{_entry_bytes(value, torch)!r}|".encode())
     return {"source": code, "structure": digest(repr(model).encode()),
             "state": state.hexdigest()}
+
+
+def _entry_bytes(value, torch) -> bytes:
+    """One state_dict entry for the fingerprint: a tensor's dtype, shape and bytes (sparse
+    tensors densified); a lazy module's uninitialised parameter by its kind (its forward
+    will draw it); anything else (``get_extra_state`` objects) by its repr."""
+    if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+        return b"uninitialised"
+    if not isinstance(value, torch.Tensor):
+        return repr(value).encode()
+    t = value.detach().cpu()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    head = f"{t.dtype}|{tuple(t.shape)}|".encode()  # the shape before flattening
+    return head + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _score(run, cfg, spec, weights, model, ds, be, entk_device, model_input, timings) -> dict:

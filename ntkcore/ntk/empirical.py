@@ -162,7 +162,7 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
                 f"model: its operations are not supported by the available eNTK strategies "
                 f"(torch.func jacrev/jvp/vjp, batched by vmap or one example at a time; "
                 f"strategy={strategy!r}): {type(e).__name__}: {e}") from e
-    if not bool(torch.isfinite(K).all()):
+    if not _all_finite(K):
         raise NonFiniteError(
             f"empirical_ntk: expected a finite kernel, got NaN or Inf ({K.dtype}): the model's "
             f"outputs or their gradients at these inputs are not finite, or J J^T overflowed; "
@@ -387,6 +387,12 @@ def _outputs(outputs, n_out, device):
         return torch.tensor([int(outputs)], device=device), False
     raise ParameterError(f"outputs: expected 'trace', 'full' or an output index in "
                          f"[0, {n_out}), got {outputs!r}")
+
+
+def _all_finite(K, rows: int = 256) -> bool:
+    """Every entry of K finite, checked in blocks of rows (no n x n2 temporary)."""
+    import torch
+    return all(bool(torch.isfinite(K[i:i + rows]).all()) for i in range(0, K.shape[0], rows))
 
 
 def _budget(memory_budget, dev):

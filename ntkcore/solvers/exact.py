@@ -199,21 +199,26 @@ def _condition_estimate(be: Backend, anorm, L, lam, Linv=None):
     n = L.shape[0]
     rng = xp.random.default_rng(0) if hasattr(xp.random, "default_rng") else xp.random
     V = rng.standard_normal((n, 4))
-    top = _power(lambda v: L @ (L.T @ v), V, xp)
+    # the unit blocks are scaled so that A v and A^-1 v stay near 1 (||A|| <= anorm,
+    # ||A^-1|| <= 1 / lam): at lam = 1e308 A v overflowed and A^-1 v underflowed to 0
+    top = _power(lambda v: L @ (L.T @ v), V, xp, scale=1.0 / anorm)
     if Linv is not None:
-        bottom = 1.0 / _power(lambda v: Linv.T @ (Linv @ v), V, xp)
+        bottom = 1.0 / _power(lambda v: Linv.T @ (Linv @ v), V, xp, scale=lam)
     else:
         bottom = 1.0 / _power(lambda v: be.solve_triangular(
-            L, be.solve_triangular(L, v, lower=True), lower=True, trans=1), V, xp)
+            L, be.solve_triangular(L, v, lower=True), lower=True, trans=1), V, xp, scale=lam)
     return {"cond_A_estimate": top / bottom, "cond_estimator": "30 block power iterations",
             "lambda_min_K_estimate": bottom - lam, "cholesky_succeeded": True}
 
 
-def _power(apply, V, xp, iters: int = 30):
+def _power(apply, V, xp, iters: int = 30, scale: float = 1.0):
+    """Largest ||apply(v)|| / ||v|| over the block power iterates of V (orthonormal columns
+    times ``scale``, so that apply(V) neither overflows nor underflows)."""
+    V, _ = xp.linalg.qr(V)
     for _ in range(iters):
-        V, _ = xp.linalg.qr(apply(V))
-    W = apply(V)
-    return float(xp.max(xp.linalg.norm(W, axis=0)))
+        V, _ = xp.linalg.qr(apply(V * scale))
+    W = apply(V * scale)
+    return float(xp.max(xp.linalg.norm(W, axis=0))) / scale
 
 
 def _read_k_for_checks(be: Backend, K, lam, probes: int = 8):
