@@ -13,7 +13,8 @@
    pass over B at the memory bandwidth measured here: read B, write the scores, by a parallel
    Numba pass on the same threads as the kernel (bench/_floors.py; a one-thread NumPy pass is
    also shown, it is no floor on a multi-core machine). Target <= 1.2x. Also vs the NumPy
-   formula and with top-k, and the kernel's arithmetic alone (rows that stay in cache).
+   formula and with top-k, the kernel's arithmetic alone (rows that stay in cache), and
+   in place (out = B, as loo_influence scores) against an in-place pass over B.
 
 Floor and candidate are timed alternately, so both see the same machine load: relu_ntk in
 ``--repeat`` rounds (the previous path in ``--repeat`` - 1), scoring in 5 x ``--repeat``
@@ -31,15 +32,19 @@ import platform
 import time
 
 import numpy as np
-from _floors import gemm_rate, stream_pass
+from _floors import _scale_kernel, gemm_rate, stream_pass
 
 
 def interleaved(fns: dict, repeat: int, raw: dict | None = None):
     """{name: (min_s, median_s)} timing each callable once per round, rounds alternating.
+    A value may be a pair (setup, fn): setup runs untimed before each timing of fn.
     ``raw``, when given, receives every round's time per name (for per-round ratios)."""
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
+            if isinstance(fn, tuple):
+                setup, fn = fn
+                setup()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -140,6 +145,16 @@ def main(argv=None):
         "topk": lambda: influence_topk_fused(B, dinv, alpha, R, 10),
     }, 5 * args.repeat, raw=rounds)
     r.update(interleaved({"numpy": numpy_scores}, 5 * args.repeat))
+    # In place, as loo_influence scores (B is the solve's temporary): against a pass that
+    # also writes B over itself. Before each timing B's copy is refilled and then evicted
+    # from the caches by a pass over S, so both start from memory.
+    Bc = B.copy()
+    refill = lambda: (np.copyto(Bc, B), np.multiply(S, 1.0, out=S))  # noqa: E731
+    pass_kernel = _scale_kernel()
+    r.update(interleaved({
+        "pass_inplace": (refill, lambda: pass_kernel(Bc, 1.0001, Bc)),
+        "fused_inplace": (refill, lambda: influence_scores_fused(Bc, dinv, alpha, R, out=Bc)),
+    }, 5 * args.repeat))
     # The kernel's arithmetic alone: 64 rows (10 MB with their scores) stay in L2/L3 and are
     # scored again and again by the compiled kernel itself (operands prepared once, as the
     # driver does per call), so memory is out of the picture; scaled to T rows. If this alone
@@ -181,6 +196,11 @@ def main(argv=None):
                  r["fused"][0] / floor_s, ""))
     rows.append(("  one-thread NumPy pass (np.multiply), not a floor", r["pass1"], "",
                  r["pass1"][0] / base, ""))
+    rows.append(("  in place (out = B, as loo_influence scores) / an in-place pass",
+                 r["fused_inplace"], f"in-place pass {r['pass_inplace'][0] * 1e3:.1f} ms",
+                 r["fused_inplace"][0] / r["pass_inplace"][0], ""))
+    rows.append(("  in place / the fused kernel into a separate S", r["fused_inplace"], "",
+                 r["fused_inplace"][0] / r["fused"][0], ""))
     rows.append(("  + top-10 helpful/harmful, no T x n buffer", r["topk"], "", r["topk"][0] / base,
                  ""))
     rows.append(("  NumPy formula (3 temporaries + GEMM)", r["numpy"], "", r["numpy"][0] / base, ""))

@@ -148,6 +148,18 @@ def _scoring_inputs(B, diag_inv, alpha, residuals):
     return B, diag_inv, alpha, residuals
 
 
+def _private_result(B, *inputs) -> bool:
+    """Whether the scores may overwrite B in place: a writeable, C-contiguous float array of
+    its own, overlapping none of ``inputs`` (arrays still read afterwards; None skipped)."""
+    flags = getattr(B, "flags", None)
+    if flags is None or not flags.c_contiguous or not getattr(flags, "writeable", True):
+        return False
+    if B.dtype not in (np.float64, np.float32):
+        return False
+    return not any(a is not None and hasattr(a, "shape") and may_share_memory(B, a)
+                   for a in inputs)
+
+
 def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto", *,
                   top_k: int | None = None, keep_scores: bool = True, check: bool = True,
                   overwrite_k: bool = False, **solver_options) -> InfluenceResult:
@@ -235,14 +247,20 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
         hi = lo = None
         if not keep_scores:  # nothing to check afterwards: bound the scores first
             _check_score_bound(B, fit.diag_inv, fit.alpha, residuals)
+        # B is the solve's own temporary: the scores overwrite it (one T x n array fewer,
+        # and no write-allocate reads of a fresh one: 1.4x faster on two cores, RESULTS)
+        out = B if _private_result(B, K if dense else None, K_test, Y_test, fit.alpha,
+                                   fit.diag_inv) else None
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
             if top_k is None:  # the fit's own outputs: no need to validate them again
                 from .kernels import influence_scores_fused
-                scores = influence_scores_fused(B, fit.diag_inv, fit.alpha, residuals)
+                scores = influence_scores_fused(B, fit.diag_inv, fit.alpha, residuals,
+                                                out=out)
             else:  # scoring and per-row top-k in one pass; no (T, n) buffer unless kept
                 from .kernels import influence_topk_fused
                 top = influence_topk_fused(B, fit.diag_inv, fit.alpha, residuals, top_k,
-                                           keep_scores=keep_scores)
+                                           keep_scores=keep_scores,
+                                           out=out if keep_scores else None)
                 scores, hi, lo = top.scores, top.helpful, top.harmful
         if keep_scores:
             check_result_finite(scores, "influence scores")
