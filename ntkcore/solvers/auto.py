@@ -23,7 +23,8 @@ Memory model (bytes, float64):
   landmarks.CachedReluNTK), for CG the ``CG_ARRAYS`` (n, s) float64 block vectors of the fit
   (s = C + probes) and one (tile, n) row block of K with its tile temporaries, and, when the
   caller says how many test rows it will score (``n_test``), the (T, n) B = K_test A^-1 and
-  the (T, n) scores (16 T n bytes), which the caller holds but the solve makes.
+  the (T, n) scores (16 T n bytes), which the caller holds but the solve makes (loo_influence
+  writes the scores over B when B is the solve's own, so 8 T n of them is a kept margin).
 
 "Comfortably" means within ``COMFORT`` (70 %) of the budget; the budget is ``memory_budget``
 when given, else the free memory of the device K lives on (host RAM for NumPy inputs).
