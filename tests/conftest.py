@@ -24,6 +24,17 @@ def assert_close(actual, expected, *, rtol=None, dtype=np.float64, what=""):
     return err
 
 
+def krr_problem(rng, n=40, T=5, C=3, d=6):
+    """A small well-posed LOO problem: K = X X^T + I (n x n), one-hot Y (n, C), the linear
+    test kernel K_test = X_t X^T (T, n) and one-hot Y_test."""
+    X = rng.standard_normal((n, d))
+    Xt = rng.standard_normal((T, d))
+    K = X @ X.T + np.eye(n)
+    Y = np.eye(C)[rng.integers(0, C, n)]
+    Yt = np.eye(C)[rng.integers(0, C, T)]
+    return K, Y, Xt @ X.T, Yt
+
+
 def _gpu():
     from ntkcore.backend import gpu_available
     return gpu_available()

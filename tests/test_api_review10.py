@@ -8,17 +8,12 @@ import pytest
 import ntkcore as nc
 from ntkcore import errors
 
-from conftest import assert_close
+from conftest import assert_close, krr_problem
 from reference import loo_influence_bruteforce
 
 
 def _problem(rng, n=40, T=5, C=3):
-    X = rng.standard_normal((n, 6))
-    Xt = rng.standard_normal((T, 6))
-    K = X @ X.T + np.eye(n)
-    Y = np.eye(C)[rng.integers(0, C, n)]
-    Yt = np.eye(C)[rng.integers(0, C, T)]
-    return K, Y, Xt @ X.T, Yt
+    return krr_problem(rng, n, T, C, d=6)
 
 
 @pytest.mark.parametrize("solver,options", [("exact", {"storage": "packed"}),

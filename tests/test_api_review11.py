@@ -5,16 +5,12 @@ import pytest
 
 import ntkcore as nc
 
+from conftest import krr_problem
 from reference import loo_influence_bruteforce
 
 
 def _problem(rng, n=12, T=4, C=3):
-    X = rng.standard_normal((n, 5))
-    Xt = rng.standard_normal((T, 5))
-    K = X @ X.T + np.eye(n)
-    Y = np.eye(C)[rng.integers(0, C, n)]
-    Yt = np.eye(C)[rng.integers(0, C, T)]
-    return K, Y, Xt @ X.T, Yt
+    return krr_problem(rng, n, T, C, d=5)
 
 
 @pytest.mark.parametrize("solver,options", [("exact", {}), ("exact", {"storage": "packed"}),
