@@ -192,6 +192,38 @@ def test_gpu_check_correctness_section_passes_on_the_simulator(sim_cupy, monkeyp
     assert len(verdicts) >= 30 and set(verdicts) == {"PASS"}, gpu_check.ROWS
 
 
+def test_gpu_check_poisons_every_allocation_during_the_checks_on_a_real_gpu():
+    """The wiring of gpu_check.poisoned_allocations, on a stand-in for cupy.cuda (the
+    simulator has no allocator hooks, and its empty() is poisoned already): installed for the
+    checks, each block filled with 0xFF bytes, the previous allocator restored afterwards,
+    and its pool's cached blocks given back by _free."""
+    import types
+
+    import gpu_check
+    calls = []
+
+    class Pool:
+        def malloc(self, nbytes):
+            return types.SimpleNamespace(ptr=1000 + nbytes)
+
+        def free_all_blocks(self):
+            calls.append("free")
+    state = {"allocator": "default"}
+    cuda = types.SimpleNamespace(
+        MemoryPool=Pool, get_allocator=lambda: state["allocator"],
+        set_allocator=lambda a: state.update(allocator=a),
+        runtime=types.SimpleNamespace(memset=lambda ptr, v, n: calls.append((ptr, v, n))))
+    fake = types.SimpleNamespace(cuda=cuda)
+    with gpu_check.poisoned_allocations(fake) as on:
+        assert on and callable(state["allocator"])
+        assert state["allocator"](64).ptr == 1064 and state["allocator"](0).ptr == 1000
+    assert state["allocator"] == "default" and calls == [(1064, 0xFF, 64)]
+    with gpu_check.poisoned_allocations(types.SimpleNamespace(cuda=types.SimpleNamespace())) \
+            as on:
+        assert not on  # the simulator: nothing to hook
+    gpu_check._POISON_POOL.clear()
+
+
 @pytest.mark.parametrize("free_bytes,cholesky", [(8 << 30, "cusolver"), (2_000_000, "cusolver"),
                                                 (8 << 30, "blocked")])
 def test_gpu_check_runs_end_to_end_at_toy_sizes(sim_cupy, monkeypatch, tmp_path, free_bytes,
