@@ -247,7 +247,8 @@ def test_intrinsic_sensitivity_has_no_false_overflow():
                                             ("nystrom", {"rank": 12}), ("cg", {"tol": 1e-12})])
 def test_scores_overwrite_the_solves_own_b(rng, monkeypatch, solver, options):
     """B = K_test A^-1 is the solve's temporary: the scores are written over it (one T x n
-    array fewer; 0.60-0.77 of the time on two cores, no write-allocate reads), and are still right."""
+    array fewer; 0.60-0.77 of the time on two cores, no write-allocate reads), and are
+    still right."""
     import ntkcore.kernels as kernels
     seen = []
     real = kernels.influence_scores_fused
