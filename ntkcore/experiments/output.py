@@ -254,12 +254,12 @@ class RunFolder:
                 f.unlink(missing_ok=True)
                 return None
             return old
-        # damaged (truncated, a field of the wrong type): its marker still shows it is ours,
-        # and then --overwrite deletes the result files it can no longer list
+        # damaged (truncated, a field of the wrong type): where its marker still shows it is
+        # ours, --overwrite starts afresh over the result files it can no longer list
         self._damaged_ours = f'"{MARKER}"' in text
         results = [n for n in LEGACY_FILES if (self.path / n).exists()]
         if overwrite and (self._damaged_ours or not results):
-            return None  # start afresh (_open deletes the results of a run shown to be ours)
+            return None  # start afresh (_open then lets the new run replace those files)
         if self._damaged_ours or not results:
             raise OutputExistsError(f"{f}: damaged run manifest; pass --overwrite to replace "
                                     f"the run or choose another --out")
