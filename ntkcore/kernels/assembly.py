@@ -358,9 +358,10 @@ def _near_parallel(G, ni, nj, xp, r_off, c_off, *, upper=False):
     for k0, k1 in tiles(int(rows.shape[0]), step):
         r = rows[k0:k1]
         A = G[r]  # a copy (fancy index), scaled in place: |G_ij| / |x2_j|
-        xp.abs(A, out=A)
-        A /= nj_safe[None, :]
-        ii, jj = xp.nonzero(A > (scale * ni[r])[:, None])
+        with np.errstate(invalid="ignore", over="ignore"):  # upper: garbage below the
+            xp.abs(A, out=A)  # diagonal (an uninitialised out) may be NaN or Inf
+            A /= nj_safe[None, :]
+            ii, jj = xp.nonzero(A > (scale * ni[r])[:, None])
         del A
         I, J = r[ii] + r_off, jj + c_off
         if upper:
