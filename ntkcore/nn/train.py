@@ -10,8 +10,9 @@ Each mini-batch step uses the batch estimate (1/2B) sum_{i in batch} l_i + the s
 Accepted labels are documented in ``ntkcore.nn._loss``.
 
 Deterministic: batches are shuffled by a seeded ``torch.Generator`` and training runs with
-``torch.use_deterministic_algorithms(True, warn_only=True)`` (restored afterwards), so on the
-CPU the same seed gives the same weights bit for bit (at a fixed thread count).
+deterministic algorithms on (``warn_only``; the flag ``torch.use_deterministic_algorithms``
+sets, restored afterwards), so on the CPU the same seed gives the same weights bit for bit
+(at a fixed thread count).
 
 The feature map phi has no trainable parameters (MLP-Attn's M is a fixed buffer), so without
 adversarial training phi(X) is computed once and each step runs only the head.
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .adam import Adam
 
 from .._validate import check_epochs
 from ..errors import NonFiniteError, ParameterError
@@ -107,6 +110,18 @@ def _batch_objective(model, out, t, kind, lam, theta0):
 
 
 @torch_memory_errors("train")
+def _deterministic(mode: bool, *, warn_only: bool) -> None:
+    """torch.use_deterministic_algorithms without its first statement, which imports
+    torch._inductor's config (and with it torch._dynamo: 1.3 s here) to set a flag only
+    torch.compile reads; nothing here compiles. The public call where torch lacks the
+    setter it wraps."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # pragma: no cover - a torch without it
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
           lam: float = 1e-3, loss: str = "auto", seed: int = 42, progress: bool = True,
           callback=None, preprocess=None, adv_eps: float | None = None,
@@ -166,7 +181,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
     kind, T = targets(y, n, model.n_outputs, loss, device=p.device, dtype=p.dtype)
     params = _params(model)
     theta0 = [q.detach().clone() for q in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = Adam(params, lr=lr)  # torch.optim.Adam's update, without importing torch._dynamo
     g = torch.Generator().manual_seed(int(seed))
     result = TrainResult()
     Z = None
@@ -181,7 +196,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
 
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _deterministic(True, warn_only=True)
     was_training = model.training
     model.train()
     try:
@@ -201,7 +216,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
                              generator=g)
                     out = model(_inputs(xb, preprocess))
                 obj = _batch_objective(model, out, tb, kind, lam, theta0)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 obj.backward()
                 opt.step()
                 total += float(obj.detach()) * idx.shape[0]
@@ -218,7 +233,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
                 break
         bar.close()
     finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        _deterministic(prev[0], warn_only=prev[1])
         model.train(was_training)
     result.train_accuracy = accuracy(model, Xt, y, preprocess=preprocess)
     result.seconds = time.perf_counter() - t_start
