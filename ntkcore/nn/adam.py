@@ -17,7 +17,8 @@ class Adam:
     """``Adam(params, lr)``: ``zero_grad()`` then, after ``backward()``, ``step()``.
 
     State per parameter: the first and second moment estimates m, v (zeros at the start) and
-    the shared step count t. One step, for each parameter p with gradient g:
+    its step count t (the steps on which it had a gradient, as torch counts them). One step,
+    for each parameter p with gradient g:
 
         m <- m + (1 - b1) (g - m);  v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -26,7 +27,7 @@ class Adam:
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         self.lr, self.betas, self.eps = float(lr), betas, float(eps)
-        self.t = 0
+        self.t = [0] * len(self.params)
         self.m = [torch.zeros_like(p, memory_format=torch.preserve_format)
                   for p in self.params]
         self.v = [torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -38,13 +39,13 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.t += 1
         b1, b2 = self.betas
-        step_size = self.lr / (1 - b1 ** self.t)
-        bias2_sqrt = (1 - b2 ** self.t) ** 0.5
-        for p, m, v in zip(self.params, self.m, self.v):
+        for k, (p, m, v) in enumerate(zip(self.params, self.m, self.v)):
             if p.grad is None:
                 continue
+            self.t[k] += 1
+            step_size = self.lr / (1 - b1 ** self.t[k])
+            bias2_sqrt = (1 - b2 ** self.t[k]) ** 0.5
             g = p.grad
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -109,7 +109,6 @@ def _batch_objective(model, out, t, kind, lam, theta0):
     return data + 0.5 * lam * reg
 
 
-@torch_memory_errors("train")
 def _deterministic(mode: bool, *, warn_only: bool) -> None:
     """torch.use_deterministic_algorithms without its first statement, which imports
     torch._inductor's config (and with it torch._dynamo: 1.3 s here) to set a flag only
@@ -122,6 +121,7 @@ def _deterministic(mode: bool, *, warn_only: bool) -> None:
         setter(mode, warn_only=warn_only)
 
 
+@torch_memory_errors("train")
 def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
           lam: float = 1e-3, loss: str = "auto", seed: int = 42, progress: bool = True,
           callback=None, preprocess=None, adv_eps: float | None = None,
