@@ -33,7 +33,7 @@ from ._validate import (
 from .backend import backend_for
 from .errors import NonFiniteError, ParameterError, ShapeError
 from .solvers import get_solver
-from .solvers.operator import DenseKernel
+from .solvers.operator import DenseKernel, checked_operator
 from .solvers.base import Timer
 
 
@@ -102,22 +102,22 @@ def _check_score_bound(B, diag_inv, alpha, residuals):
     """NonFiniteError when the scores could overflow B's dtype; for the top-k path, which
     keeps no scores to check afterwards (a NaN score would simply never be ranked).
 
-    Per training point i: |I(t, i)| <= u_i (u_i h_i + rho a_i) with u_i = max_t |B_ti| / d_i,
-    h_i = ||alpha_i||^2 / 2, a_i = max_c |alpha_ic| and rho = max_t ||r_t||_1. The CPU
-    kernel's folded form b (b g_i - r . alpha_i / d_i) has the same bound and one more
-    intermediate, g_i = h_i / d_i^2. Column reductions of B (no T x n temporary); per column,
-    so one outlying training point does not loosen every other column's bound.
+    Both kernels compute the folded form b (b g_i - r_t . alpha'_i) with alpha'_i = alpha_i /
+    d_i and g_i = ||alpha'_i||^2 / 2. Per training point i: |I(t, i)| <= b_i (b_i g_i +
+    rho a_i) with b_i = max_t |B_ti|, a_i = max_c |alpha'_ic| and rho = max_t ||r_t||_1; g_i
+    itself must be finite too. From alpha' (scaled first), not ||alpha_i||^2 / d_i^2: alpha
+    ~ 1e154 overflows the square where d_i ~ 1e160 makes the scores ~ 1. Column reductions of
+    B (no T x n temporary); per column, so one outlying training point does not loosen every
+    other column's bound.
     """
     xp = backend_for(B).xp
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the answer
         bmax = xp.maximum(B.max(axis=0), -B.min(axis=0)).astype(np.float64)
-        d = diag_inv.astype(np.float64)
-        a64 = alpha.astype(np.float64)
-        u = bmax / d
-        h = 0.5 * (a64 * a64).sum(axis=1)
+        folded = alpha.astype(np.float64) / diag_inv.astype(np.float64)[:, None]
+        g = 0.5 * (folded * folded).sum(axis=1)
         rho = float(abs(residuals).astype(np.float64).sum(axis=1).max())
-        a = abs(a64).max(axis=1)
-        bound = max(float((u * (u * h + rho * a)).max()), float((h / d / d).max()))
+        a = abs(folded).max(axis=1)
+        bound = max(float((bmax * (bmax * g + rho * a)).max()), float(g.max()))
     if not bound <= 0.5 * float(np.finfo(B.dtype).max):
         raise NonFiniteError(
             f"influence scores: they can overflow {B.dtype} (bound {bound:.3g}): K, Y or the "
@@ -200,6 +200,8 @@ def loo_influence(K, Y, K_test, Y_test, lam: float = 1e-3, solver: str = "auto",
         K, asym = check_kernel_matrix(K, "K", dtype=np.float64)
     elif isinstance(K, DenseKernel):  # the same check of the caller's matrix behind it (the
         asym = check_kernel_matrix(K.K, "K")[1]  # packed, Nystrom and CG solvers read one side)
+    else:  # a caller's own operator: missing members and a NaN diagonal named, not crashed on
+        K = checked_operator(K)
     Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
     Y_test = as_float_matrix(Y_test, "Y_test", dtype=np.float64, allow_1d=True)
     K_test = as_float_matrix(K_test, "K_test", dtype=np.float64)

@@ -48,13 +48,19 @@ def choose_tile(backend: Backend, n: int, m: int, *, train_a: bool, tile: int | 
                 budget: int | None = None) -> int:
     """Rows per tile: ``tile`` if given, else from ``budget`` bytes (default: a share of free
     memory) for the scratch tiles and per-row blocks, capped per backend."""
-    if tile is not None:
-        return max(1, min(int(tile), max(n, 1)))
+    if tile is not None:  # on the GPU, at most what one launch's grid.y covers
+        cap = _gpu_tile_rows_max() if backend.name == "cuda" else max(n, 1)
+        return max(1, min(int(tile), max(n, 1), cap))
     if budget is None:
         budget = int(backend.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
     pair, row = _scratch(backend, m, train_a)
     cap = GPU_TILE_MAX if backend.name == "cuda" else CPU_TILE_MAX
     return tile_rows(max(pair, 1), row, budget=budget, n=max(n, 1), maximum=cap)
+
+
+def _gpu_tile_rows_max() -> int:
+    from .cuda import TILE_ROWS_MAX
+    return TILE_ROWS_MAX
 
 
 def _scratch(backend: Backend, m: int, train_a: bool):
@@ -291,6 +297,9 @@ def relu_ntk_infinite_fused(X, X2=None, *, tile: int | None = None, out=None,
         return out
     if n == 0 or n2 == 0:
         return out
+    if be.name == "cuda" and out.dtype != X.dtype:  # arccos_tile reads the Gram tile (out's
+        X = X.astype(out.dtype)  # dtype) and the norms in one dtype
+        Xs = X if sym else Xs.astype(out.dtype)
     t = choose_tile(be, max(n, n2), 0, train_a=False, tile=tile)
     norms = _row_norms(X, xp)
     norms2 = norms if sym else _row_norms(Xs, xp)

@@ -29,6 +29,10 @@ SOURCES = {  # name -> the files that make up its source, in order
 _CTYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
 TILE = 64          # output tile edge of entk_tile / arccos_tile (NTK_TILE in the sources)
 TOPK_MAX = 16      # largest register-resident top-k list (influence_topk)
+# influence_topk keeps R[t, :] in dynamic shared memory beside its static merge lists (3 KiB
+# in float64 at TOPK = 16, nvcc --resource-usage, sm_90); a launch asks for at most the 48 KiB
+# default, so C * itemsize above this takes the chunked path (C > 5632 classes in float64)
+TOPK_SHARED_MAX = 48 * 1024 - 4 * 1024
 SC_ROWS = 8        # test rows per thread in influence_scores
 TK_THREADS = 256   # threads per block in influence_topk
 MS_BLOCK = (32, 8)  # threads per block of matrix_stats (MS_TILE x MS_ROWS in the source)
@@ -69,6 +73,11 @@ def kernel(name: str, func: str, dtype, defines=()):
 
 def _i(x):
     return np.int64(x)
+
+
+#: grid.y of the tile kernels covers the rows, TILE per block, at most 65535 blocks
+GRID_Y_MAX = 65535
+TILE_ROWS_MAX = GRID_Y_MAX * TILE
 
 
 def _grid2(ni, nj):

@@ -50,11 +50,14 @@ def _prepare(B, diag_inv, alpha, residuals, xp):
     return B, dinv, alpha, R
 
 
-def _transposed_operands(alpha, xp):
-    """half_sq = ||alpha_i||^2 / 2 (n,) and alpha^T (C, n) contiguous: the operands of the
-    CUDA kernels."""
-    half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", alpha, alpha))
-    return half_sq, xp.ascontiguousarray(alpha.T)
+def _folded_operands(dinv, alpha, xp):
+    """The CUDA kernels' (dinv, half_sq, alphaT) in the CPU kernel's folded form: alpha'_i =
+    alpha_i / dinv_i (scaled first: ||alpha_i||^2 alone overflows at |alpha| ~ 1e154, where
+    dinv_i may be 1e160), half_sq = ||alpha'_i||^2 / 2 and dinv = 1 (the kernels' U = B / 1 =
+    B exactly). So both backends compute b (b g_i - r . alpha'_i), with the same bound."""
+    folded = alpha / dinv[:, None]
+    half_sq = xp.ascontiguousarray(0.5 * xp.einsum("ic,ic->i", folded, folded))
+    return xp.ones_like(dinv), half_sq, xp.ascontiguousarray(folded.T)
 
 
 def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
@@ -83,7 +86,10 @@ def influence_scores_fused(B, diag_inv, alpha, residuals, *, out=None,
         return out
     if be.name == "cuda":
         from . import cuda
-        cuda.influence_scores(B, dinv, *_transposed_operands(alpha, xp), R, out)
+        S = out if _kernel_writes(out, B) else xp.empty_like(B)
+        cuda.influence_scores(B, *_folded_operands(dinv, alpha, xp), R, S)
+        if S is not out:
+            out[...] = S
     else:
         _cpu_scorer(dinv, alpha)(B, R, out)
     return out
@@ -96,8 +102,8 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
     Parameters as :func:`influence_scores_fused`; ``k`` is clipped to n. With
     ``keep_scores`` every score is also written (into ``out`` when given; it may be ``B``).
     Without it the scores stream through a bounded buffer (CPU: about 8 MB, at least 4 rows,
-    so for small T x n it may hold them all; on the GPU, k > 16 uses row chunks whose size
-    comes from free memory).
+    so for small T x n it may hold them all; on the GPU, k > 16 or more than 5632 classes in
+    float64 use row chunks whose size comes from free memory).
 
     Returns
     -------
@@ -121,14 +127,24 @@ def influence_topk_fused(B, diag_inv, alpha, residuals, k: int, *, keep_scores: 
                           out if keep_scores else None)
     else:
         from . import cuda
-        half_sq, alphaT = _transposed_operands(alpha, xp)
-        if k <= cuda.TOPK_MAX:
-            cuda.influence_topk(B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
-                                lo_val, out if keep_scores else None)
+        ones, half_sq, alphaT = _folded_operands(dinv, alpha, xp)
+        S = out if not keep_scores or _kernel_writes(out, B) else xp.empty_like(B)
+        if k <= cuda.TOPK_MAX and alpha.shape[1] * B.itemsize <= cuda.TOPK_SHARED_MAX:
+            cuda.influence_topk(B, ones, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
+                                lo_val, S if keep_scores else None)
         else:
-            _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
-                              lo_val, out if keep_scores else None)
+            _topk_gpu_chunked(be, B, ones, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx,
+                              lo_val, S if keep_scores else None)
+        if keep_scores and S is not out:
+            out[...] = S
     return TopK(hi_idx, lo_idx, hi_val, lo_val, out if keep_scores else None)
+
+
+def _kernel_writes(out, B) -> bool:
+    """Whether the scoring kernels can write ``out`` directly: B's dtype, adjacent entries
+    in a row, rows a whole number of entries apart (they address it as out[t * ld + i])."""
+    return (out.dtype == B.dtype and (out.shape[1] <= 1 or out.strides[1] == out.itemsize)
+            and out.strides[0] % out.itemsize == 0)
 
 
 def _cpu_scorer(dinv, alpha):
@@ -141,8 +157,7 @@ def _cpu_scorer(dinv, alpha):
     g, alpha_blocks = numba_tile.pack_operands(dinv, alpha)
 
     def score(B, R, out):
-        if (out.dtype == B.dtype and out.strides[1] == out.itemsize
-                and out.strides[0] % out.itemsize == 0):
+        if _kernel_writes(out, B):
             numba_tile.score_rows(B, g, alpha_blocks, R, out)
         else:
             buffer = np.empty(B.shape, dtype=B.dtype)

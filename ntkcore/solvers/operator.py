@@ -8,9 +8,13 @@ An operator has ``n``, ``dtype``, ``shape``, and
 - ``matmat(V)``       (n, k)    K @ V, assembled tile by tile (memory O(n * tile))
 - ``cross(X_query)``  (T, n)    the test block K(X_query, X) as a dense array
 - ``dense()``         (n, n)    the whole matrix (only when it fits; the exact solver's input)
+- ``xp``              optional: the array module of its arrays (default: that of ``diag()``)
 
 :class:`DenseKernel` wraps an existing array; :class:`ReluNTKOperator` assembles eNTK tiles of
 the two-layer net from features and weights on demand, so the kernel itself is never stored.
+A caller's own operator need only have what its solver calls (Nystrom: ``diag``, ``columns``;
+CG adds ``matmat``; exact: ``dense``, or ``block`` for packed storage); :func:`checked_operator`
+names a missing member instead of failing inside a solver.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .._validate import (
     check_min_cols,
 )
 from ..backend import backend_for
-from ..errors import ParameterError, ShapeError
+from ..errors import NonFiniteError, ParameterError, ShapeError
 from ..ntk.relu import neuron_weights, relu_ntk
 from ..ntk.tiling import tiles
 
@@ -40,6 +44,16 @@ def _check_columns(idx, n, xp):
         raise ParameterError(f"idx: expected column indices in [0, {n}), got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
     return idx
+
+
+def _check_range(i0, i1, j0, j1, n):
+    """ParameterError unless 0 <= i0 <= i1 <= n and 0 <= j0 <= j1 <= n (integers): a slice
+    would clip an out-of-range block silently."""
+    for lo, hi, what in ((i0, i1, "rows"), (j0, j1, "columns")):
+        lo, hi = check_count(lo, f"block {what} start", minimum=0), \
+            check_count(hi, f"block {what} stop", minimum=0)
+        if not lo <= hi <= n:
+            raise ParameterError(f"block: expected {what} {lo}:{hi} within 0:{n}")
 
 
 def _check_block(V, n, xp):
@@ -74,6 +88,7 @@ class DenseKernel:
         return self.K[:, _check_columns(idx, self.n, self.xp)]
 
     def block(self, i0, i1, j0, j1):
+        _check_range(i0, i1, j0, j1, self.n)
         return self.K[i0:i1, j0:j1]
 
     def matmat(self, V):
@@ -149,6 +164,7 @@ class ReluNTKOperator:
         return self._kernel(self.X[i0:i1], self.X)
 
     def block(self, i0, i1, j0, j1):
+        _check_range(i0, i1, j0, j1, self.n)
         return self._kernel(self.X[i0:i1], self.X[j0:j1])
 
     def matmat(self, V):
@@ -168,3 +184,55 @@ class ReluNTKOperator:
 
     def dense(self):
         return relu_ntk(self.X, self.W, a=self.a, train_a=self.train_a)
+
+
+#: the members of the protocol a solver may call
+_PROTOCOL = ("diag", "columns", "block", "matmat", "cross", "dense")
+
+
+def checked_operator(K):
+    """``K`` itself for ntkcore's operators; a caller's operator behind :class:`_CallerOperator`."""
+    if isinstance(K, (DenseKernel, ReluNTKOperator)):
+        return K
+    return _CallerOperator(K)
+
+
+class _CallerOperator:
+    """A caller's kernel operator as the solvers see it: ``xp`` from its diagonal when it has
+    none, a finite-checked ``diag()``, and a protocol member it lacks as ParameterError
+    naming it (instead of an AttributeError inside a solver). Other attributes pass through."""
+
+    def __init__(self, op):
+        shape = tuple(op.shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ShapeError(f"K: expected a square kernel operator, got shape {shape}")
+        self.op, self.n, self.shape = op, int(shape[0]), shape
+        self.dtype = getattr(op, "dtype", np.float64)
+        self._xp = getattr(op, "xp", None)
+
+    @property
+    def xp(self):
+        if self._xp is None:
+            self._xp = backend_for(self.op.diag()).xp
+        return self._xp
+
+    def diag(self):
+        d = self._member("diag")()
+        if not bool(backend_for(d).xp.isfinite(d).all()):
+            raise NonFiniteError(f"K: the operator's diag() holds NaN or Inf "
+                                 f"({type(self.op).__name__})")
+        return d
+
+    def _member(self, name):
+        member = getattr(self.op, name, None)
+        if not callable(member):
+            raise ParameterError(f"K: the kernel operator {type(self.op).__name__} has no "
+                                 f"{name}() method, which this solver calls (solver='nystrom' "
+                                 f"needs only diag() and columns(); see "
+                                 f"ntkcore.solvers.operator)")
+        return member
+
+    def __getattr__(self, name):  # only for names not found on the adapter itself
+        if name in _PROTOCOL:
+            return self._member(name)
+        return getattr(self.op, name)

@@ -119,6 +119,24 @@ class SimModule:
         return SimKernel(lib, name, kernels[name])
 
 
+#: CUDA's launch limits (every GPU since compute capability 3.0): grid.x <= 2^31 - 1, grid.y
+#: and grid.z <= 65535, <= 1024 threads per block (block.z <= 64), and 48 KiB of shared memory
+#: per block without an opt-in (dynamic here; a kernel's static part comes on top)
+GRID_MAX = (2**31 - 1, 65535, 65535)
+THREADS_MAX, BLOCK_Z_MAX, SHARED_MAX = 1024, 64, 48 * 1024
+
+
+def _check_launch(name, grid, block, shared_mem):
+    """RuntimeError, as the CUDA driver's launch failure, for a launch a GPU refuses."""
+    if any(not 1 <= g <= top for g, top in zip(grid, GRID_MAX)) or \
+            block[0] * block[1] * block[2] > THREADS_MAX or block[2] > BLOCK_Z_MAX:
+        raise RuntimeError(f"{name}: invalid configuration argument (grid {grid}, block "
+                           f"{block})")
+    if int(shared_mem) > SHARED_MAX:
+        raise RuntimeError(f"{name}: too many resources requested for launch ({shared_mem} "
+                           f"bytes of dynamic shared memory)")
+
+
 class SimKernel:
     def __init__(self, lib, name, params):
         self.name, self.params = name, params
@@ -148,6 +166,7 @@ class SimKernel:
         argv = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
         g = tuple(grid) + (1,) * (3 - len(grid))
         b = tuple(block) + (1,) * (3 - len(block))
+        _check_launch(self.name, g, b, shared_mem)
         dyn = np.full(max(int(shared_mem), 8), 0xFF, dtype=np.uint8)  # NaN if read unwritten
         launch = self._lib.ntk_sim_launch
         launch.restype = ctypes.c_int
