@@ -101,24 +101,34 @@ class Dataset:
 
         Returns
         -------
-        Same kind as the input, same shape. NumPy input gives a new float64 array; a torch
-        tensor gives a tensor of its own dtype and device, differentiable w.r.t. ``pixels``.
+        Same kind as the input, same shape. NumPy input (or a nested list) gives a new float64
+        array; a floating torch tensor gives a tensor of its own dtype and device,
+        differentiable w.r.t. ``pixels``, and an integer or bool tensor a float64 one.
 
         Raises
         ------
         ShapeError
             The last dimension is not ``self.dim``.
+        ParameterError
+            Complex pixels (their imaginary part would be dropped).
         NonFiniteError
             NaN or Inf in NumPy input (torch input is not scanned: it sits inside attack loops).
         """
         d = self.dim
+        is_torch = type(pixels).__module__.startswith("torch")
+        if not is_torch:
+            pixels = np.asarray(pixels)
+        if pixels.dtype.is_complex if is_torch else pixels.dtype.kind == "c":
+            raise ParameterError(f"pixels: expected real values, got dtype {pixels.dtype}")
         shape = tuple(pixels.shape)
         if len(shape) not in (1, 2) or shape[-1] != d:
             raise ShapeError(f"pixels: expected shape (n, {d}) or ({d},), got {shape}")
         mean, std = self._channel_vectors(d)
-        if type(pixels).__module__.startswith("torch"):
+        if is_torch:
             import torch
 
+            if not pixels.is_floating_point():  # the statistics would be cast to integers
+                pixels = pixels.to(torch.float64)
             m = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device)
             s = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device)
             z = (pixels - m) / s
@@ -165,6 +175,7 @@ class Dataset:
         c = self.n_classes
         if y.size and (y.min() < 0 or y.max() >= c):
             raise ParameterError(f"y: expected labels 0..{c - 1}, got {y.min()}..{y.max()}")
+        y = y.astype(np.int64, copy=False)  # an empty list comes as float64
         if self.binary:
             return (2.0 * y - 1.0).astype(np.float64)[:, None]
         out = np.zeros((y.shape[0], c), dtype=np.float64)
@@ -185,10 +196,13 @@ class Dataset:
         """Predicted labels ``0..C-1`` from model/KRR outputs shaped like :meth:`targets`.
 
         (n, 1) outputs (binary): ``1`` where the output is > 0, else ``0``; (n, C): argmax.
+        ShapeError unless there is one output column per target column of this data set.
         """
         out = np.asarray(outputs)
-        if out.ndim != 2:
-            raise ShapeError(f"outputs: expected a 2-D array, got shape {out.shape}")
+        width = 1 if self.binary else self.n_classes
+        if out.ndim != 2 or out.shape[1] != width:
+            raise ShapeError(f"outputs: expected shape (n, {width}) for {self.name}'s "
+                             f"{self.n_classes} classes, got {out.shape}")
         if out.shape[1] == 1:
             return (out[:, 0] > 0).astype(np.int64)
         return np.argmax(out, axis=1).astype(np.int64)

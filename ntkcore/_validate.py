@@ -163,24 +163,60 @@ def is_real_number(value) -> bool:
         value, (int, float, np.integer, np.floating))
 
 
+def is_finite_number(value) -> bool:
+    """A real number (not a bool) that is finite as a float64: an int past float64's range
+    (about 1.8e308) is not, where ``math.isfinite`` would raise OverflowError on it."""
+    value = as_scalar(value)
+    if not is_real_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+#: the largest count accepted: counts index NumPy / torch int64 arrays
+COUNT_MAX = 2**63 - 1
+
+
 def check_positive(value, name: str) -> float:
     """``value`` as a float, or ParameterError unless it is a finite real number > 0."""
     value = as_scalar(value)
     if not is_real_number(value):
         raise ParameterError(f"{name}: expected a number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ParameterError(f"{name}: expected a finite value > 0, got {value!r}")
+    if not (is_finite_number(value) and value > 0):
+        raise ParameterError(f"{name}: expected a finite value > 0, got {_shown(value)}")
     return float(value)
 
 
+def check_nonnegative(value, name: str) -> float:
+    """``value`` as a float, or ParameterError unless it is a finite real number >= 0."""
+    if not (is_finite_number(value) and as_scalar(value) >= 0):
+        raise ParameterError(f"{name}: expected a finite value >= 0, got {_shown(value)}")
+    return float(as_scalar(value))
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int in [0, 2^63) (torch's and NumPy's seeds), else ParameterError."""
+    return check_count(seed, name, minimum=0)
+
+
 def check_count(value, name: str, minimum: int = 1) -> int:
-    """``value`` as an int, or ParameterError unless it is an integer >= ``minimum`` (a float
-    with an integer value, such as 20.0, counts; 2.5 does not)."""
+    """``value`` as an int, or ParameterError unless it is an integer in [``minimum``,
+    COUNT_MAX] (a float with an integer value, such as 20.0, counts; 2.5 does not)."""
     value = as_scalar(value)
-    whole = is_real_number(value) and math.isfinite(value) and float(value).is_integer()
-    if not whole or value < minimum:
-        raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    whole = is_finite_number(value) and float(value).is_integer()
+    if not whole or not minimum <= value <= COUNT_MAX:
+        big = is_real_number(value) and value > COUNT_MAX
+        raise ParameterError(f"{name}: expected an integer >= {minimum}"
+                             f"{' and at most 2^63 - 1' if big else ''}, got {_shown(value)}")
     return int(value)
+
+
+def _shown(value) -> str:
+    """``repr(value)``, shortened for a number of hundreds of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} digits)"
 
 
 #: the most training epochs accepted (the paper trains 500); far more only overflowed

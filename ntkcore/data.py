@@ -188,12 +188,20 @@ def find_dataset(name, root=None) -> str | None:
     ``digits`` and ``synthetic`` need no files and give a descriptive string.
     """
     name = canonical_name(name)
+    check_root_type(root)
     if name == "digits":
         return "sklearn.datasets.load_digits (embedded)"
     if name == "synthetic":
         return "generated (seeded)"
     found = _formats.find_dir(name, root)
     return None if found is None else str(found)
+
+
+def check_root_type(root):
+    """ParameterError unless ``root`` is None, a str or a path-like object."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ParameterError(f"root: expected a folder path (str or path-like), got "
+                             f"{type(root).__name__} {root!r}")
 
 
 def dataset_status(root=None) -> list:
@@ -387,9 +395,7 @@ def load_dataset(name, *, root=None, classes="10", n_train=None, n_test=None, se
     seed = int(seed)
     dim = _check_count(dim, "dim", 1)
     download = check_flag(download, "download")
-    if root is not None and not isinstance(root, (str, os.PathLike)):
-        raise ParameterError(f"root: expected a folder path (str or path-like), got "
-                             f"{type(root).__name__} {root!r}")
+    check_root_type(root)
     check_data_root(name, root, download)
     if dim is not None and name != "synthetic":
         raise ParameterError(f"dim: only synthetic data takes a dimension, got dim={dim} "

@@ -18,7 +18,7 @@ from ._validate import (
     check_flag,
     check_min_cols,
     check_result_finite,
-    is_real_number,
+    is_finite_number,
 )
 from .backend import backend_for
 from .errors import ConvergenceError, ParameterError, ShapeError
@@ -39,19 +39,47 @@ def gram(X, X2=None):
     Raises
     ------
     ShapeError : d = 0, or X2 with another d. NonFiniteError : NaN/Inf in the inputs, or a
-    result that overflowed (rescale the inputs).
+    result that overflowed (rescale the inputs). MemoryBudgetError : the result does not fit
+    in free memory (raised before any work).
     """
     X = check_min_cols(as_float_matrix(X, "X"), "X")
     if X2 is not None:
         X2 = as_float_matrix(X2, "X2")
         check_cols(X, X2, "X", "X2")
+    _check_fits(X, X.shape[0] if X2 is None else X2.shape[0], 1, "gram")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
         if X2 is None:
-            G = _self_gram(X)
-            G = (G + G.T) * 0.5  # exact symmetry regardless of BLAS blocking
+            G = _symmetrized(_self_gram(X))  # exact symmetry regardless of BLAS blocking
         else:
             G = X @ X2.T
     return check_result_finite(G, "gram")
+
+
+#: rows and columns of the blocks :func:`_symmetrized` averages (8 MB of float64 each)
+_SYMMETRIZE_BLOCK = 1024
+
+
+def _check_fits(X, n2, copies, what):
+    """MemoryBudgetError up front unless ``copies`` (n, n2) arrays of X's dtype fit."""
+    from .ntk.tiling import check_output_fits
+    check_output_fits((X.shape[0], n2), X.dtype.itemsize, backend_for(X), copies=copies,
+                      what=f"{what} output", alternative="")
+
+
+def _symmetrized(G):
+    """G <- (G + G^T) / 2 in place, one pair of blocks at a time (no n x n temporary):
+    entry (i, j) and (j, i) both become (G_ij + G_ji) * 0.5, exactly symmetric."""
+    n = G.shape[0]
+    step = _SYMMETRIZE_BLOCK
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        for j0 in range(i0, n, step):
+            j1 = min(n, j0 + step)
+            upper, lower = G[i0:i1, j0:j1], G[j0:j1, i0:i1]
+            mean = (upper + lower.T) * 0.5
+            upper[...] = mean
+            lower[...] = mean.T
+    return G
 
 
 def _self_gram(X):
@@ -92,6 +120,8 @@ def gram_power(X, p: int):
     p = check_count(p, "p")
     n, d = X.shape
     xp = backend_for(X).xp
+    # peak: the result alone (n > d), or the power's result, base and new product (n <= d)
+    _check_fits(X, n, 1 if n > d else 3, f"gram_power(p={p})")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
         if n > d:
             M = X.T @ X  # (d, d)
@@ -99,7 +129,7 @@ def gram_power(X, p: int):
             out = X @ inner @ X.T
         else:
             out = _matrix_power(X @ X.T, p, xp)
-        out = (out + out.T) * 0.5
+        out = _symmetrized(out)
     return check_result_finite(out, f"gram_power(p={p})")
 
 
@@ -240,7 +270,7 @@ def spectrum(X, *, rank_rtol: float | None = None) -> SpectrumResult:
                          f"shape {tuple(X.shape)}")
     if rank_rtol is not None:
         value = as_scalar(rank_rtol)
-        if not is_real_number(value) or not (math.isfinite(value) and value >= 0):
+        if not (is_finite_number(value) and value >= 0):
             raise ParameterError(f"rank_rtol: expected a finite number >= 0, got "
                                  f"{rank_rtol!r}")
         rank_rtol = float(value)

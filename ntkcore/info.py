@@ -73,7 +73,8 @@ def _memory_limit_status() -> dict | None:
 
 def collect_info(data_root=None) -> dict:
     from .backend import host_available_bytes
-    from .data import dataset_status
+    from .data import check_root_type, dataset_status
+    check_root_type(data_root)
     return {
         "versions": {"python": platform.python_version(),
                      **{p: _version(p) for p in ("ntkcore", "numpy", "scipy", "numba", "torch",

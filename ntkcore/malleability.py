@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_scalar, check_count, check_positive, is_real_number, untracked
+from ._validate import (as_scalar, check_count, check_positive, check_seed, is_finite_number,
+                        untracked)
 from .backend import backend_for
 from .errors import EmptySelectionError, NonFiniteError, ParameterError, ShapeError
 
@@ -105,7 +106,7 @@ def _by_rows(fn, A, B, xp):
 
 def _check_tau(tau) -> float:
     tau = as_scalar(tau)
-    if not is_real_number(tau) or not (0.0 < float(tau) < 1.0):
+    if not is_finite_number(tau) or not (0.0 < float(tau) < 1.0):
         raise ParameterError(f"tau: expected a number in (0, 1), got {tau!r}")
     return float(tau)
 
@@ -280,9 +281,7 @@ def intrinsic_sensitivity(L_K: float, y, lam: float) -> float:
     y : (n,) or (n, C) targets; ||y||_2 is the Euclidean (Frobenius) norm of all entries.
     lam : float > 0, ridge.
     """
-    if isinstance(L_K, (bool, np.bool_)) or not isinstance(L_K, (int, float, np.integer,
-                                                                 np.floating)) \
-            or not (math.isfinite(L_K) and L_K >= 0):
+    if not (is_finite_number(L_K) and L_K >= 0):
         raise ParameterError(f"L_K: expected a finite number >= 0, got {L_K!r}")
     lam = check_positive(lam, "lam")  # finite: lam = inf would give S = 0 silently
     y = _real_array(y, "y")
@@ -362,8 +361,7 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
         raise ShapeError(f"points: expected a non-empty 2-D array (s, d), got shape {P.shape}")
     _finite(P, "points")
     h = check_positive(h, "h")
-    if isinstance(n_random, bool) or int(n_random) != n_random or n_random < 0:
-        raise ParameterError(f"n_random: expected an integer >= 0, got {n_random!r}")
+    n_random, seed = check_count(n_random, "n_random", minimum=0), check_seed(seed)
     if n_random == 0 and jacobian is None:
         raise ParameterError("n_random: expected >= 1 random direction when no jacobian is given")
     s, d = P.shape
@@ -374,7 +372,8 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
         x = P[j]
         dirs = []
         if jacobian is not None:
-            J = np.asarray(jacobian(x), dtype=np.float64)
+            J = _real_array(jacobian(x), "jacobian(x)")
+            _finite(J, "jacobian(x)")
             _, sv, vt = np.linalg.svd(J, full_matrices=False)
             jac_norm[j] = float(sv[0])
             dirs.append(vt[0])
@@ -383,7 +382,9 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
             R /= np.linalg.norm(R, axis=1, keepdims=True)
             dirs.extend(R)
         D = np.asarray(dirs)
-        rows = np.asarray(kernel_rows(np.vstack([x[None, :], x[None, :] + h * D])))
+        rows = _real_array(kernel_rows(np.vstack([x[None, :], x[None, :] + h * D])),
+                           "kernel_rows(x)")
+        _finite(rows, "kernel_rows(x)")
         diff = rows[1:] - rows[0][None, :]
         per_point[j] = float(np.max(np.linalg.norm(diff, axis=1)) / h)
     desc = (f"max over {s} points x and {int(n_random)} random unit directions"
@@ -425,10 +426,16 @@ def mean_ci95(values) -> dict:
     -------
     dict with ``mean``, ``lo``, ``hi``, ``half_width``, ``n`` (values used), ``n_nan``
     (dropped). With n = 1 the interval is NaN; with n = 0 everything is NaN.
+
+    Raises
+    ------
+    ParameterError : complex or non-numeric values. NonFiniteError : an infinite value.
     """
     from scipy.stats import t as student_t
 
-    v = np.asarray(values, dtype=np.float64).ravel()
+    v = _real_array(values, "values").ravel()
+    if bool(np.isinf(v).any()):
+        raise NonFiniteError("values: expected finite values or NaN (dropped), got Inf")
     keep = ~np.isnan(v)
     n_nan = int((~keep).sum())
     v = v[keep]

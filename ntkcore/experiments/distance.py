@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .._validate import check_epochs
+from .._validate import check_count, check_epochs
 from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 
 ARCHS = ("relu", "attn")
@@ -75,8 +75,8 @@ class DistanceConfig(DataOptions):
 
 
 def widths_between(lo: int, hi: int) -> list:
-    """Powers of two lo, 2 lo, ..., hi."""
-    out, m = [], lo
+    """Powers of two lo, 2 lo, ..., hi (lo an integer >= 1; nothing when lo > hi)."""
+    out, m, hi = [], check_count(lo, "lo"), check_count(hi, "hi", minimum=0)
     while m <= hi:
         out.append(m)
         m *= 2
@@ -84,15 +84,24 @@ def widths_between(lo: int, hi: int) -> list:
 
 
 def ntk_predictor(F_train, Y, F_test, lam: float) -> np.ndarray:
-    """f_NTK(X_test) = K_inf(F_test, F) (K_inf(F, F) + lam I)^-1 Y (float64 Cholesky)."""
+    """f_NTK(X_test) = K_inf(F_test, F) (K_inf(F, F) + lam I)^-1 Y (float64 Cholesky).
+
+    F_train (n, d), Y (n, C) or (n,) finite targets, F_test (T, d), lam a finite number > 0
+    (ParameterError, ShapeError or NonFiniteError otherwise)."""
     from scipy.linalg import cho_factor, cho_solve
 
+    from .._validate import as_float_matrix, check_positive, check_rows
     from ..ntk.infinite import relu_ntk_infinite
 
+    lam = check_positive(lam, "lam")
+    vector = np.ndim(Y) == 1
+    Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
+    check_rows(F_train, Y, "F_train", "Y")
     K = relu_ntk_infinite(F_train)
     K[np.diag_indices_from(K)] += lam
     alpha = cho_solve(cho_factor(K, lower=True, overwrite_a=True), Y)
-    return relu_ntk_infinite(F_test, F_train) @ alpha
+    out = relu_ntk_infinite(F_test, F_train) @ alpha
+    return out[:, 0] if vector else out
 
 
 def run_distance(cfg: DistanceConfig, out_dir=None, *, overwrite: bool = False,

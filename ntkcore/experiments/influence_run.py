@@ -26,7 +26,8 @@ import numpy as np
 
 from ..backend import get_backend
 from ..errors import ParameterError
-from .output import RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz
+from .output import (RunFolder, atomic_savefig, atomic_write_json, atomic_write_npz,
+                     check_folder_name)
 from .pipeline import (InfluenceConfig, accuracy_from_outputs, check_solver_fits, config_dict,
                        kernel_influence, load_data, run_settings, train_network,
                        training_identity)
@@ -45,6 +46,7 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     run's settings. Other training settings are refused unless ``overwrite``.
     """
     cfg.validate()
+    check_folder_name(out_dir)  # before the data, not after the training
     epochs = cfg.resolved_epochs()
     be = get_backend(cfg.device)  # validates the device before any work
     timings = {}

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import check_epochs
+from .._validate import check_epochs, check_flag, is_finite_number
 from ..errors import ParameterError
 from .pipeline import DataOptions, apply_preset, check_lam, check_seed, experiment_settings
 from .. import malleability as mm
@@ -115,9 +115,11 @@ class MalleabilityConfig(DataOptions):
         from ..nn.attacks import _check_budget
         _check_budget(d["eps"], d["step"], d["iters"], d["momentum"])  # finite, as the attacks
         check_lam(d["lam"])
-        if not (0 < d["tau"] < 1):
+        if not (is_finite_number(d["tau"]) and 0 < d["tau"] < 1):
             raise ParameterError(f"tau: expected a value in (0, 1), got {d['tau']!r}")
         check_seed(d["seed"])
+        for key in ("retrain", "adv_train"):
+            d[key] = check_flag(d[key], key)
         return d
 
 

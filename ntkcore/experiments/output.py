@@ -379,9 +379,17 @@ def _revive(obj):
     return obj
 
 
+def check_folder_name(path):
+    """``path`` unless it is blank or not a path: ParameterError (a blank name, say an unset
+    shell variable, would write the run into the current folder)."""
+    if not isinstance(path, (str, bytes, os.PathLike)) or not os.fsdecode(path).strip():
+        raise ParameterError(f"output: expected a folder name, got {path!r}")
+    return path
+
+
 def _make_dir(path):
     """(Path, created): the folder, made if needed."""
-    out = Path(path)
+    out = Path(check_folder_name(path))
     if out.exists() and not out.is_dir():
         raise ParameterError(f"output: expected a folder, got an existing file {out}")
     created = not out.exists()

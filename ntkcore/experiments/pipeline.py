@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .._validate import check_seed  # noqa: F401 - the experiments import it from here
 from ..backend import backend_for, get_backend
 from ..errors import ParameterError
 
@@ -48,14 +49,6 @@ def apply_preset(cfg, presets: dict) -> dict:
 #: Largest ridge the CLI takes: the trained networks' objective (lam/2)||theta - theta_0||^2
 #: must stay finite in float32.
 MAX_LAM = 1e6
-
-
-def check_seed(seed) -> int:
-    """``seed`` as an int in [0, 2^63) (torch's and NumPy's seeds), else ParameterError."""
-    from .._validate import check_count
-    if check_count(seed, "seed", minimum=0) >= 2 ** 63:
-        raise ParameterError(f"seed: expected an integer < 2^63, got {seed!r}")
-    return int(seed)
 
 
 def check_lam(lam) -> float:
@@ -114,6 +107,9 @@ class InfluenceConfig(DataOptions):
         if self.device not in DEVICES:
             raise ParameterError(f"device: expected one of {DEVICES}, got {self.device!r}")
         self.resolved_epochs()
+        if not isinstance(self.solver_options, dict):
+            raise ParameterError(f"solver_options: expected a dict of solver options, got "
+                                 f"{type(self.solver_options).__name__}")
         from ..solvers.auto import check_solver_options
         check_solver_options(self.solver, self.solver_options)
         check_solver_uses(self.solver, self.solver_options)

@@ -24,7 +24,7 @@ import numpy as np
 from ..backend import get_backend
 from ..errors import NonFiniteError, ParameterError, ShapeError
 from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions, write_solve
-from .output import RunFolder, atomic_write_json
+from .output import RunFolder, atomic_write_json, check_folder_name
 from .pipeline import (
     InfluenceConfig,
     accuracy_from_outputs,
@@ -59,6 +59,7 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
                              overwrite: bool = False, progress: bool = True, log=print,
                              model_input: str = "rows") -> dict:
     cfg.validate()
+    check_folder_name(out_dir)  # before the data, not after the training
     be = get_backend(cfg.device)  # validates the device before any work, as run_influence
     entk_device = torch_device(be.name)
     timings = {}

@@ -9,6 +9,7 @@ import re
 
 from .._units import format_bytes
 from ..errors import MemoryBudgetError
+from ._checks import check_device
 
 #: Rows of one forward batch (``predict``'s batch): the activation estimate's rows.
 ACTIVATION_ROWS = 8192
@@ -27,9 +28,10 @@ def model_bytes(arch: str, d: int, width: int, n_outputs: int, itemsize: int = 4
 
 
 def available_bytes(device=None) -> int:
-    """Free memory of the torch device ``device`` (None or a CPU device: available RAM)."""
+    """Free memory of the torch device ``device`` (None or a CPU device: available RAM);
+    BackendError for a CUDA device torch cannot use here."""
     import torch
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = check_device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         return int(torch.cuda.mem_get_info(dev)[0])
     from ..backend import host_available_bytes

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_nonnegative, is_real_number
+from ..errors import NonFiniteError, ParameterError
+
 
 class Adam:
     """``Adam(params, lr)``: ``zero_grad()`` then, after ``backward()``, ``step()``.
@@ -22,11 +25,19 @@ class Adam:
 
         m <- m + (1 - b1) (g - m);  v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    ParameterError unless lr and eps are finite and >= 0 and both betas in [0, 1) (as
+    torch.optim.Adam); ``step`` raises NonFiniteError when lr / (1 - b1^t) overflows the
+    parameters' dtype.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
-        self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        self.lr, self.eps = check_nonnegative(lr, "lr"), check_nonnegative(eps, "eps")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(is_real_number(b) and 0 <= b < 1 for b in betas)):
+            raise ParameterError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        self.betas = tuple(float(b) for b in betas)
         self.t = [0] * len(self.params)
         self.m = [torch.zeros_like(p, memory_format=torch.preserve_format)
                   for p in self.params]
@@ -45,6 +56,10 @@ class Adam:
                 continue
             self.t[k] += 1
             step_size = self.lr / (1 - b1 ** self.t[k])
+            if step_size > torch.finfo(p.dtype).max:  # torch refuses such a scalar
+                raise NonFiniteError(f"lr: the Adam step lr / (1 - beta1^t) = {step_size:g} "
+                                     f"overflows {p.dtype} (training would diverge); lower "
+                                     f"the learning rate")
             bias2_sqrt = (1 - b2 ** self.t[k]) ** 0.5
             g = p.grad
             m.lerp_(g, 1 - b1)

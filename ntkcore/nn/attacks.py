@@ -15,12 +15,10 @@ coupling of Prop. 4.5 then reaches every training feature.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._validate import as_scalar, is_real_number
 from ..errors import NonFiniteError, ParameterError
+from .._validate import check_nonnegative
 from ._loss import per_sample_loss, targets
 
 
@@ -43,9 +41,8 @@ def _check_budget(eps, step=None, iters=None, momentum=None):
     number > 0 and iters an integer >= 1 (None: not used by the attack)."""
     from .._validate import check_count, check_positive
     for name, value in (("eps", eps), ("momentum", momentum)):
-        v = as_scalar(value)
-        if value is not None and not (is_real_number(v) and math.isfinite(v) and v >= 0):
-            raise ParameterError(f"{name}: expected a finite value >= 0, got {value!r}")
+        if value is not None:
+            check_nonnegative(value, name)
     if step is not None:
         check_positive(step, "step")
     if iters is not None:

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, ParameterError, ShapeError
+from .._validate import as_float_matrix, check_count, check_positive, check_seed
+from ..errors import ParameterError, ShapeError
+from ._checks import check_device
 
 ARCHS = ("relu", "attn")
 
@@ -36,15 +38,10 @@ def _check_int(value, name: str, minimum: int = 1) -> int:
 
 
 def _as_float64_numpy(X, name: str) -> np.ndarray:
-    """(n, d) float64 NumPy copy of a NumPy array or torch tensor, finite-checked."""
+    """(n, d) float64 NumPy copy of an array, tensor or nested list, finite-checked."""
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().to(torch.float64).numpy()
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
-        raise ShapeError(f"{name}: expected a 2-D array (n, d), got shape {X.shape}")
-    if X.size and not np.isfinite(X).all():
-        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
-    return X
+    return as_float_matrix(X, name, dtype=np.float64)
 
 
 def _rownorm_torch(Z: torch.Tensor) -> torch.Tensor:
@@ -64,7 +61,8 @@ def init_weights(d: int, width: int, n_outputs: int, *, kappa: float = 0.01, see
     Drawn in float64 from one ``torch.Generator`` so every dtype starts from the same numbers
     (rounded once) and the two architectures share W for equal (d, width, seed).
     """
-    g = torch.Generator().manual_seed(int(seed))
+    kappa, seed = check_positive(kappa, "kappa"), check_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     W = torch.randn(width, d, generator=g, dtype=torch.float64) * kappa
     a = torch.randint(0, 2, (width, n_outputs), generator=g).to(torch.float64) * 2 - 1
     return W, a
@@ -80,12 +78,11 @@ class _TwoLayerHead(nn.Module):
         self.d = _check_int(d, "d")
         self.width = _check_int(width, "width")
         self.n_outputs = _check_int(n_outputs, "n_outputs")
-        if not (kappa > 0):
-            raise ParameterError(f"kappa: expected a value > 0, got {kappa!r}")
+        self.kappa = check_positive(kappa, "kappa")
+        self.seed = check_seed(seed)
         if dtype not in (torch.float32, torch.float64):
             raise ParameterError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
-        self.kappa = float(kappa)
-        self.seed = int(seed)
+        device = None if device is None else check_device(device)
         self.train_a = bool(train_a)
         W, a = init_weights(self.d, self.width, self.n_outputs, kappa=kappa, seed=seed)
         self.W = nn.Parameter(W.to(dtype=dtype, device=device))
@@ -261,6 +258,8 @@ def make_model(arch: str, X_train, width: int, n_outputs: int, *, kappa: float =
     if arch not in ARCHS:
         raise ParameterError(f"arch: expected one of {ARCHS}, got {arch!r}")
     _check_int(width, "width")
+    if not isinstance(X_train, (np.ndarray, torch.Tensor)):  # a nested list, ...
+        X_train = _as_float64_numpy(X_train, "X_train")
     shape = tuple(X_train.shape)
     if len(shape) != 2:
         raise ShapeError(f"X_train: expected a 2-D array (n, d), got shape {shape}")
@@ -290,6 +289,7 @@ def closed_form_entk(model, X, X2=None, *, output: int = 0, tile: int | None = N
     F = model.features_numpy(X)
     F2 = None if X2 is None else model.features_numpy(X2)
     a = model.a_numpy()
-    if not (0 <= output < a.shape[1]):
+    output = check_count(output, "output", minimum=0)
+    if output >= a.shape[1]:
         raise ParameterError(f"output: expected 0 <= output < {a.shape[1]}, got {output!r}")
     return relu_ntk(F, model.W_numpy(), F2, a=a[:, output], train_a=model.train_a, tile=tile)

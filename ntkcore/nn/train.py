@@ -32,8 +32,9 @@ import torch
 
 from .adam import Adam
 
-from .._validate import check_epochs
-from ..errors import NonFiniteError, ParameterError
+from .._validate import (check_count, check_epochs, check_nonnegative, check_positive, check_rows,
+                         check_seed)
+from ..errors import NonFiniteError, ParameterError, ShapeError
 from ._loss import per_sample_loss, targets
 from ._memory import torch_memory_errors
 from .attacks import _loss_fn_from_targets, pgd
@@ -94,6 +95,7 @@ def objective(model, X, y, *, lam: float = 1e-3, loss: str = "auto", theta0=None
     -------
     scalar tensor (differentiable).
     """
+    lam = check_nonnegative(lam, "lam")
     p = next(model.parameters())
     Xt = _as_tensor(X, p)
     kind, t = targets(y, Xt.shape[0], model.n_outputs, loss, device=p.device, dtype=p.dtype)
@@ -162,15 +164,12 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
     TrainResult
     """
     t_start = time.perf_counter()
-    epochs = check_epochs(epochs)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ParameterError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    if not (lr > 0):
-        raise ParameterError(f"lr: expected a value > 0, got {lr!r}")
-    if not (lam >= 0):
-        raise ParameterError(f"lam: expected a value >= 0, got {lam!r}")
-    if adv_eps is not None and not (adv_eps >= 0):
-        raise ParameterError(f"adv_eps: expected a value >= 0, got {adv_eps!r}")
+    epochs, batch_size = check_epochs(epochs), check_count(batch_size, "batch_size")
+    lr, lam, seed = check_positive(lr, "lr"), check_nonnegative(lam, "lam"), check_seed(seed)
+    if adv_eps is not None:
+        adv_eps = check_nonnegative(adv_eps, "adv_eps")
+        adv_step = check_positive(adv_step, "adv_step")
+        adv_iters = check_count(adv_iters, "adv_iters")
     p = next(model.parameters())
     Xt = _as_tensor(X, p)
     if Xt.ndim < 2 or Xt.shape[0] < 1:
@@ -182,7 +181,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
     params = _params(model)
     theta0 = [q.detach().clone() for q in params]
     opt = Adam(params, lr=lr)  # torch.optim.Adam's update, without importing torch._dynamo
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(seed)
     result = TrainResult()
     Z = None
     if adv_eps is None:
@@ -200,13 +199,13 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
     was_training = model.training
     model.train()
     try:
-        bar = tqdm(range(int(epochs)), disable=not progress, desc=f"train {model.arch}",
+        bar = tqdm(range(epochs), disable=not progress, desc=f"train {model.arch}",
                    unit="epoch")
         for epoch in bar:
             perm = torch.randperm(n, generator=g).to(p.device)
             total = 0.0
-            for i0 in range(0, n, int(batch_size)):
-                idx = perm[i0:i0 + int(batch_size)]
+            for i0 in range(0, n, batch_size):
+                idx = perm[i0:i0 + batch_size]
                 tb = T[idx]
                 if Z is not None:
                     out = model.head(Z[idx])
@@ -221,11 +220,11 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
                 opt.step()
                 total += float(obj.detach()) * idx.shape[0]
             epoch_loss = total / n
-            if not np.isfinite(epoch_loss):
-                raise NonFiniteError(f"train: the objective became {epoch_loss} at epoch "
-                                     f"{epoch} (training diverged); lower lam, or the "
-                                     f"learning rate (lr={lr:g}, an option of the "
-                                     f"ntkcore.nn.train API only)")
+            if not (np.isfinite(epoch_loss) and all(bool(q.isfinite().all()) for q in params)):
+                raise NonFiniteError(f"train: the objective ({epoch_loss}) or the weights "
+                                     f"became NaN or Inf at epoch {epoch} (training "
+                                     f"diverged); lower lam, or the learning rate "
+                                     f"(lr={lr:g}, an option of the ntkcore.nn.train API only)")
             result.history.append(epoch_loss)
             result.epochs = epoch + 1
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
@@ -244,6 +243,7 @@ def train(model, X, y, *, epochs: int, lr: float = 1e-3, batch_size: int = 128,
 @torch_memory_errors("predict")
 def predict(model, X, *, preprocess=None, batch_size: int = 8192) -> np.ndarray:
     """Model outputs f(X) as a float64 NumPy array (n, C), evaluated in batches."""
+    batch_size = check_count(batch_size, "batch_size")
     p = next(model.parameters())
     Xt = _as_tensor(X, p)
     outs = [model(_inputs(Xt[i:i + batch_size], preprocess)).to(torch.float64).cpu()
@@ -255,7 +255,11 @@ def accuracy(model, X, y, *, preprocess=None) -> float:
     """Share of correct predictions: sign of f for one output (labels {0,1}, +-1 or float
     targets, positive = class 1), argmax of f against int labels (or argmax of (n, C) targets)."""
     out = predict(model, X, preprocess=preprocess)
-    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    y = np.atleast_1d(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+    check_rows(out, y, "X", "y")
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != out.shape[1]):
+        raise ShapeError(f"y: expected labels (n,) or targets (n, {out.shape[1]}), got shape "
+                         f"{y.shape}")
     if out.shape[0] == 0:
         return float("nan")
     if out.shape[1] == 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptDataError, DataNotFoundError, ParameterError
+from ..errors import CorruptDataError, DataNotFoundError, ParameterError, ShapeError
 
 
 def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
@@ -53,6 +53,7 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
     """
     from ..influence import loo_influence
 
+    _check_rows_match(X, Y, X_test, Y_test)  # named as the caller named them, before the eNTK
     K, K_test, entk = model_kernels(model, X, X_test, outputs=outputs, params=params,
                                     strategy=strategy, memory_budget=memory_budget,
                                     dtype=dtype, device=device)
@@ -60,6 +61,22 @@ def influence_for_model(model, X, Y, X_test, Y_test, *, lam=1e-3, solver="auto",
                         **influence_options)
     res.diagnostics["entk"] = entk
     return res
+
+
+def _check_rows_match(X, Y, X_test, Y_test):
+    """ShapeError unless X_test has X's feature shape, Y one row per row of X and Y_test one
+    per row of X_test (otherwise the eNTK's and loo_influence's messages name X2 and K)."""
+    shape = {name: tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
+             for name, a in (("X", X), ("Y", Y), ("X_test", X_test), ("Y_test", Y_test))}
+    if any(len(s) == 0 for s in shape.values()):
+        return  # a scalar: the checks of empirical_ntk and loo_influence name it
+    if shape["X_test"][1:] != shape["X"][1:]:
+        raise ShapeError(f"X and X_test: expected the same feature shape, got "
+                         f"{shape['X'][1:]} and {shape['X_test'][1:]}")
+    for rows, targets in (("X", "Y"), ("X_test", "Y_test")):
+        if shape[rows][0] != shape[targets][0]:
+            raise ShapeError(f"{rows} and {targets}: expected one target row per input row, "
+                             f"got {shape[rows][0]} and {shape[targets][0]}")
 
 
 def model_kernels(model, X, X_test, *, outputs="mean", params=None, strategy="auto",

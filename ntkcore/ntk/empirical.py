@@ -46,7 +46,7 @@ from ..errors import (
     ParameterError,
     ShapeError,
 )
-from .._validate import check_flag
+from .._validate import check_flag, is_finite_number
 from ._entk_cost import EntkReport, is_alloc_failure
 from ._entk_user import influence_for_model, load_user_model, model_kernels
 
@@ -166,7 +166,8 @@ def empirical_ntk(model, X, X2=None, *, outputs="trace", params=None, block=None
         raise NonFiniteError(
             f"empirical_ntk: expected a finite kernel, got NaN or Inf ({K.dtype}): the model's "
             f"outputs or their gradients at these inputs are not finite, or J J^T overflowed; "
-            f"check the weights' scale (or compute in float64)")
+            f"check the weights' scale"
+            + (" (or compute in float64)" if K.dtype not in (np.float64, torch.float64) else ""))
     report.seconds = time.perf_counter() - t0
     report.device = str(dev)
     if numpy_out:
@@ -401,9 +402,7 @@ def _budget(memory_budget, dev):
         if dev.type == "cuda":
             return int(torch.cuda.mem_get_info(dev)[0] * 0.5)
         return int(host_available_bytes() * 0.5)
-    if isinstance(memory_budget, (bool, np.bool_)) or \
-            not isinstance(memory_budget, (int, float, np.integer, np.floating)) or \
-            not memory_budget > 0 or not math.isfinite(memory_budget):
+    if not (is_finite_number(memory_budget) and memory_budget > 0):
         raise ParameterError(f"memory_budget: expected a number of bytes > 0, got "
                              f"{memory_budget!r}")
     return int(memory_budget)

@@ -40,15 +40,20 @@ def tiles(n: int, t: int):
     return [(s, min(n, s + t)) for s in range(0, n, t)]
 
 
+_SOLVERS_WITHOUT_K = "or use solver='nystrom'/'cg', which never form the n x n matrix"
+
+
 def check_output_fits(shape, itemsize: int, backend: Backend, *, what: str,
-                      fraction: float = OUTPUT_FRACTION, host_out: bool = False):
-    """Refuse up front (MemoryBudgetError) when an output of ``shape`` will not fit.
+                      fraction: float = OUTPUT_FRACTION, host_out: bool = False,
+                      copies: int = 1, alternative: str = _SOLVERS_WITHOUT_K):
+    """Refuse up front (MemoryBudgetError) when an output of ``shape`` (``copies`` arrays of
+    it at the peak, with the caller's temporaries) will not fit.
 
     The message gives the estimate, the budget, and for square outputs the n that would fit;
     with ``host_out`` (the caller accepts a host ``out``) on CUDA it also names assembly into
-    host memory.
+    host memory, and it ends with ``alternative``, the way round it ('' for none).
     """
-    need = itemsize
+    need = itemsize * copies
     for s in shape:
         need *= int(s)
     free = backend.free_memory_bytes()
@@ -56,18 +61,24 @@ def check_output_fits(shape, itemsize: int, backend: Backend, *, what: str,
     if need > budget:
         n_fit = None
         if len(shape) == 2 and shape[0] == shape[1]:
-            n_fit = int(math.sqrt(budget / itemsize))
+            n_fit = int(math.sqrt(budget / (itemsize * copies)))
         hint = f"; n <= {n_fit} would fit" if n_fit else ""
         host = ""
         if host_out and backend.name == "cuda":
             host = (f"; or pass a host array out=numpy.empty({tuple(int(s) for s in shape)}) "
                     f"to assemble it tile by tile into host memory")
         raise MemoryBudgetError(
-            f"{what}: needs {format_bytes(need)} for a {'x'.join(map(str, shape))} array but "
-            f"only {format_bytes(budget)} of {backend.name} memory is available{hint}{host} "
-            f"(or use solver='nystrom'/'cg', which never form the n x n matrix)",
+            f"{what}: needs {format_bytes(need)} for {_arrays(copies, shape)} but "
+            f"only {format_bytes(budget)} of {backend.name} memory is available{hint}{host}"
+            + (f" ({alternative})" if alternative else ""),
             needed_bytes=need, budget_bytes=budget, n_fit=n_fit)
     return need
+
+
+def _arrays(copies: int, shape) -> str:
+    """'a 3x4 array' or '3 arrays of 3x4'."""
+    dims = "x".join(map(str, shape))
+    return f"a {dims} array" if copies == 1 else f"{copies} arrays of {dims}"
 
 
 def panel_rows(n: int, n2: int, *, budget: int, entry_bytes: int = 16,

@@ -18,7 +18,8 @@ def fit_function(name: str):
     if name == "cg":
         from .cg import cg_fit
         return cg_fit
-    raise ValueError(name)
+    from ..errors import ParameterError
+    raise ParameterError(f"solver: expected 'exact', 'nystrom' or 'cg', got {name!r}")
 
 
 def _exact_adapter(exact_fit):

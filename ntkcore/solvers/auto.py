@@ -310,6 +310,8 @@ def choose_solver(K, lam, *, requested: str = "auto", memory_budget: int | None 
     MemoryBudgetError : the request cannot fit the budget (message names what would).
     """
     options = check_solver_options(requested, options)
+    n_test, n_outputs = (None if v is None else check_count(v, name, minimum=0)
+                         for v, name in ((n_test, "n_test"), (n_outputs, "n_outputs")))
     n = int(K.shape[0])
     budget, source = _budget(K, memory_budget)
     counts = {"n_test": n_test, "n_outputs": n_outputs}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validate import as_scalar, check_count, is_real_number
+from .._validate import as_scalar, check_count, check_nonnegative, is_real_number
 from ..backend import backend_for
 from ..errors import ConvergenceError, NonFiniteError, NotPSDError, ParameterError, ShapeError
 from .base import KRRFit, Timer
@@ -105,6 +105,28 @@ def _as_apply(A, name):
                          f"got {type(A).__name__}")
 
 
+def _real_finite(a, name, xp):
+    """``a`` unless it is complex, not numeric, or holds NaN / Inf: ParameterError or
+    NonFiniteError (a cast would drop an imaginary part; a NaN would run maxiter steps)."""
+    if a.dtype.kind not in "biuf":
+        raise ParameterError(f"{name}: expected real numbers, got dtype {a.dtype}")
+    if not bool(xp.isfinite(a).all()):
+        raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
+    return a
+
+
+def _tolerances(rtol, s):
+    """rtol as a float64 host array of shape () or (s,), finite and >= 0, else ParameterError."""
+    try:
+        values = np.asarray(rtol, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        values = np.full(2, np.nan)  # refused below, with the value as given
+    if values.shape not in ((), (s,)) or not np.all((0 <= values) & (values < np.inf)):
+        raise ParameterError(f"rtol: expected finite values >= 0 (a float or one per column of "
+                             f"B, {s}), got {rtol!r}")
+    return values
+
+
 def _colnorms(xp, R):
     """||R[:, j]||_2 per column, scaled by the column's largest entry first: entries past
     1e154 (K and lam scaled up together) would overflow their squares."""
@@ -142,21 +164,24 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
     if B.ndim != 2:
         raise ShapeError(f"B: expected an (n, s) array, got shape {tuple(B.shape)}")
     n, s = B.shape
-    rtol_host = np.asarray(rtol, dtype=np.float64)
-    if rtol_host.shape not in ((), (s,)) or not (
-            np.all((0 <= rtol_host) & (rtol_host < np.inf)) and 0 <= atol < np.inf):
-        raise ParameterError(f"rtol, atol: expected finite values >= 0 (rtol a float or one per "
-                             f"column of B, {s}), got {rtol!r}, {atol!r}")
-    if getattr(A, "shape", (n, n)) != (n, n):
-        raise ShapeError(f"A and B: expected A of shape ({n}, {n}) for B of shape {(n, s)}, "
-                         f"got {tuple(A.shape)}")
-    if not bool(xp.isfinite(B).all()):
-        raise NonFiniteError("B: expected finite values, got NaN or Inf")
-    maxiter = 10 * n if maxiter is None else int(maxiter)
+    B = _real_finite(B, "B", xp)
+    rtol_host = _tolerances(rtol, s)
+    atol = check_nonnegative(atol, "atol")
+    for name, op in (("A", A), ("M", M)):
+        if op is not None and getattr(op, "shape", (n, n)) != (n, n):
+            raise ShapeError(f"{name} and B: expected {name} of shape ({n}, {n}) for B of shape "
+                             f"{(n, s)}, got {tuple(op.shape)}")
+        if hasattr(op, "ndim"):  # an array: a NaN in it would run maxiter steps to NaN
+            _real_finite(op, name, xp)
+    maxiter = 10 * n if maxiter is None else check_count(maxiter, "maxiter")
+    check_every, stall_window = (check_count(check_every, "check_every"),
+                                 check_count(stall_window, "stall_window"))
+    max_restarts = check_count(max_restarts, "max_restarts", minimum=0)
     bnorm = _colnorms(xp, B)
     thresh = xp.maximum(xp.asarray(rtol_host) * bnorm, atol)
     scale = xp.where(bnorm > 0, bnorm, 1.0)
-    X = xp.zeros((n, s), dtype=np.float64) if x0 is None else xp.array(x0, dtype=np.float64)
+    X = xp.zeros((n, s), dtype=np.float64) if x0 is None else \
+        _real_finite(xp.asarray(x0), "x0", xp).astype(np.float64)  # a copy: updated in place
     if X.shape != B.shape:
         raise ShapeError(f"x0: expected shape {tuple(B.shape)}, got {tuple(X.shape)}")
     X[:, bnorm == 0] = 0.0  # A x = 0 has the solution 0 (a threshold of 0 is never met)

@@ -43,6 +43,7 @@ import warnings
 
 import numpy as np
 
+from .._validate import check_positive
 from ..backend import backend_for
 from ..errors import NotPSDError, ParameterError
 from ..ntk.tiling import tiles
@@ -244,7 +245,9 @@ def _right_trsm_lt(be, L, F):
 def nystrom_inverse(K, lam: float, *, rank: int | None = None, landmarks: str = "rpcholesky",
                     seed: int = 0, diag_correction: bool = True,
                     timer: Timer | None = None) -> NystromInverse:
-    """Build :class:`NystromInverse` for A = K + lam I from an array or kernel operator."""
+    """Build :class:`NystromInverse` for A = K + lam I from an array or kernel operator
+    (ParameterError unless lam is a finite number > 0)."""
+    lam = check_positive(lam, "lam")
     op = as_operator(K)
     rank = check_rank(DEFAULT_RANK if rank is None else rank, op.n)
     check_landmarks(landmarks)
