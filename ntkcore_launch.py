@@ -19,6 +19,8 @@ def main():
         from ntkcore.cli.main import main as command_line
         return command_line()
     except KeyboardInterrupt:  # commands report their own; this is the import or the parse
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no exit traceback
         sys.stderr.write("interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
 

@@ -76,7 +76,7 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     t0 = time.perf_counter()
     resumed_training = run.done("training")
     if resumed_training:
-        trained = run.info("training")
+        trained = run.info("training", require=TRAINING_INFO)
         model = _load_model(ds, cfg, out / "model.pt", be.name)
         changed = (f"; {', '.join(run.changed)} changed, computing the rest again"
                    if run.changed else "")
@@ -86,7 +86,7 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
         model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
                                          seed=cfg.seed, progress=progress, device=be.name)
         _save_model(model, run.output("model.pt"))
-        trained = {"epochs": train_res.epochs, "final_objective":
+        trained = {"epochs": train_res.epochs, "final_objective":  # keys: TRAINING_INFO
                    train_res.history[-1] if train_res.history else None,
                    "train_accuracy": train_res.train_accuracy,
                    "training_device": str(next(model.parameters()).device)}
@@ -158,6 +158,9 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
 
 #: settings the solve depends on beyond the trained model (its stage is redone when one changes)
 SOLVE_FIELDS = ("solver", "solver_options", "device_resolved", "top_k")
+#: what the "training" and "solve" stages record, read back when a run resumes
+TRAINING_INFO = ("epochs", "final_objective", "train_accuracy", "training_device")
+SOLVE_INFO = ("solver", "diagnostics", "influence_stages")
 
 
 def _solve(run, cfg, ds, model, be, net_out_test, log) -> dict:
@@ -166,10 +169,11 @@ def _solve(run, cfg, ds, model, be, net_out_test, log) -> dict:
     same SOLVE_FIELDS (e.g. only ``--show`` changed). Host arrays and the solve's report."""
     path = run.file("influence.npz")
     if run.done("solve"):
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("scores", "kernel_predictions", "alpha")}
+        keys = ("scores", "kernel_predictions", "alpha")
+        stored = run.load_npz("influence.npz", keys)
+        arrays = {k: stored[k] for k in keys}
         log(f"influence: reusing the scores from {path} (same solver settings)")
-        return {**arrays, **run.info("solve"), "reused": True}
+        return {**arrays, **run.info("solve", require=SOLVE_INFO), "reused": True}
     res, _ = kernel_influence(model, ds, lam=cfg.lam, solver=cfg.solver, device=be.name,
                               top_k=cfg.top_k, **cfg.solver_options)
     be.synchronize()

@@ -515,11 +515,11 @@ def _save_run(run, key, r, scores):
 
 def _load_run(run, key):
     """(run dict, scores) of a run finished by an earlier invocation (see _save_run)."""
-    r = dict(run.info(key)["result"])
-    with np.load(run.file(_partial_name(key))) as z:
-        scores = ({"original": z["scores"]} if "scores" in z.files else  # before session 6
-                  {k[len("scores__"):]: z[k] for k in z.files if k.startswith("scores__")})
-        fields = {k[len("deciles_"):]: z[k] for k in z.files if k.startswith("deciles_")}
+    r = dict(run.info(key, require=("result",))["result"])
+    z = run.load_npz(_partial_name(key))
+    scores = ({"original": z["scores"]} if "scores" in z else  # before session 6
+              {k[len("scores__"):]: v for k, v in z.items() if k.startswith("scores__")})
+    fields = {k[len("deciles_"):]: v for k, v in z.items() if k.startswith("deciles_")}
     if fields:
         fields["total_complexity"] = float(fields["total_complexity"])
         r["_deciles"] = mm.ComplexityDeciles(**fields)

@@ -22,16 +22,18 @@ same command run from another folder, or with the same files under another path,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputExistsError, ParameterError
+from ..errors import CorruptDataError, OutputExistsError, ParameterError
 
 MANIFEST = "run.json"
 LOCK = ".run.lock"
@@ -95,6 +97,10 @@ class RunFolder:
         self.identity = (self.config if identity is None
                          else _jsonable({**identity, "ntkcore_version": ver}))
         old = self._read_manifest(overwrite)
+        listed = old.get("files", []) if isinstance(old, dict) else \
+            getattr(self, "_listed_before", [])
+        self._remove_stale_temps([MANIFEST, *LEGACY_FILES,
+                                  *(f for f in listed if isinstance(f, str) and "/" not in f)])
         self.resumed, self.changed = False, []
         if old is not None and not overwrite:
             old_config = old["config"]
@@ -187,10 +193,35 @@ class RunFolder:
         info = self.manifest["stages"].get(stage)
         return info is not None and all((self.path / f).is_file() for f in info["files"])
 
-    def info(self, stage: str) -> dict:
+    def info(self, stage: str, require=()) -> dict:
         """What :meth:`record` stored for a finished ``stage`` (non-finite floats, which JSON
-        holds as "nan" / "inf" strings, come back as floats)."""
-        return _revive(self.manifest["stages"][stage]["info"])
+        holds as "nan" / "inf" strings, come back as floats). CorruptDataError when it is
+        not a dict holding the ``require`` keys (a hand-edited manifest)."""
+        info = _revive(self.manifest["stages"][stage]["info"])
+        missing = [k for k in require if k not in info] if isinstance(info, dict) else require
+        if missing or not isinstance(info, dict):
+            raise CorruptDataError(f"{self.path / MANIFEST}: the finished stage {stage!r} lacks "
+                                   f"{', '.join(map(repr, missing))}; pass --overwrite to "
+                                   f"start the run afresh")
+        return info
+
+    def load_npz(self, name: str, keys=()) -> dict:
+        """The arrays of a finished stage's ``name`` (.npz) as a dict, every one read;
+        CorruptDataError naming the file when it is damaged or lacks one of ``keys``."""
+        path = self.path / name
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad header, EOF, ...
+            raise CorruptDataError(f"{path}: a finished stage's file is damaged "
+                                   f"({type(exc).__name__}: {exc}); pass --overwrite to start "
+                                   f"the run afresh") from None
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise CorruptDataError(f"{path}: a finished stage's file lacks "
+                                   f"{', '.join(missing)}; pass --overwrite to start the run "
+                                   f"afresh")
+        return arrays
 
     def record(self, stage: str, files=(), *, depends_on=(), **info) -> None:
         """Mark ``stage`` finished, with the files it wrote and JSON-able ``info``.
@@ -201,11 +232,20 @@ class RunFolder:
             it. A stage without them depends on the identity alone.
         """
         files = [str(f) for f in files]
+        before = (self.manifest["stages"].get(stage), list(self.manifest["files"]))
         self.manifest["stages"][stage] = {
             "files": files, "info": _jsonable(info),
             "depends_on": {k: self.config.get(k) for k in depends_on}}
         self._add_files(files, write=False)
-        self._write()
+        try:
+            self._write()
+        except BaseException:  # not on disk: neither in memory (close() judges by it)
+            if before[0] is None:
+                self.manifest["stages"].pop(stage, None)
+            else:
+                self.manifest["stages"][stage] = before[0]
+            self.manifest["files"] = before[1]
+            raise
 
     def finish(self, drop=()) -> None:
         """Mark the run complete (a later run into this folder needs ``overwrite``), then
@@ -227,8 +267,12 @@ class RunFolder:
                 self._write()
 
     def _write(self):
+        """The manifest, atomically, with Ctrl-C and SIGTERM held back until it is on disk:
+        a stage recorded in memory is then recorded on disk too (an interrupt in between
+        had close() keep a manifest that listed no stage)."""
         try:
-            atomic_write_json(self.path / MANIFEST, self.manifest)
+            with _signals_deferred():
+                atomic_write_json(self.path / MANIFEST, self.manifest)
         except OSError as exc:
             raise ParameterError(f"output: cannot write to {self.path}: "
                                  f"{exc.strerror or exc}") from None
@@ -250,6 +294,7 @@ class RunFolder:
             if not old["stages"] and not old["complete"]:
                 # a run killed before finishing any stage (SIGKILL, power loss): nothing of it
                 # can be resumed, so it blocks nothing; its partial files go
+                self._listed_before = list(old["files"])  # and their temp files
                 self._delete(old["files"])
                 f.unlink(missing_ok=True)
                 return None
@@ -288,7 +333,21 @@ class RunFolder:
                 continue
             target = self.path / name
             if target.is_symlink() or target.is_file():
-                target.unlink()
+                try:
+                    target.unlink()
+                except OSError as exc:
+                    raise ParameterError(f"output: cannot delete {target}: "
+                                         f"{exc.strerror or exc}") from None
+
+    def _remove_stale_temps(self, names) -> None:
+        """Delete the temp files an earlier run killed mid-write left (``.<name>.XXXXXXXX.tmp``
+        of :func:`_atomic_write`, for result names only; this run holds the lock)."""
+        import re
+        for name in set(names):
+            pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+            for f in self.path.glob(f".{name}.*.tmp"):
+                if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
 
 
 def _upgraded_legacy_config(old: dict, new: dict) -> dict:
@@ -311,6 +370,22 @@ def _upgraded_legacy_config(old: dict, new: dict) -> dict:
 def _differing(a: dict, b: dict) -> list:
     """Sorted keys whose values differ between the settings ``a`` and ``b``."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM blocked for the duration (delivered, and raised, right after); a
+    no-op where the platform has no pthread_sigmask."""
+    block = getattr(signal, "pthread_sigmask", None)
+    if block is None:
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = block(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        block(signal.SIG_SETMASK, previous)
 
 
 def _valid_manifest(m) -> bool:

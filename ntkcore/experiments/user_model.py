@@ -23,7 +23,8 @@ import numpy as np
 
 from ..backend import get_backend
 from ..errors import NonFiniteError, ParameterError, ShapeError
-from .influence_run import FLOAT64_SCORE_LIMIT, _figure, _top_table, versions, write_solve
+from .influence_run import (FLOAT64_SCORE_LIMIT, SOLVE_INFO, _figure, _top_table, versions,
+                            write_solve)
 from .output import RunFolder, atomic_write_json, check_folder_name
 from .pipeline import (
     InfluenceConfig,
@@ -88,9 +89,11 @@ def run_user_model_influence(cfg: InfluenceConfig, spec: str, weights, out_dir, 
 
 def model_fingerprint(spec: str, model) -> dict:
     """What identifies a user's model beyond its spec string: blake2b of the source file the
-    spec names (or the module's file), of the module tree as torch prints it (ReLU -> Tanh
-    changes it), and of every state_dict entry (name, dtype, shape, bytes). A run folder
-    scored with one model is never resumed with another that has the same spec."""
+    spec names (or the module's file) and, under "local_imports", of the other loaded modules
+    in that file's folder tree (a helper module it imports); of the module tree as torch
+    prints it (ReLU -> Tanh changes it), and of every state_dict entry (name, dtype, shape,
+    bytes). A run folder scored with one model is never resumed with another that has the
+    same spec."""
     import hashlib
     import importlib.util
     from pathlib import Path
@@ -110,11 +113,41 @@ def model_fingerprint(spec: str, model) -> dict:
         code = digest(source.read_bytes()) if source and source.is_file() else None
     except (ImportError, OSError, ValueError):
         code = None
+    local = _local_imports(source, digest) if code else None
     state = hashlib.blake2b(digest_size=16)
     for name, value in sorted(model.state_dict().items()):
         state.update(f"{name}|{_entry_bytes(value, torch)!r}|".encode())
-    return {"source": code, "structure": digest(repr(model).encode()),
-            "state": state.hexdigest()}
+    print_ = {"source": code, "structure": digest(repr(model).encode()),
+              "state": state.hexdigest()}
+    if local:  # only when there are some: run folders of self-contained models still resume
+        print_["local_imports"] = local
+    return print_
+
+
+def _local_imports(source, digest):
+    """blake2b of the sources of the loaded modules (other than ``source``) under the folder
+    of ``source`` -- for a package module, of its top-level package -- outside site-packages
+    and ntkcore; None when there are none."""
+    import sys
+    from pathlib import Path
+    source = source.resolve()
+    root = source.parent
+    while (root / "__init__.py").is_file() and (root.parent / "__init__.py").is_file():
+        root = root.parent  # up to the top-level package
+    found = []
+    for name, module in list(sys.modules.items()):
+        f = getattr(module, "__file__", None)
+        if not isinstance(f, str) or not Path(f).is_absolute() or name.split(".")[0] == "ntkcore":
+            continue  # (some extension modules carry a bare file name)
+        path = Path(f).resolve()
+        if path == source or path.suffix != ".py" or root not in path.parents \
+                or {"site-packages", "dist-packages"} & set(path.parts):
+            continue
+        try:
+            found.append((str(path.relative_to(root)), digest(path.read_bytes())))
+        except OSError:  # deleted since it was imported: what ran is no longer known
+            found.append((str(path.relative_to(root)), None))
+    return digest(repr(sorted(found)).encode()) if found else None
 
 
 def _entry_bytes(value, torch) -> bytes:
@@ -217,11 +250,11 @@ def _solve(run, cfg, ds, model, Xtr, Xte, net_out, be, entk_device, timings) -> 
     from ..influence import loo_influence
     from ..ntk.empirical import model_kernels
 
-    path = run.file("influence.npz")
     if run.done("solve"):
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("scores", "kernel_predictions", "network_outputs")}
-        return {**arrays, **run.info("solve"), "reused": True}
+        keys = ("scores", "kernel_predictions", "network_outputs")
+        stored = run.load_npz("influence.npz", keys)
+        arrays = {k: stored[k] for k in keys}
+        return {**arrays, **run.info("solve", require=SOLVE_INFO), "reused": True}
     t0 = time.perf_counter()
     K, K_test, entk = model_kernels(model, Xtr, Xte, device=entk_device)
     res = loo_influence(_on_backend(K, be), be.asarray(ds.Y_train), _on_backend(K_test, be),

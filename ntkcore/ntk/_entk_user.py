@@ -13,6 +13,7 @@ Both are re-exported by ``ntkcore.ntk.empirical``.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -196,7 +197,9 @@ def _import_target(target):
         if not path.is_file():
             raise DataNotFoundError(f"spec: model file not found: {path}")
         name = f"_ntkcore_user_model_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(name, path)
+        # an explicit source loader: the default finds none for a name not ending in .py
+        loader = importlib.machinery.SourceFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:
