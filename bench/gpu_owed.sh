@@ -32,12 +32,16 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 steps=${STEPS:-gpu_factor gpu_check gpu_check_tuned}
+known="gpu_factor gpu_check gpu_check_tuned host_assembly approx_1m entk_gpu entk_nmax cli_shape"
+for s in $steps; do  # a typo would run nothing and waste the machine's start
+    case " $known " in *" $s "*) ;; *) echo "unknown step '$s'; known: $known" >&2; exit 2 ;; esac
+done
 step() {  # step NAME SECONDS COMMAND...
     name=$1; limit=$2; shift 2
     case " $steps " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit}s): $*"
     start=$(date +%s)
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1  # KILL 10 s after a TERM ignored
     echo "== $name: exit $? after $(( $(date +%s) - start ))s"
     tail -n 40 "$out/$name.log"
 }

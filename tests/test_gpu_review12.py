@@ -138,3 +138,18 @@ def test_gpu_factor_runs_on_the_simulator(sim_cupy, monkeypatch, tmp_path):
     assert rc == 0, out.read_text()
     settings = json.loads(tuned.read_text())
     assert {"GPU_CHOLESKY", "GPU_INV_METHOD"} <= set(settings)  # what gpu_check --tuned reads
+
+
+def test_gpu_owed_refuses_an_unknown_step_before_any_work(tmp_path):
+    """A typo in STEPS ran nothing and exited 0: a GPU lease spent on nothing."""
+    import subprocess
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {**os.environ, "STEPS": "gpu_chek", "PYTHON": "true", "OUT": str(tmp_path)}
+    done = subprocess.run(["sh", "bench/gpu_owed.sh"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "unknown step 'gpu_chek'" in done.stderr
+    env["STEPS"] = "gpu_check cli_shape"  # known names: each step runs (here: `true`)
+    done = subprocess.run(["sh", "bench/gpu_owed.sh"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "== gpu_check: exit 0" in done.stdout
+    assert "== cli_shape: exit 0" in done.stdout and "gpu_factor" not in done.stdout

@@ -186,17 +186,20 @@ def _topk_gpu_chunked(be, B, dinv, half_sq, alphaT, R, k, hi_idx, hi_val, lo_idx
     xp = be.xp
     T, n = B.shape
     budget = int(be.free_memory_bytes() * DEFAULT_TEMP_FRACTION)
-    rows = tile_rows(0, 4 * n * B.itemsize, budget=budget, n=T, minimum=1, maximum=T)
+    # per row: the scores buffer and -scores (itemsize n each), the int64 sort order and the
+    # sort's own key and index copies (about 32 n); one order alive at a time
+    per_row = n * (2 * B.itemsize + 32)
+    rows = tile_rows(0, per_row, budget=budget, n=T, minimum=1, maximum=T)
     buf = None if S is not None else xp.empty((rows, n), dtype=B.dtype)
     for t0, t1 in tiles(T, rows):
         chunk = S[t0:t1] if S is not None else buf[:t1 - t0]
         cuda.influence_scores(B[t0:t1], dinv, half_sq, alphaT, R[t0:t1], chunk)
-        hi = xp.argsort(-chunk, axis=1, kind="stable")[:, :k]  # CuPy's only kind
-        lo = xp.argsort(chunk, axis=1, kind="stable")[:, :k]
-        hi_idx[t0:t1] = hi
-        lo_idx[t0:t1] = lo
-        hi_val[t0:t1] = xp.take_along_axis(chunk, hi, axis=1)
-        lo_val[t0:t1] = xp.take_along_axis(chunk, lo, axis=1)
+        for largest, idx, val in ((True, hi_idx, hi_val), (False, lo_idx, lo_val)):
+            order = xp.argsort(-chunk if largest else chunk, axis=1, kind="stable")  # CuPy's
+            top = order[:, :k].copy()  # only kind; the full order is freed here
+            del order
+            idx[t0:t1] = top
+            val[t0:t1] = xp.take_along_axis(chunk, top, axis=1)
 
 
 def _backend_of(B) -> Backend:
