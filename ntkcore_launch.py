@@ -8,21 +8,32 @@ handler below is in place before that import starts.
 
 from __future__ import annotations
 
+import signal
 import sys
 
-EXIT_INTERRUPTED = 130  # as cli._common: Ctrl-C
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # as cli._common: Ctrl-C, SIGTERM
 
 
 def main():
-    """Run ``ntkcore``; a Ctrl-C before a command has started prints one line, exit 130."""
+    """Run ``ntkcore``; a Ctrl-C before a command has started prints one line, exit 130.
+    Once a command has ended by an interrupt, further Ctrl-Cs and SIGTERMs are ignored: the
+    process is exiting, and one landing in an exit handler would print a traceback."""
     try:
         from ntkcore.cli.main import main as command_line
         return command_line()
     except KeyboardInterrupt:  # commands report their own; this is the import or the parse
-        import signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no exit traceback
+        _ignore_interrupts()
         sys.stderr.write("interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as done:
+        if done.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            _ignore_interrupts()
+        raise
+
+
+def _ignore_interrupts():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

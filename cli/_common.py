@@ -51,7 +51,6 @@ def handle_errors(fn):
             with _sigterm_unwinds():
                 return fn(*args, **kwargs)
         except _Terminated:
-            _ignore_further_interrupts()
             _fail("terminated: finished files in the output folder are complete; rerun the same "
                   "command to resume", EXIT_TERMINATED)
         except NtkcoreError as exc:
@@ -61,7 +60,6 @@ def handle_errors(fn):
                   f"sizes (--n-train, --n-test, --width, or --dim for synthetic data) or "
                   f"--solver nystrom/cg", EXIT_USER)
         except KeyboardInterrupt:
-            _ignore_further_interrupts()
             _fail("interrupted: finished files in the output folder are complete; rerun the same "
                   "command to resume", 130)
         except click.exceptions.Exit:
@@ -124,14 +122,6 @@ def explicit(ctx, *names) -> list:
     from click.core import ParameterSource
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     return [n for n in names if ctx.get_parameter_source(n) in given]
-
-
-def _ignore_further_interrupts():
-    """A second Ctrl-C (or SIGTERM) while the first one's message is printed and Python shuts
-    down would end in a traceback from an exit handler: ignore them from here on."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _fail(message: str, code: int):

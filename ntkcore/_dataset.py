@@ -196,13 +196,13 @@ class Dataset:
         """Predicted labels ``0..C-1`` from model/KRR outputs shaped like :meth:`targets`.
 
         (n, 1) outputs (binary): ``1`` where the output is > 0, else ``0``; (n, C): argmax.
-        ShapeError unless there is one output column per target column of this data set.
+        ShapeError unless there is one column per class (or one, for binary data).
         """
         out = np.asarray(outputs)
-        width = 1 if self.binary else self.n_classes
-        if out.ndim != 2 or out.shape[1] != width:
-            raise ShapeError(f"outputs: expected shape (n, {width}) for {self.name}'s "
-                             f"{self.n_classes} classes, got {out.shape}")
+        widths = (1, 2) if self.binary else (self.n_classes,)
+        if out.ndim != 2 or out.shape[1] not in widths:
+            raise ShapeError(f"outputs: expected shape (n, {' or '.join(map(str, widths))}) for "
+                             f"{self.name}'s {self.n_classes} classes, got {out.shape}")
         if out.shape[1] == 1:
             return (out[:, 0] > 0).astype(np.int64)
         return np.argmax(out, axis=1).astype(np.int64)

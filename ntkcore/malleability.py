@@ -361,7 +361,8 @@ def kernel_lipschitz(kernel_rows, points, *, jacobian=None, n_random: int = 8,
         raise ShapeError(f"points: expected a non-empty 2-D array (s, d), got shape {P.shape}")
     _finite(P, "points")
     h = check_positive(h, "h")
-    n_random, seed = check_count(n_random, "n_random", minimum=0), check_seed(seed)
+    n_random = check_count(n_random, "n_random", minimum=0)
+    seed = None if seed is None else check_seed(seed)  # None: fresh entropy, as NumPy's
     if n_random == 0 and jacobian is None:
         raise ParameterError("n_random: expected >= 1 random direction when no jacobian is given")
     s, d = P.shape
@@ -433,6 +434,8 @@ def mean_ci95(values) -> dict:
     """
     from scipy.stats import t as student_t
 
+    if isinstance(values, (list, tuple)):  # None marks an undefined value, as NaN does
+        values = [np.nan if v is None else v for v in values]
     v = _real_array(values, "values").ravel()
     if bool(np.isinf(v).any()):
         raise NonFiniteError("values: expected finite values or NaN (dropped), got Inf")

@@ -353,3 +353,45 @@ def test_operator_blocks_out_of_range_are_refused(rng, bounds):
         assert op.block(0, 2, 1, 4).shape == (2, 3)
         with pytest.raises(ParameterError, match="block"):
             op.block(*bounds)
+
+
+# -------------------------------------- regressions of the fixes above (second review)
+def test_cg_still_takes_sparse_matrices_and_linear_operators(rng):
+    """The finite check ran on anything with ``ndim``: a SciPy sparse matrix or
+    LinearOperator (as A or M) raised a bare TypeError; maxiter=0 ran (info > 0) before."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import aslinearoperator
+
+    from ntkcore.solvers.cg import cg
+    X = rng.standard_normal((15, 4))
+    A, b = X @ X.T + np.eye(15), rng.standard_normal(15)
+    want = np.linalg.solve(A, b)
+    for A_, M in ((sp.csr_matrix(A), None), (aslinearoperator(A), None),
+                  (A, aslinearoperator(np.eye(15)))):
+        x, info = cg(A_, b, rtol=1e-12, M=M)
+        assert info == 0
+        np.testing.assert_allclose(x, want, rtol=1e-8, atol=1e-10)
+    assert cg(A, b, maxiter=0)[1] > 0
+
+
+def test_caller_operator_adapter_copies():
+    import copy
+    from ntkcore.solvers.operator import checked_operator
+    op = checked_operator(_DiagColumnsOnly(np.eye(3)))
+    assert copy.copy(op).n == 3 and copy.deepcopy(op).n == 3
+
+
+def test_validators_keep_what_worked(rng):
+    """seed=None (fresh entropy) in kernel_lipschitz, Adam's betas as an array, None among
+    mean_ci95's values (undefined, as NaN), (n, 2) logits of binary data, lists into
+    ntk_predictor: all worked before the validation of this review and work again."""
+    from ntkcore.experiments.distance import ntk_predictor
+    from ntkcore.malleability import kernel_lipschitz, mean_ci95
+    from ntkcore.nn.adam import Adam
+    P = rng.standard_normal((2, 3))
+    assert kernel_lipschitz(lambda Q: Q @ P.T, P, seed=None).value > 0
+    Adam([torch.nn.Parameter(torch.zeros(2))], betas=np.array([0.9, 0.999]))
+    assert mean_ci95([1.0, None, 3.0])["n_nan"] == 1
+    ds = nc.load_dataset("digits", classes="0,1", n_train=20, n_test=5)
+    assert list(ds.labels_from_outputs(np.array([[1.0, 2.0], [3.0, 0.0]]))) == [1, 0]
+    assert ntk_predictor([[1.0, 0.0], [0.0, 1.0]], [1.0, 2.0], [[1.0, 0.0]], 0.1).shape == (1,)

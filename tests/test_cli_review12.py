@@ -54,6 +54,7 @@ import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import pytest  # noqa: E402
 
 from test_cli import invoke, one_line_error  # noqa: E402
@@ -148,18 +149,79 @@ def test_an_interrupted_manifest_write_keeps_memory_and_disk_in_step(tmp_path, m
     assert not (run.path / "run.json").exists()
 
 
-def test_the_manifest_write_defers_ctrl_c_until_it_is_on_disk():
+@pytest.mark.parametrize("from_thread", [False, True])
+def test_the_manifest_write_defers_ctrl_c_until_it_is_on_disk(from_thread):
+    """Blocking SIGINT in the main thread's mask did not defer it once BLAS or torch threads
+    existed (the OS delivered it to one of them); the handlers are swapped now."""
+    import threading
+    import time
+
     from ntkcore.experiments.output import _signals_deferred
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with _signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+            if from_thread:
+                worker = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+                worker.start()
+                worker.join()
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes: it has had its chance
             reached.append("after the signal, inside")
     assert reached == ["after the signal, inside"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_second_ctrl_c_after_the_first_is_ignored():
-    """The second of two quick Ctrl-Cs hit Python's shutdown: an exit-handler traceback."""
+def test_a_record_whose_write_landed_keeps_its_stage_when_ctrl_c_follows(tmp_path):
+    """The held-back Ctrl-C is raised after run.json is on disk: the stage stays recorded in
+    memory too, so close() keeps it (and the rerun resumes from it)."""
+    from ntkcore.experiments import output
+    run = output.RunFolder(tmp_path / "o", "influence", {"a": 1})
+    (run.path / "model.pt").write_bytes(b"m")
+    real = output.atomic_write_json
+
+    def write_then_interrupt(path, obj):
+        real(path, obj)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    output.atomic_write_json = write_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.record("training", ["model.pt"], epochs=1)
+    finally:
+        output.atomic_write_json = real
+    run.close(failed=True)
+    on_disk = json.loads((run.path / "run.json").read_text())
+    assert "training" in on_disk["stages"] and (run.path / "model.pt").exists()
+
+
+_AFTER_INTERRUPT = """
+import signal, sys
+import ntkcore.cli.main as cli_main
+cli_main.main = lambda: sys.exit({code})
+import ntkcore_launch
+try:
+    ntkcore_launch.main()
+except SystemExit as done:
+    print(done.code, signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+          signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+"""
+
+
+@pytest.mark.parametrize("code,ignored", [(130, True), (143, True), (0, False), (2, False)])
+def test_after_an_interrupt_the_exiting_process_ignores_another(code, ignored):
+    """A second Ctrl-C while Python shut down printed an exit-handler traceback. The
+    launcher (the process's own entry) now ignores further interrupts after one ended the
+    command; in-process callers (CliRunner, notebooks) keep their handlers."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _AFTER_INTERRUPT.format(code=code)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [str(code), str(ignored), str(ignored)], done.stderr
+
+
+def test_an_interrupted_command_in_process_leaves_the_handlers_alone(tmp_path):
+    """handle_errors itself set SIG_IGN, which then stayed for the rest of the process."""
     from cli._common import handle_errors
 
     @handle_errors
@@ -167,15 +229,10 @@ def test_a_second_ctrl_c_after_the_first_is_ignored():
         raise KeyboardInterrupt
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as done:
-            interrupted()
-        assert done.value.code == 130
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+    with pytest.raises(SystemExit) as done:
+        interrupted()
+    assert done.value.code == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 _MODEL = ("import torch\n{imports}\n\ndef make():\n    torch.manual_seed(0)\n"
@@ -222,3 +279,37 @@ def test_an_edited_helper_module_of_the_model_is_not_resumed(tmp_path, monkeypat
     r = invoke("influence", "--model", f"{pkg / 'model.py'}:make", *USER, "--show", 2,
                "--out", out)
     one_line_error(r, "other settings", "model_content")
+
+
+def _fingerprint(path):
+    from ntkcore.experiments.user_model import model_fingerprint
+    from ntkcore.ntk.empirical import load_user_model
+    spec = f"{path}:make"
+    return model_fingerprint(spec, load_user_model(spec))
+
+
+def test_the_fingerprint_ignores_the_script_and_other_models_beside_it(tmp_path, monkeypatch):
+    """local_imports counted __main__ (a driver script next to the model: editing it made
+    the run unresumable) and other user models this process had loaded from the folder."""
+    import sys
+    import types
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text(_MODEL.format(imports="", act="torch.nn.ReLU()"))
+    alone = _fingerprint(tmp_path / "b.py")
+    assert "local_imports" not in alone
+    _fingerprint(tmp_path / "a.py")  # another model from the same folder, loaded first
+    driver = types.ModuleType("__main__")
+    driver.__file__ = str(tmp_path / "run.py")
+    (tmp_path / "run.py").write_text("# the user's driver script\n")
+    monkeypatch.setitem(sys.modules, "__main__", driver)
+    assert _fingerprint(tmp_path / "b.py") == alone
+
+
+def test_a_compiled_model_file_loads(tmp_path):
+    """Forcing a source loader for every path broke --model file.pyc:make."""
+    import py_compile
+    src = tmp_path / "m.py"
+    src.write_text(_MODEL.format(imports="", act="torch.nn.ReLU()"))
+    pyc = py_compile.compile(str(src), cfile=str(tmp_path / "m.pyc"))
+    from ntkcore.ntk.empirical import load_user_model
+    assert isinstance(load_user_model(f"{pyc}:make"), torch.nn.Module)

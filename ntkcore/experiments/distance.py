@@ -94,6 +94,7 @@ def ntk_predictor(F_train, Y, F_test, lam: float) -> np.ndarray:
     from ..ntk.infinite import relu_ntk_infinite
 
     lam = check_positive(lam, "lam")
+    F_train = as_float_matrix(F_train, "F_train", dtype=np.float64)
     vector = np.ndim(Y) == 1
     Y = as_float_matrix(Y, "Y", dtype=np.float64, allow_1d=True)
     check_rows(F_train, Y, "F_train", "Y")

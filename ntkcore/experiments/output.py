@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +240,10 @@ class RunFolder:
         self._add_files(files, write=False)
         try:
             self._write()
-        except BaseException:  # not on disk: neither in memory (close() judges by it)
+        except BaseException:
+            if self._on_disk:  # written; a held-back Ctrl-C was raised after: keep the stage
+                raise
+            # not on disk: neither in memory (close() judges by it)
             if before[0] is None:
                 self.manifest["stages"].pop(stage, None)
             else:
@@ -270,9 +274,11 @@ class RunFolder:
         """The manifest, atomically, with Ctrl-C and SIGTERM held back until it is on disk:
         a stage recorded in memory is then recorded on disk too (an interrupt in between
         had close() keep a manifest that listed no stage)."""
+        self._on_disk = False
         try:
             with _signals_deferred():
                 atomic_write_json(self.path / MANIFEST, self.manifest)
+                self._on_disk = True
         except OSError as exc:
             raise ParameterError(f"output: cannot write to {self.path}: "
                                  f"{exc.strerror or exc}") from None
@@ -374,18 +380,29 @@ def _differing(a: dict, b: dict) -> list:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """SIGINT and SIGTERM blocked for the duration (delivered, and raised, right after); a
-    no-op where the platform has no pthread_sigmask."""
-    block = getattr(signal, "pthread_sigmask", None)
-    if block is None:
+    """SIGINT and SIGTERM held back for the duration, then handled as they would have been.
+
+    Python runs signal handlers in the main thread whichever thread the OS delivered the
+    signal to (BLAS, torch and Numba threads included), so swapping the handlers for one
+    that only notes the signal defers it; blocking it in this thread's mask would not. A
+    no-op outside the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = block(signal.SIG_BLOCK, held)
+    noted = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     try:
         yield
     finally:
-        block(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if noted:  # the first one, as its handler would have taken it
+            handler = previous[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(noted[0])
 
 
 def _valid_manifest(m) -> bool:

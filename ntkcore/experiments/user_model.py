@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..errors import NonFiniteError, ParameterError, ShapeError
+from ..ntk._entk_user import USER_MODULE_PREFIX
 from .influence_run import (FLOAT64_SCORE_LIMIT, SOLVE_INFO, _figure, _top_table, versions,
                             write_solve)
 from .output import RunFolder, atomic_write_json, check_folder_name
@@ -117,17 +118,18 @@ def model_fingerprint(spec: str, model) -> dict:
     state = hashlib.blake2b(digest_size=16)
     for name, value in sorted(model.state_dict().items()):
         state.update(f"{name}|{_entry_bytes(value, torch)!r}|".encode())
-    print_ = {"source": code, "structure": digest(repr(model).encode()),
-              "state": state.hexdigest()}
+    fingerprint = {"source": code, "structure": digest(repr(model).encode()),
+                   "state": state.hexdigest()}
     if local:  # only when there are some: run folders of self-contained models still resume
-        print_["local_imports"] = local
-    return print_
+        fingerprint["local_imports"] = local
+    return fingerprint
 
 
 def _local_imports(source, digest):
     """blake2b of the sources of the loaded modules (other than ``source``) under the folder
     of ``source`` -- for a package module, of its top-level package -- outside site-packages
-    and ntkcore; None when there are none."""
+    and ntkcore; None when there are none. Not the running script (``__main__``, say a driver
+    beside the model) nor other user models loaded by this process."""
     import sys
     from pathlib import Path
     source = source.resolve()
@@ -137,7 +139,9 @@ def _local_imports(source, digest):
     found = []
     for name, module in list(sys.modules.items()):
         f = getattr(module, "__file__", None)
-        if not isinstance(f, str) or not Path(f).is_absolute() or name.split(".")[0] == "ntkcore":
+        if not isinstance(f, str) or not Path(f).is_absolute() \
+                or name.split(".")[0] == "ntkcore" or name in ("__main__", "__mp_main__") \
+                or name.startswith(USER_MODULE_PREFIX):
             continue  # (some extension modules carry a bare file name)
         path = Path(f).resolve()
         if path == source or path.suffix != ".py" or root not in path.parents \

@@ -51,7 +51,8 @@ def _prepare(B, diag_inv, alpha, residuals, xp):
 
 
 def _folded_operands(dinv, alpha, xp):
-    """The CUDA kernels' (dinv, half_sq, alphaT) in the CPU kernel's folded form: alpha'_i =
+    """The CUDA kernels' (dinv (n,), half_sq (n,), alphaT (C, n)) in the CPU kernel's folded
+    form, from diag_inv (n,) and alpha (n, C): alpha'_i =
     alpha_i / dinv_i (scaled first: ||alpha_i||^2 alone overflows at |alpha| ~ 1e154, where
     dinv_i may be 1e160), half_sq = ||alpha'_i||^2 / 2 and dinv = 1 (the kernels' U = B / 1 =
     B exactly). So both backends compute b (b g_i - r . alpha'_i), with the same bound."""

@@ -34,8 +34,11 @@ class Adam:
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         self.lr, self.eps = check_nonnegative(lr, "lr"), check_nonnegative(eps, "eps")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(is_real_number(b) and 0 <= b < 1 for b in betas)):
+        try:
+            betas = tuple(betas)  # any pair: tuple, list, array
+        except TypeError:
+            betas = (betas,)
+        if not (len(betas) == 2 and all(is_real_number(b) and 0 <= b < 1 for b in betas)):
             raise ParameterError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         self.betas = tuple(float(b) for b in betas)
         self.t = [0] * len(self.params)

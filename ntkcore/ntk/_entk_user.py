@@ -191,15 +191,20 @@ def load_user_model(spec, weights=None, *, factory_kwargs=None):
     return model.eval()
 
 
+#: the module name prefix of user model files loaded by path
+USER_MODULE_PREFIX = "_ntkcore_user_model_"
+
+
 def _import_target(target):
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target)
         if not path.is_file():
             raise DataNotFoundError(f"spec: model file not found: {path}")
-        name = f"_ntkcore_user_model_{abs(hash(str(path.resolve())))}"
-        # an explicit source loader: the default finds none for a name not ending in .py
-        loader = importlib.machinery.SourceFileLoader(name, str(path))
-        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        name = f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)  # .py, .pyc, .so
+        if spec is None:  # no suffix Python knows: read it as source
+            loader = importlib.machinery.SourceFileLoader(name, str(path))
+            spec = importlib.util.spec_from_file_location(name, path, loader=loader)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:

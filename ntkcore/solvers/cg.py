@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validate import as_scalar, check_count, check_nonnegative, is_real_number
-from ..backend import backend_for
+from .._validate import all_finite, as_scalar, check_count, check_nonnegative, is_real_number
+from ..backend import backend_for, is_gpu_array
 from ..errors import ConvergenceError, NonFiniteError, NotPSDError, ParameterError, ShapeError
 from .base import KRRFit, Timer
 from .diag_estimate import clip_to_bounds, control_variate_diag, rademacher, summarize_stderr
@@ -110,7 +110,7 @@ def _real_finite(a, name, xp):
     NonFiniteError (a cast would drop an imaginary part; a NaN would run maxiter steps)."""
     if a.dtype.kind not in "biuf":
         raise ParameterError(f"{name}: expected real numbers, got dtype {a.dtype}")
-    if not bool(xp.isfinite(a).all()):
+    if not all_finite(a):  # in row blocks: no n x n boolean temporary
         raise NonFiniteError(f"{name}: expected finite values, got NaN or Inf")
     return a
 
@@ -171,9 +171,9 @@ def block_cg(A, B, *, x0=None, rtol: float = 1e-5, atol: float = 0.0, maxiter: i
         if op is not None and getattr(op, "shape", (n, n)) != (n, n):
             raise ShapeError(f"{name} and B: expected {name} of shape ({n}, {n}) for B of shape "
                              f"{(n, s)}, got {tuple(op.shape)}")
-        if hasattr(op, "ndim"):  # an array: a NaN in it would run maxiter steps to NaN
-            _real_finite(op, name, xp)
-    maxiter = 10 * n if maxiter is None else check_count(maxiter, "maxiter")
+        if isinstance(op, np.ndarray) or is_gpu_array(op):  # a NaN would run maxiter steps
+            _real_finite(op, name, xp)  # (sparse matrices and LinearOperators: as given)
+    maxiter = 10 * n if maxiter is None else check_count(maxiter, "maxiter", minimum=0)
     check_every, stall_window = (check_count(check_every, "check_every"),
                                  check_count(stall_window, "stall_window"))
     max_restarts = check_count(max_restarts, "max_restarts", minimum=0)

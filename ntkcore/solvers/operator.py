@@ -233,6 +233,8 @@ class _CallerOperator:
         return member
 
     def __getattr__(self, name):  # only for names not found on the adapter itself
+        if name == "op" or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         if name in _PROTOCOL:
             return self._member(name)
         return getattr(self.op, name)
