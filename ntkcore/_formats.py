@@ -13,9 +13,10 @@ Two formats, parsed here without torchvision:
 
 Search order for a dataset's folder (first complete match wins):
 
-1. the explicit ``root`` argument: ``root`` itself (flat), torchvision's layout
-   (``root/MNIST/raw``, ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``) and
-   ``root/<name>`` (``root/mnist``, ``root/fashion-mnist``, ``root/cifar10``). If none of these
+1. the explicit ``root`` argument: torchvision's layout (``root/MNIST/raw``,
+   ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``), ``root/<name>`` (``root/mnist``,
+   ``root/fashion-mnist``, ``root/cifar10``), then ``root`` itself (flat: a folder named for
+   the dataset wins over it, since a flat folder cannot tell MNIST from Fashion-MNIST). If none of these
    is complete but one holds part of the dataset, the search stops there: a partial copy
    under a folder the user named is reported (files missing), never completed or replaced by
    a copy found elsewhere. A root holding none of the dataset's files falls through to 2.;
@@ -71,9 +72,10 @@ def default_bases() -> list[Path]:
 
 
 def _root_dirs(name: str, root) -> list[Path]:
-    """The folders under an explicit ``root`` that may hold ``name``: flat, then sub-folders."""
+    """The folders under an explicit ``root`` that may hold ``name``: the sub-folders named for
+    it, then ``root`` itself (flat)."""
     root = Path(root).expanduser()
-    return [root] + [root / s for s in _SUBDIRS[name]]
+    return [root / s for s in _SUBDIRS[name]] + [root]
 
 
 def candidate_dirs(name: str, root=None) -> list[Path]:
@@ -92,10 +94,21 @@ def candidate_dirs(name: str, root=None) -> list[Path]:
     return unique
 
 
+def _exists(path: Path, kind: str) -> bool:
+    """``path.is_file()`` / ``is_dir()``; DataNotFoundError naming the path when it cannot be
+    looked at (a folder without read or search permission), where pathlib would raise
+    PermissionError."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as exc:
+        raise DataNotFoundError(f"{path}: cannot read it ({exc.strerror or exc}); check the "
+                                f"permissions of the data folder") from None
+
+
 def _idx_file(folder: Path, stem: str) -> Path | None:
     """``folder/stem`` if it exists, else ``folder/stem.gz``, else None (raw first: faster)."""
     for p in (folder / stem, folder / (stem + ".gz")):
-        if p.is_file():
+        if _exists(p, "file"):
             return p
     return None
 
@@ -103,19 +116,19 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
 def _missing_in(name: str, folder: Path) -> list[str]:
     """Required file names of ``name`` absent from ``folder``."""
     if name == "cifar10":
-        return [f for f in CIFAR_FILES if not (folder / f).is_file()]
+        return [f for f in CIFAR_FILES if not _exists(folder / f, "file")]
     return [f + "[.gz]" for f in IDX_FILES if _idx_file(folder, f) is None]
 
 
 def _complete(name: str, folder: Path) -> bool:
-    return folder.is_dir() and not _missing_in(name, folder)
+    return _exists(folder, "dir") and not _missing_in(name, folder)
 
 
 def _partial_dirs(name: str, root) -> list[Path]:
     """Folders under an explicit ``root`` holding some, but not all, of ``name``'s files."""
     n_files = len(CIFAR_FILES if name == "cifar10" else IDX_FILES)
     return [d for d in _root_dirs(name, root)
-            if d.is_dir() and 0 < len(_missing_in(name, d)) < n_files]
+            if _exists(d, "dir") and 0 < len(_missing_in(name, d)) < n_files]
 
 
 def find_dir(name: str, root=None) -> Path | None:
@@ -288,11 +301,45 @@ _NUMPY_GLOBALS = {
 }
 
 
+class _Unfilled(np.ndarray):
+    """An array the pickle created with ``_reconstruct``: its memory is uninitialised until the
+    pickle's BUILD step sets its state. :func:`_filled` refuses one that was never set (a
+    crafted pickle could otherwise hand back process memory as pixels)."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__["ntkcore_filled"] = True
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` for plain arrays, as :class:`_Unfilled`."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to rebuild an array of type {subtype!r}")
+    return np.ndarray.__new__(_Unfilled, shape, dtype)
+
+
+def _filled(value, path: Path):
+    """``value`` with every array the pickle rebuilt checked for its state and made a plain
+    ndarray (in dicts, lists and tuples); CorruptDataError for an array never filled."""
+    if isinstance(value, _Unfilled):
+        if not value.__dict__.get("ntkcore_filled"):
+            raise CorruptDataError(f"{path}: an array in the pickle has no contents (no state "
+                                   f"set after it was created)")
+        return value.view(np.ndarray)
+    if isinstance(value, dict):
+        return {k: _filled(v, path) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_filled(v, path) for v in value)
+    return value
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that rebuilds builtins and NumPy arrays only (CIFAR batches need nothing else)."""
 
     def find_class(self, module, name):
         if (module, name) in _NUMPY_GLOBALS:
+            if name == "_reconstruct":
+                return _reconstruct
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
@@ -335,6 +382,7 @@ def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise CorruptDataError(f"{path}: expected a dict with b'data' and b'labels'")
+    batch = _filled(batch, path)
     data = np.asarray(batch[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise CorruptDataError(

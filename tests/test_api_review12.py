@@ -395,3 +395,58 @@ def test_validators_keep_what_worked(rng):
     ds = nc.load_dataset("digits", classes="0,1", n_train=20, n_test=5)
     assert list(ds.labels_from_outputs(np.array([[1.0, 2.0], [3.0, 0.0]]))) == [1, 0]
     assert ntk_predictor([[1.0, 0.0], [0.0, 1.0]], [1.0, 2.0], [[1.0, 0.0]], 0.1).shape == (1,)
+
+
+# ------------------------------------------------------------ data files (third review)
+class _EmptyArray:
+    """Pickles as numpy's ``_reconstruct(ndarray, shape, 'B')`` with no state after it."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, (4, 3072), b"B")
+
+
+def test_a_cifar_pickle_cannot_hand_back_uninitialised_memory(tmp_path):
+    """The restricted unpickler allowed _reconstruct, whose array is filled only by the
+    pickle's BUILD step: a 100-byte pickle without it gave (4, 3072) "pixels" of heap."""
+    import pickle
+
+    from ntkcore._formats import read_cifar_batch
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _EmptyArray(), b"labels": [1, 1, 1, 1]}, protocol=2))
+    with pytest.raises(nc.errors.CorruptDataError, match="no contents"):
+        read_cifar_batch(path)
+    data = np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072)
+    path.write_bytes(pickle.dumps({b"data": data, b"labels": [1, 2, 3, 4]}, protocol=2))
+    got, labels = read_cifar_batch(path)
+    assert type(got) is np.ndarray and np.array_equal(got, data) and list(labels) == [1, 2, 3, 4]
+
+
+def test_a_folder_named_for_the_dataset_wins_over_a_flat_root(tmp_path):
+    """Fashion-MNIST files flat in the root and MNIST in root/MNIST/raw: mnist loaded the
+    flat Fashion-MNIST files, silently (the flat root was tried first)."""
+    from data_fixtures import write_mnist
+    write_mnist(tmp_path, n_train=20, dataset="fashion-mnist", layout="flat")
+    write_mnist(tmp_path, n_train=40, dataset="mnist", layout="torchvision")
+    ds = nc.load_dataset("mnist", root=tmp_path)
+    assert ds.n_train + ds.n_test == 40 + 10 and "MNIST" in ds.source
+
+
+def test_an_unreadable_data_folder_is_a_data_not_found_error(tmp_path, monkeypatch):
+    """A folder without read permission raised pathlib's PermissionError (in the CLI,
+    "internal error"); as root chmod cannot show it, so is_dir raises here as it would."""
+    from pathlib import Path
+
+    from data_fixtures import write_mnist
+    write_mnist(tmp_path, layout="torchvision")
+    locked = tmp_path / "MNIST" / "raw"
+    real = Path.is_dir
+
+    def is_dir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(nc.errors.DataNotFoundError, match="permissions"):
+        nc.load_dataset("mnist", root=tmp_path)
