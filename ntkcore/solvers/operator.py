@@ -12,9 +12,9 @@ An operator has ``n``, ``dtype``, ``shape``, and
 
 :class:`DenseKernel` wraps an existing array; :class:`ReluNTKOperator` assembles eNTK tiles of
 the two-layer net from features and weights on demand, so the kernel itself is never stored.
-A caller's own operator need only have what its solver calls (Nystrom: ``diag``, ``columns``;
-CG adds ``matmat``; exact: ``dense``, or ``block`` for packed storage); :func:`checked_operator`
-names a missing member instead of failing inside a solver.
+A caller's own operator needs ``shape``, ``diag`` and ``columns`` (all Nystrom calls; without
+them it is read as an array); CG adds ``matmat``, exact ``dense`` (``block`` for packed
+storage). :func:`checked_operator` names a missing member instead of failing inside a solver.
 """
 
 from __future__ import annotations
