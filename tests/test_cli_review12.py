@@ -313,13 +313,3 @@ def test_a_compiled_model_file_loads(tmp_path):
     pyc = py_compile.compile(str(src), cfile=str(tmp_path / "m.pyc"))
     from ntkcore.ntk.empirical import load_user_model
     assert isinstance(load_user_model(f"{pyc}:make"), torch.nn.Module)
-
-
-def test_a_failing_run_clears_its_stage_bar_before_the_error(tmp_path):
-    """The stage bar was left on screen when a run failed, so the error line was appended to
-    "stage: data: 0%|...|" on the same terminal line."""
-    r = invoke("influence", "--dataset", "mnist", "--data-root", tmp_path / "none",
-               "--out", tmp_path / "o")
-    assert r.exit_code == 2
-    shown = r.stderr.split("\r")[-1]  # what a terminal shows once the carriage returns act
-    assert shown.startswith("error: mnist: dataset files not found"), repr(r.stderr[:300])

@@ -52,25 +52,22 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     timings = {}
 
     stages = _StageBar(["data", "training", "influence", "writing"], enabled=progress)
-    try:  # on an error too the bar clears its line: the error then starts a line of its own
-        t0 = time.perf_counter()
-        ds = load_data(cfg)
-        timings["data"] = time.perf_counter() - t0
-        stages.done()
-        log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} "
-            f"n_test={ds.n_test} d={ds.dim} ({ds.source or 'generated'})")
-        if ds.n_test < 1:
-            raise ParameterError("n_test: influence is scored on test points; expected at "
-                                 "least one, got 0")
-        check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # before training
-                          n_outputs=ds.Y_train.shape[1])
-        identity = training_identity(cfg, ds, be.name)
-        config, about = run_settings(cfg, ds, be.name, identity)
-        with RunFolder(out_dir, "influence", config, identity=identity, about=about,
-                       overwrite=overwrite) as run:
-            return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
-    finally:
-        stages.close()
+    t0 = time.perf_counter()
+    ds = load_data(cfg)
+    timings["data"] = time.perf_counter() - t0
+    stages.done()
+    log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
+        f"d={ds.dim} ({ds.source or 'generated'})")
+    if ds.n_test < 1:
+        raise ParameterError("n_test: influence is scored on test points; expected at least "
+                             "one, got 0")
+    check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # refused before training
+                      n_outputs=ds.Y_train.shape[1])
+    identity = training_identity(cfg, ds, be.name)
+    config, about = run_settings(cfg, ds, be.name, identity)
+    with RunFolder(out_dir, "influence", config, identity=identity, about=about,
+                   overwrite=overwrite) as run:
+        return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
 
 
 def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
