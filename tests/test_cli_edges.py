@@ -309,7 +309,7 @@ def test_distance_trend_labels():
 
 
 def test_flip_rate_labels_follow_tau():
-    from ntkcore.experiments.malleability import _percent
+    from ntkcore.experiments.malleability_report import _percent
     assert _percent(0.1) == "10%" and _percent(0.001) == "0.1%" and _percent(0.25) == "25%"
 
 
