@@ -51,23 +51,23 @@ def run_influence(cfg: InfluenceConfig, out_dir, *, overwrite: bool = False,
     be = get_backend(cfg.device)  # validates the device before any work
     timings = {}
 
-    stages = _StageBar(["data", "training", "influence", "writing"], enabled=progress)
-    t0 = time.perf_counter()
-    ds = load_data(cfg)
-    timings["data"] = time.perf_counter() - t0
-    stages.done()
-    log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
-        f"d={ds.dim} ({ds.source or 'generated'})")
-    if ds.n_test < 1:
-        raise ParameterError("n_test: influence is scored on test points; expected at least "
-                             "one, got 0")
-    check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # refused before training
-                      n_outputs=ds.Y_train.shape[1])
-    identity = training_identity(cfg, ds, be.name)
-    config, about = run_settings(cfg, ds, be.name, identity)
-    with RunFolder(out_dir, "influence", config, identity=identity, about=about,
-                   overwrite=overwrite) as run:
-        return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
+    with _StageBar(["data", "training", "influence", "writing"], enabled=progress) as stages:
+        t0 = time.perf_counter()
+        ds = load_data(cfg)
+        timings["data"] = time.perf_counter() - t0
+        stages.done()
+        log(f"data: {ds.name} classes={list(ds.classes)} n_train={ds.n_train} n_test={ds.n_test} "
+            f"d={ds.dim} ({ds.source or 'generated'})")
+        if ds.n_test < 1:
+            raise ParameterError("n_test: influence is scored on test points; expected at least "
+                                 "one, got 0")
+        check_solver_fits(cfg, ds.n_train, be.name, n_test=ds.n_test,  # refused before training
+                          n_outputs=ds.Y_train.shape[1])
+        identity = training_identity(cfg, ds, be.name)
+        config, about = run_settings(cfg, ds, be.name, identity)
+        with RunFolder(out_dir, "influence", config, identity=identity, about=about,
+                       overwrite=overwrite) as run:
+            return _stages(run, cfg, ds, be, epochs, timings, stages, progress, log)
 
 
 def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
@@ -120,7 +120,6 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
                                 title=f"Figure 4: {ds.name}, {cfg.arch}")
     timings["writing"] = time.perf_counter() - t0
     stages.done()
-    stages.close()
 
     summary = {
         "command": "influence",
@@ -203,7 +202,12 @@ def write_solve(run, ds, res, be, arrays: dict, **extra) -> dict:
 
 
 class _StageBar:
-    """A progress bar over the pipeline's stages (training has its own per-epoch bar)."""
+    """A progress bar over the pipeline's stages (training has its own per-epoch bar).
+
+    Shown on a terminal only, and cleared when the run ends, by an error too: an error line
+    then starts a line of its own instead of following the bar's text, and stderr that is a
+    file or a pipe gets no carriage returns.
+    """
 
     def __init__(self, names, *, enabled: bool):
         self.names = list(names)
@@ -212,7 +216,14 @@ class _StageBar:
         if enabled:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=len(self.names), desc=f"stage: {self.names[0]}", unit="stage",
-                            leave=False)
+                            leave=False, disable=None)  # None: off unless stderr is a terminal
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
     def done(self):
         self.i += 1
@@ -220,10 +231,6 @@ class _StageBar:
             self.bar.update(1)
             if self.i < len(self.names):
                 self.bar.set_description(f"stage: {self.names[self.i]}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def versions() -> dict:
