@@ -1,7 +1,11 @@
 """Exact leave-one-out influence of every training point on every test prediction [Def 3.3].
 
 With A = K + lam I, C = A^-1, alpha = C Y and f(x) = k(x)^T alpha, removing point i gives
-f^{-i}(x) = f(x) - (k(x)^T C e_i) alpha_i / C_ii (Sherman-Morrison; proof of Thm B.9), so with
+f^{-i}(x) = f(x) - (k(x)^T C e_i) alpha_i / C_ii (the block-inverse form of Sherman-Morrison
+for deleting row and column i: (A_{-i})^-1 = C_{-i,-i} - C_{-i,i} C_{i,-i} / C_ii). The proof of
+Thm B.9 prints C - C e_i e_i^T C / (1 + C_ii), which is the inverse of A + e_i e_i^T (a point
+added to the diagonal), not of A without point i; the code uses the deletion form, and
+tests/reference.py checks it against refitting without point i. So with
 
     B = K_test C (T x n),  U = B / diag(C),  r_t = f(x_t) - y_t,
 

@@ -160,7 +160,10 @@ def flip_rate(I_orig, I_adv, tau: float = 0.1):
 
     FlipRate = |{i in H_tau : sign(I_orig_i) != sign(I_adv_i)}| / |H_tau|, with
     H_tau = :func:`high_influence_set` (I_orig, tau). ``sign`` is NumPy's (sign(0) = 0, so a
-    score that becomes exactly 0 counts as a flip).
+    score that becomes exactly 0 counts as a flip). H_tau is the top-tau quantile of the
+    signed scores, as Def 3.4 defines it; A.4.2's "top 10% positive influence" is not enforced
+    (the two differ only when fewer than tau n scores are positive; ``ntkcore malleability``
+    reports the positive share of H as ``positive_share_of_H``).
 
     Parameters
     ----------
