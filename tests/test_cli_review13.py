@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from test_cli import invoke
+from test_cli import invoke, one_line_error
 
 
 def test_a_failing_run_without_quiet_writes_one_stderr_line(tmp_path):
@@ -51,3 +51,72 @@ def test_on_a_terminal_the_error_line_starts_clean(tmp_path):
     last = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()][-1]
     shown = last.split("\r")[-1]  # what the terminal shows once the carriage returns act
     assert shown.startswith("error: mnist: dataset files not found"), repr(text[-400:])
+
+
+TINY = ("--n-train", 60, "--n-test", 5, "--epochs", 1, "--quiet", "--solver", "exact")
+
+
+def test_a_stage_file_replaced_by_another_runs_is_not_reused(tmp_path):
+    """influence.npz of a width-8 run copied over a width-16 run's was reused when the
+    width-16 run resumed (only --show changed): the width-8 scores were reported as its own."""
+    import shutil
+
+    import numpy as np
+    narrow, wide = tmp_path / "w8", tmp_path / "w16"
+    assert invoke("influence", *TINY, "--width", 8, "--out", narrow).exit_code == 0
+    assert invoke("influence", *TINY, "--width", 16, "--out", wide).exit_code == 0
+    own = np.load(wide / "influence.npz")["scores"]
+    foreign = np.load(narrow / "influence.npz")["scores"]
+    assert own.shape == foreign.shape and not np.array_equal(own, foreign)
+    shutil.copy(narrow / "influence.npz", wide / "influence.npz")
+    r = invoke("influence", *TINY, "--width", 16, "--show", 0, "--out", wide)
+    one_line_error(r, f"{wide / 'influence.npz'}: a finished stage's file was changed",
+                   "--overwrite")
+    assert invoke("influence", *TINY, "--width", 16, "--show", 0, "--out", wide,
+                  "--overwrite").exit_code == 0
+    np.testing.assert_array_equal(np.load(wide / "influence.npz")["scores"], own)
+
+
+def test_a_retrained_model_is_not_paired_with_the_old_scores(tmp_path, monkeypatch):
+    """model.pt deleted from a finished run: the rerun trained again and then reused
+    influence.npz, the scores of the earlier model (equal only where training is
+    bit-reproducible)."""
+    out = tmp_path / "o"
+    assert invoke("influence", *TINY, "--width", 8, "--out", out).exit_code == 0
+    (out / "model.pt").unlink()
+    r = invoke("influence", *TINY, "--width", 8, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "reusing the trained model" not in r.output
+    assert "reusing the scores" not in r.output
+
+
+def test_a_run_folder_copied_without_its_file_times_still_resumes(tmp_path, monkeypatch):
+    """``cp -r`` gives every file a new mtime: the stage files are vouched for by their
+    checksum, so the copy reuses the model and the scores."""
+    import shutil
+
+    import ntkcore.experiments.influence_run as ir
+    first, copied = tmp_path / "a", tmp_path / "b"
+    assert invoke("influence", *TINY, "--width", 8, "--out", first).exit_code == 0
+    shutil.copytree(first, copied, copy_function=shutil.copy)  # contents, new times
+    monkeypatch.setattr(ir, "train_network", lambda *a, **kw: 1 / 0)
+    monkeypatch.setattr(ir, "kernel_influence", lambda *a, **kw: 1 / 0)
+    r = invoke("influence", *TINY, "--width", 8, "--show", 0, "--out", copied)
+    assert r.exit_code == 0, r.output
+    assert "reusing the scores" in r.output and "reusing the trained model" in r.output
+
+
+def test_a_damaged_stage_file_of_a_run_recorded_before_fingerprints(tmp_path):
+    """Stage records without fingerprints (earlier versions) are judged by presence; a damaged
+    file is then caught when it is read, as before."""
+    import json
+    out = tmp_path / "o"
+    assert invoke("influence", *TINY, "--width", 8, "--out", out).exit_code == 0
+    manifest = json.loads((out / "run.json").read_text())
+    for stage in manifest["stages"].values():
+        del stage["fingerprints"]
+    (out / "run.json").write_text(json.dumps(manifest))
+    npz = out / "influence.npz"
+    npz.write_bytes(npz.read_bytes()[:1000])
+    one_line_error(invoke("influence", *TINY, "--width", 8, "--show", 0, "--out", out),
+                   "influence.npz: a finished stage's file is damaged", "--overwrite")

@@ -232,8 +232,13 @@ def test_an_unreadable_model_pt_is_one_line_not_a_traceback(tmp_path, monkeypatc
     monkeypatch.setattr(ir, "kernel_influence", real)
     (tmp_path / "r" / "model.pt").write_bytes(b"")
     one_line_error(invoke(*args), "model.pt", "--overwrite")
-    # garbage bytes: torch's own first line suggested weights_only=False (unpickling it)
+    # garbage bytes: torch's own first line suggested weights_only=False (unpickling it).
+    # The file's fingerprint catches it first; a run recorded before fingerprints loads it
     (tmp_path / "r" / "model.pt").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
+    err = one_line_error(invoke(*args), "model.pt", "was changed", "--overwrite")
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    del manifest["stages"]["training"]["fingerprints"]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(manifest))
     err = one_line_error(invoke(*args), "model.pt", "not a readable state_dict",
                          "--overwrite")
     assert "weights_only" not in err
