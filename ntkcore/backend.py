@@ -81,7 +81,10 @@ class Backend:
         return np.asarray(x, dtype=dtype)
 
     def cholesky(self, A, *, overwrite: bool = False):
-        """Lower Cholesky factor L of SPD ``A`` (L L^T = A). Raises LinAlgError when not SPD."""
+        """Lower Cholesky factor L of SPD ``A`` (L L^T = A). Raises LinAlgError when not SPD.
+
+        ``overwrite``: A may be destroyed; on the CPU L is then A's memory (a C-order A is
+        factored through its transpose, from the triangle above its diagonal)."""
         if self.name == "cuda":
             # CuPy's default (linalg="ignore") returns cuSOLVER's partial factor, finite and
             # wrong, when A is not positive definite: ask for potrf's devInfo to be checked.
@@ -89,6 +92,11 @@ class Backend:
             with cupyx.errstate(linalg="raise"):
                 return _cupy().linalg.cholesky(A)
         import scipy.linalg as sla
+        if overwrite and A.flags.c_contiguous and not A.flags.f_contiguous:
+            # LAPACK works in Fortran order and SciPy copies a C-order A into it: one more
+            # n x n array, and time. A is symmetric, so A.T is the same matrix as a free
+            # Fortran-order view, factored in place (potrf reads A's upper triangle then).
+            A = A.T
         return sla.cholesky(A, lower=True, overwrite_a=overwrite, check_finite=False)
 
     def solve_triangular(self, L, B, *, lower: bool = True, trans: int = 0,

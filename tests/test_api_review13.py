@@ -1,0 +1,40 @@
+"""Library API findings of session 13; each test failed before its fix."""
+
+import tracemalloc
+
+import numpy as np
+
+
+def _spd(n, seed=0):
+    X = np.random.default_rng(seed).standard_normal((n, 40))
+    return X @ X.T
+
+
+def test_the_cpu_cholesky_factors_in_place_when_allowed():
+    """SciPy copied a C-order A into Fortran order before potrf: 'overwrite' factored a copy,
+    one more n x n array than the memory plan counts."""
+    from ntkcore.backend import get_backend
+    A = _spd(300) + 0.1 * np.eye(300)
+    want = np.linalg.cholesky(A)
+    L = get_backend("cpu").cholesky(A, overwrite=True)
+    assert np.shares_memory(L, A)
+    np.testing.assert_allclose(L, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_exact_solver_peaks_at_the_copies_its_plan_counts():
+    """exact_bytes plans EXACT_COPIES (K and one working array) n x n arrays; the hidden
+    Fortran copy made it three at the peak."""
+    from ntkcore.solvers.auto import EXACT_COPIES
+    from ntkcore.solvers.exact import exact_fit
+    n = 800
+    K, Y = _spd(n), np.random.default_rng(1).standard_normal((n, 3))
+    for overwrite, extra in ((False, EXACT_COPIES - 1), (True, EXACT_COPIES - 2)):
+        tracemalloc.start()
+        try:
+            fit = exact_fit(K.copy(), Y, 0.1, overwrite_k=overwrite, check=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # the K passed in (one n x n) is counted in the peak too; slack: Y, alpha, probes
+        assert peak <= (1 + extra + 0.1) * 8 * n * n, (overwrite, peak / (8 * n * n))
+        assert np.all(fit.diag_inv > 0)
