@@ -326,40 +326,45 @@ FIGURE_MAX_ROWS = 20
 
 def _figure(ds, scores, shown, k, path):
     """Figure 3: each shown test image (the first FIGURE_MAX_ROWS), its k (at most
-    FIGURE_MAX_K) most helpful and most harmful training images."""
+    FIGURE_MAX_K) most helpful and most harmful training images.
+
+    One axes, each image drawn into its own cell (column c, row r: x in [c, c + 1], y in
+    [r, r + 1]) with its title above it: 2k + 1 subplots per row and a tight layout over them
+    took about 2 s of the quickstart's writing stage, this about 0.3 s."""
     k = min(k, FIGURE_MAX_K)
     shown = shown[:FIGURE_MAX_ROWS]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = max(1, len(shown))
-    fig, axes = plt.subplots(rows, 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.5 * rows),
-                             squeeze=False)
-    for ax in axes.ravel():  # a row with fewer than k helpful or harmful points leaves blanks
-        ax.axis("off")
+    rows, cols = max(1, len(shown)), 2 * k + 1
+    fig = plt.figure(figsize=(1.3 * cols, 1.5 * rows + 0.3))
+    ax = fig.add_axes((0.005, 0.0, 0.99, 1.0 - 0.3 / (1.5 * rows + 0.3)))
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)  # row 0 at the top
+    ax.axis("off")
     test_imgs = ds.as_images(ds.pixels_test[shown]) if shown else []
     gray = len(ds.image_shape) != 3
     for r, t in enumerate(shown):
         helpful, harmful = top_indices(scores[t], k)
-        picks = [("test", None, test_imgs[r], ds.class_names[int(ds.y_test[t])])]
-        for i in helpful:
-            picks.append(("+", i, None, f"{scores[t, i]:+.1e}"))
-        for i in harmful:
-            picks.append(("-", i, None, f"{scores[t, i]:+.1e}"))
-        for c, (kind, i, img, title) in enumerate(picks):
-            ax = axes[r, c]
-            if img is None:
-                img = ds.as_images(ds.pixels_train[[i]])[0]
-                title = f"{kind} {ds.class_names[int(ds.y_train[i])]}\n{title}"
+        picks = [(test_imgs[r], ds.class_names[int(ds.y_test[t])])]
+        for kind, idx in (("+", helpful), ("-", harmful)):
+            for i in idx:
+                picks.append((ds.as_images(ds.pixels_train[[i]])[0],
+                              f"{kind} {ds.class_names[int(ds.y_train[i])]}\n"
+                              f"{scores[t, i]:+.1e}"))
+        # a row with fewer than k helpful points leaves blanks before the harmful ones
+        cells = list(range(1 + len(helpful))) + list(range(1 + k, 1 + k + len(harmful)))
+        for c, (img, title) in zip(cells, picks):
             img = np.clip(img, 0, 1)
-            strip = img.ndim == 1  # synthetic data of a non-square dimension
-            ax.imshow(img[None, :] if strip else img, cmap="gray" if gray else None,
-                      aspect="auto" if strip else "equal")
-            ax.set_title(title, fontsize=6)
-            ax.axis("off")
+            if img.ndim == 1:  # synthetic data of a non-square dimension: a strip
+                img, top = img[None, :], r + 0.55
+            else:
+                top = r + 0.3
+            ax.imshow(img, cmap="gray" if gray else None, aspect="auto",
+                      extent=(c + 0.1, c + 0.9, r + 0.95, top), interpolation="nearest")
+            ax.text(c + 0.5, top - 0.03, title, ha="center", va="bottom", fontsize=6)
     fig.suptitle("Most helpful (+) and harmful (-) training points per test point", fontsize=8)
-    fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
