@@ -38,3 +38,26 @@ def test_the_exact_solver_peaks_at_the_copies_its_plan_counts():
         # the K passed in (one n x n) is counted in the peak too; slack: Y, alpha, probes
         assert peak <= (1 + extra + 0.1) * 8 * n * n, (overwrite, peak / (8 * n * n))
         assert np.all(fit.diag_inv > 0)
+
+
+def test_a_machine_without_the_cuda_driver_does_not_import_cupy():
+    """is_gpu_array(a NumPy array) and device="auto" imported CuPy (0.2 s, ~170 MB) on every
+    CPU machine, only to find no GPU."""
+    import ctypes
+    import subprocess
+    import sys
+
+    import pytest
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("the CUDA driver is here: CuPy is rightly imported to count devices")
+    except OSError:
+        pass
+    code = ("import sys, numpy as np\n"
+            "from ntkcore.backend import is_gpu_array, resolve_device\n"
+            "assert not is_gpu_array(np.zeros(2)) and resolve_device('auto') == 'cpu'\n"
+            "print('cupy' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
