@@ -240,11 +240,7 @@ def _check_count(value, name: str, minimum: int):
 def _read_raw(name: str, root, download: bool) -> dict:
     """Full uint8/int arrays of an on-disk or embedded dataset plus its source and scale."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x = bunch.data.astype(np.uint8)  # integer values 0..16
-        y = bunch.target.astype(np.int64)
+        x, y = _formats.read_digits()  # integer values 0..16
         n = DIGITS_N_TRAIN
         return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:],
                 "scale": 16.0, "source": find_dataset("digits"), "test_offset": n}
