@@ -410,7 +410,10 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     probes : int, default 64, Rademacher probes of the diag(A^-1) estimator (>= 2).
     seed : int, landmarks and probes.
     diag_correction : bool, default True, preconditioner K_hat + diag(K - K_hat) + lam I (see
-        nystrom.py; fewer iterations and a far better control variate at small lam).
+        nystrom.py). On ReLU NTKs it is a far better control variate (n = 800, rank 200,
+        tol 1e-6: median diag(A^-1) error 5 % against 83 % at lam = 1e-3) in as many
+        iterations (39 vs 40); on a smooth RBF kernel the plain form converged in fewer
+        iterations (57 vs 150 at lam = 1e-3) with a similar estimate (4.9 % vs 5.3 %).
     progress : bool or None, tqdm bars (None: on a terminal only).
     memory_budget : bytes, optional, for the block vectors of each solve (``CG_ARRAYS`` (n, s)
         float64 arrays for s right-hand sides): the right solve takes as many test rows at a
