@@ -132,3 +132,28 @@ def test_a_slow_cg_solve_is_not_stopped_as_stagnated_when_maxiter_allows_it():
     A = K + 1e-4 * np.eye(800)
     res = np.linalg.norm(Y - A @ fit.alpha, axis=0) / np.linalg.norm(Y, axis=0)
     assert res.max() <= 1e-2
+
+
+def test_a_few_diag_probes_in_the_packed_solver_warn():
+    """diag_probes=2..16 gave scores off by 0.5-400x with no warning (1 / diag^2 of a
+    two-probe mean has no finite expectation); the CG estimator already warned."""
+    import warnings
+
+    import ntkcore as nc
+    from ntkcore.solvers.operator import ReluNTKOperator
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 10))
+    Xt = rng.standard_normal((4, 10))
+    W = rng.standard_normal((64, 10))
+    Y = np.eye(3)[rng.integers(0, 3, 120)]
+    Yt = np.eye(3)[rng.integers(0, 3, 4)]
+    op = ReluNTKOperator(X, W)
+    Kt = op.cross(Xt)
+    for probes, noisy in ((4, True), (2000, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            nc.loo_influence(op, Y, Kt, Yt, lam=0.1, solver="exact", diag_probes=probes)
+        said = [str(w.message) for w in caught if "diag(A^-1) estimate is noisy" in str(w.message)]
+        assert bool(said) == noisy, (probes, said)
+        if noisy:
+            assert "raise diag_probes" in said[0] and "800 probes" in said[0]

@@ -25,7 +25,6 @@ result attached (``err.result``) rather than return an unconverged answer.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,9 +58,6 @@ PROBE_RTOL = 1e-3
 #: (RBF kernel, n = 800, lam = 1e-4, rank 50) as "stagnated" after 102 iterations whatever
 #: maxiter was; it converges in about 1100, as SciPy's cg does in about 1000.
 STALL_WINDOW_MIN = 100
-#: Warn when the median relative standard error of the diag(A^-1) estimate exceeds this: the
-#: influence of point i scales with 1 / diag(A^-1)_i squared, so 5 % there is ~10 % in scores.
-DIAG_SE_WARN = 0.05
 
 
 @dataclass
@@ -473,12 +469,8 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
     diagnostics.update({"diag_inv_estimator": (f"Hutchinson/Bekas, {probes} Rademacher probes, "
                                                f"Nystrom diag(A_hat^-1) as control variate"),
                         "diag_inv_clipped": clipped})
-    diagnostics.update(summarize_stderr(est, se))
-    if diagnostics["diag_inv_rel_stderr_median"] > DIAG_SE_WARN:
-        warnings.warn(f"cg: the diag(A^-1) estimate is noisy (median relative standard error "
-                      f"{diagnostics['diag_inv_rel_stderr_median']:.2g} > {DIAG_SE_WARN}); "
-                      f"raise rank (better control variate) or probes", RuntimeWarning,
-                      stacklevel=3)
+    diagnostics.update(summarize_stderr(est, se, solver="cg", advice="raise rank (better "
+                                        "control variate) or probes"))
 
     def right_solve(K_test):
         """(T, n) K_test A^-1 by CG on A Z = K_test^T."""

@@ -74,8 +74,20 @@ def clip_to_bounds(estimate, lower, upper, *, what: str = "diag(A^-1) estimate")
     return estimate, n_clipped
 
 
-def summarize_stderr(estimate, stderr) -> dict:
-    """Scalar summaries of the relative standard error (for diagnostics / summary.json)."""
+#: Warn when the median relative standard error of a diag(A^-1) estimate exceeds this: the
+#: influence of point i scales with 1 / diag(A^-1)_i squared, so 5 % there is ~10 % in scores.
+DIAG_SE_WARN = 0.05
+
+
+def summarize_stderr(estimate, stderr, *, solver: str, advice: str) -> dict:
+    """Scalar summaries of the relative standard error (for diagnostics / summary.json); a
+    RuntimeWarning, from ``solver`` with ``advice``, when the median exceeds DIAG_SE_WARN."""
     rel = backend_for(stderr).to_host(stderr / estimate)
-    return {"diag_inv_rel_stderr_median": float(np.median(rel)),
-            "diag_inv_rel_stderr_max": float(np.max(rel))}
+    summary = {"diag_inv_rel_stderr_median": float(np.median(rel)),
+               "diag_inv_rel_stderr_max": float(np.max(rel))}
+    if summary["diag_inv_rel_stderr_median"] > DIAG_SE_WARN:
+        warnings.warn(f"{solver}: the diag(A^-1) estimate is noisy (median relative standard "
+                      f"error {summary['diag_inv_rel_stderr_median']:.2g} > {DIAG_SE_WARN}; "
+                      f"scores scale with 1 / diag(A^-1)^2, so about twice that in scores); "
+                      f"{advice}", RuntimeWarning, stacklevel=4)
+    return summary

@@ -40,7 +40,7 @@ from scipy.linalg import blas, lapack
 from ..errors import NotPSDError, ParameterError
 from ..ntk.tiling import tiles
 from .base import KRRFit, Timer
-from .diag_estimate import summarize_stderr
+from .diag_estimate import DIAG_SE_WARN, summarize_stderr
 
 #: Columns per panel: GEMMs with k = 1024 run at the DGEMM rate; the w x w blocks stay small.
 PANEL = 1024
@@ -325,7 +325,11 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
             diagnostics["diag_inv_estimator"] = (
                 f"{diag_probes} Gaussian probes, mean of (L^-T z)^2; relative standard error "
                 f"sqrt(2/{diag_probes}) = {np.sqrt(2 / diag_probes):.3g} per entry")
-            diagnostics.update(summarize_stderr(diag_inv, stderr))
+            diagnostics.update(summarize_stderr(
+                diag_inv, stderr, solver="exact (diag_probes)",
+                advice=f"raise diag_probes (the relative error is sqrt(2 / probes) per entry: "
+                       f"{int(np.ceil(2 / DIAG_SE_WARN ** 2))} probes for {DIAG_SE_WARN}), or "
+                       f"leave it out for the exact diagonal"))
     del P
 
     def right_solve(Kt):
