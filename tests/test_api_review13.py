@@ -3,6 +3,7 @@
 import tracemalloc
 
 import numpy as np
+import pytest
 
 
 def _spd(n, seed=0):
@@ -157,3 +158,37 @@ def test_a_few_diag_probes_in_the_packed_solver_warn():
         assert bool(said) == noisy, (probes, said)
         if noisy:
             assert "raise diag_probes" in said[0] and "800 probes" in said[0]
+
+
+def test_the_cg_right_solve_keeps_to_its_room_and_reports_the_worst_chunk():
+    """The right solve kept every chunk's result (solution blocks too) until the end, and
+    block CG holds ~11 (n, s) arrays where CG_ARRAYS counted 8: its peak above the output was
+    1.4-12x the room it was given. Its true-residual maximum came from one chunk only."""
+    import gc
+    import warnings
+
+    from ntkcore.solvers.cg import CG_ARRAYS, cg_fit
+    from ntkcore.solvers.operator import DenseKernel
+    K, Y = _rbf_problem(n=600, d=6, seed=2)
+    rng = np.random.default_rng(3)
+    Kt = K[rng.choice(600, 60, replace=False)] * rng.uniform(0.5, 1.5, (60, 1))
+    cols = 6
+    room = CG_ARRAYS * 8 * 600 * cols
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = cg_fit(DenseKernel(K), Y, 1e-3, rank=100, tol=1e-4, memory_budget=room,
+                     progress=False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        Z = fit.right_solve(Kt)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert fit.diagnostics["cg_right_solve_chunks"] == 10
+    assert peak - Z.nbytes <= room, (peak - Z.nbytes) / room
+    A = K + 1e-3 * np.eye(600)
+    true = np.linalg.norm(Kt.T - A @ Z.T, axis=0) / np.linalg.norm(Kt, axis=1)
+    assert fit.diagnostics["cg_right_solve_true_residual_max"] == pytest.approx(true.max(),
+                                                                                 rel=1e-6)

@@ -123,8 +123,10 @@ class NystromInverse:
         """A_hat^-1 V for V (n, s) (or (n,))."""
         E = self.E
         sc = self.s if V.ndim == 1 else self.s[:, None]
-        SV = V * sc
-        return (SV - E @ (E.T @ SV)) * sc
+        out = V * sc  # updated in place: one (n, s) temporary besides the result
+        out -= E @ (E.T @ out)
+        out *= sc
+        return out
 
     def right_apply(self, Kt):
         """Kt A_hat^-1 for Kt (T, n) (A_hat^-1 is symmetric): a new (T, n) array, computed in
