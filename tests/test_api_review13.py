@@ -217,3 +217,24 @@ def test_the_packed_exact_solver_can_prove_psd_as_the_dense_one_does():
     exact = np.abs(np.linalg.inv(A)).sum(axis=0).max()
     est = _inverse_norm1(lambda V: np.linalg.solve(A, V), 300)
     assert exact / 3 <= est <= exact * (1 + 1e-12)  # from below, as pocon's estimate
+
+
+def test_the_cpu_right_solve_makes_no_copy_besides_its_result():
+    """K_test A^-1 copied K_test into Fortran order, made Z and then a C-order copy of it:
+    2 (T, n) arrays at the peak besides the input, where one (the result) is needed."""
+    from ntkcore.solvers.exact import exact_fit
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 30))
+    K = X @ X.T
+    Kt = rng.standard_normal((400, 30)) @ X.T
+    fit = exact_fit(K.copy(), rng.standard_normal((500, 2)), 0.1, check=False)
+    tracemalloc.start()
+    try:
+        B = fit.right_solve(Kt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.1 * Kt.nbytes, peak / Kt.nbytes
+    assert B.flags.c_contiguous and B.shape == Kt.shape
+    want = np.linalg.solve(K + 0.1 * np.eye(500), Kt.T).T
+    np.testing.assert_allclose(B, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())

@@ -136,10 +136,13 @@ def _right_apply(be: Backend, K_test, Linv):
         from .tri_inverse import right_apply_inverse
         return right_apply_inverse(be, K_test, Linv)
     from scipy.linalg import blas
-    # trmm computes alpha * op(A) * B or B * op(A) with side=1 (right).
-    Z = blas.dtrmm(1.0, Linv, np.asarray(K_test, order="F"), side=1, lower=1, trans_a=1)
-    return np.ascontiguousarray(blas.dtrmm(1.0, Linv, Z, side=1, lower=1, trans_a=0,
-                                           overwrite_b=1))
+    # On the transpose: (K_test A^-1)^T = L^-T (L^-1 K_test^T), left-side trmm on K_test^T,
+    # a free Fortran-order view of a C-order K_test. One (n, T) copy (the first trmm's
+    # output, updated in place by the second), returned transposed as a C-order (T, n): the
+    # right-side form copied K_test into Fortran order, then made Z and a C-order copy of it.
+    Z = blas.dtrmm(1.0, Linv, np.asarray(K_test).T, side=0, lower=1, trans_a=0)
+    Z = blas.dtrmm(1.0, Linv, Z, side=0, lower=1, trans_a=1, overwrite_b=1)
+    return Z.T
 
 
 # Up to this n the A.8 checks use the exact spectrum (eigvalsh costs ~3x the Cholesky here).
