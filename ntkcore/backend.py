@@ -110,6 +110,7 @@ class Backend:
             with cupyx.errstate(linalg="raise"):
                 return _cupy().linalg.cholesky(A)
         import scipy.linalg as sla
+        overwrite = overwrite and A.flags.writeable  # f2py would write a read-only array
         if overwrite and A.flags.c_contiguous and not A.flags.f_contiguous:
             # LAPACK works in Fortran order and SciPy copies a C-order A into it: one more
             # n x n array, and time. A is symmetric, so A.T is the same matrix as a free

@@ -335,19 +335,24 @@ def _a8_verdicts(d: dict) -> dict:
 def _psd_from_estimates(d: dict):
     """PSD verdict without the spectrum: True, False, "inconclusive", or None (not measured).
 
-    A lower bound on lambda_min(K) above -tau proves PSD. The subspace-iteration estimate
-    approaches lambda_min(K) from above, so it can only disprove it: False when it lies below
-    -tau and below the float32 rounding of the factor (``lambda_min_resolution``), where its
-    sign means something. Anything else proves nothing either way: "inconclusive".
+    The subspace-iteration estimate approaches lambda_min(K) from above, so it can only
+    disprove PSD: False when it lies below -tau and below the float32 rounding of the factor
+    (``lambda_min_resolution``), where its sign means something; this is judged first. Else
+    the lower bound 1 / ||A^-1||_1 - lam above -tau gives True: ||A^-1||_1 is LAPACK pocon's
+    (or the same Hager method's) estimate, usually exact but not a proof. Anything else:
+    "inconclusive".
     """
     scale = d.get("A_norm_1", 1.0) or 1.0
     bound = d.get("lambda_min_K_rel_lower_bound")
+    if "lambda_min_K_estimate" in d:  # first: a disproof outranks an estimated bound
+        est = d["lambda_min_K_estimate"] / scale
+        res = d.get("lambda_min_resolution", 0.0) / scale
+        if est <= -max(res, A8_TAU):
+            return False
     if bound is not None and bound > -A8_TAU:
         return True
     if "lambda_min_K_estimate" in d:
-        est = d["lambda_min_K_estimate"] / scale
-        res = d.get("lambda_min_resolution", 0.0) / scale
-        return False if est <= -max(res, A8_TAU) else "inconclusive"
+        return "inconclusive"
     return None if bound is None else "inconclusive"
 
 

@@ -238,3 +238,66 @@ def test_the_cpu_right_solve_makes_no_copy_besides_its_result():
     assert B.flags.c_contiguous and B.shape == Kt.shape
     want = np.linalg.solve(K + 0.1 * np.eye(500), Kt.T).T
     np.testing.assert_allclose(B, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
+# ------------------------------------------------ second review of this session's changes
+
+def test_an_estimate_that_disproves_psd_outranks_the_estimated_bound():
+    """Hager's ||A^-1||_1 estimate can fall below ||A^-1||_2 for an A built against it, so
+    the packed solver's new bound said psd=True for lambda_min(K) = -0.1 while its subspace
+    estimate (-0.0995, from above: a disproof) said otherwise."""
+    import ntkcore as nc
+    from ntkcore.influence import _psd_from_estimates
+    from ntkcore.solvers.operator import DenseKernel
+    n = 64
+    one = np.ones(n) / np.sqrt(n)
+    v = np.zeros(n)
+    v[[0, 1]], v[[2, 3]] = 0.5, -0.5  # orthogonal to the estimator's two start vectors
+    K = 0.5 * np.outer(one, one) + (np.eye(n) - np.outer(one, one)) - 1.1 * np.outer(v, v)
+    rng = np.random.default_rng(0)
+    Y = np.eye(2)[rng.integers(0, 2, n)]
+    res = nc.loo_influence(DenseKernel(K), Y, rng.standard_normal((3, n)), Y[:3], lam=1.0,
+                           solver="exact", storage="packed")
+    d = res.diagnostics
+    assert d["checks"]["psd"] is False
+    assert d["lambda_min_K_lower_bound"] <= d["lambda_min_K_estimate"] + 1e-12
+    assert _psd_from_estimates({"lambda_min_K_estimate": -0.1, "A_norm_1": 1.0,
+                                "lambda_min_K_rel_lower_bound": 0.5}) is False
+
+
+def test_block_cg_takes_an_integer_right_hand_side():
+    """The in-place column norms divided an integer B in place (UFuncTypeError)."""
+    from ntkcore.solvers.cg import block_cg
+    A = _spd(50) + np.eye(50)
+    B = np.arange(100, dtype=np.int64).reshape(50, 2) % 7
+    res = block_cg(A, B, rtol=1e-10)
+    assert res.info == 0
+    np.testing.assert_allclose(A @ res.X, B, rtol=1e-7, atol=1e-7)
+
+
+def test_noisy_diagonal_warnings_point_at_the_callers_line():
+    """The packed solver's warning pointed inside ntkcore (one frame more than CG's)."""
+    import warnings
+
+    import ntkcore as nc
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 10))
+    K, Kt = X @ X.T / 10, rng.standard_normal((3, 10)) @ X.T / 10
+    Y = np.eye(2)[rng.integers(0, 2, 200)]
+    for kw in (dict(solver="cg", probes=2, rank=5), dict(solver="exact", diag_probes=2)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            nc.loo_influence(K, Y, Kt, Y[:3], lam=1e-2, **kw)
+        noisy = [w for w in caught if "noisy" in str(w.message)]
+        assert noisy and all(w.filename == __file__ for w in noisy), (kw, [
+            (w.filename, w.lineno) for w in noisy])
+
+
+def test_the_cpu_cholesky_leaves_a_read_only_matrix_alone():
+    from ntkcore.backend import get_backend
+    A = _spd(40) + np.eye(40)
+    A.setflags(write=False)
+    before = A.copy()
+    L = get_backend("cpu").cholesky(A, overwrite=True)
+    np.testing.assert_array_equal(A, before)
+    np.testing.assert_allclose(L @ L.T, A, rtol=1e-12, atol=1e-12)

@@ -120,3 +120,52 @@ def test_a_damaged_stage_file_of_a_run_recorded_before_fingerprints(tmp_path):
     npz.write_bytes(npz.read_bytes()[:1000])
     one_line_error(invoke("influence", *TINY, "--width", 8, "--show", 0, "--out", out),
                    "influence.npz: a finished stage's file is damaged", "--overwrite")
+
+
+def test_an_interrupted_solve_after_a_retrain_does_not_reuse_the_old_scores(tmp_path,
+                                                                            monkeypatch):
+    """Retraining kept the old "solve" record: a run stopped during the new solve, then
+    rerun, reused the earlier model's influence.npz with the new model.pt (a retrain that
+    differs stands in for a GPU's)."""
+    import numpy as np
+
+    import ntkcore.experiments.influence_run as ir
+    out = tmp_path / "o"
+    assert invoke("influence", *TINY, "--width", 8, "--out", out).exit_code == 0
+    old_alpha = np.load(out / "influence.npz")["alpha"]
+    (out / "model.pt").unlink()
+    real_train = ir.train_network
+    monkeypatch.setattr(ir, "train_network",
+                        lambda *a, **kw: real_train(*a, **{**kw, "seed": kw["seed"] + 1}))
+    real_solve = ir.kernel_influence
+    monkeypatch.setattr(ir, "kernel_influence",
+                        lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert invoke("influence", *TINY, "--width", 8, "--out", out).exit_code == 130
+    monkeypatch.setattr(ir, "kernel_influence", real_solve)
+    monkeypatch.setattr(ir, "train_network", lambda *a, **kw: 1 / 0)  # model.pt is whole
+    r = invoke("influence", *TINY, "--width", 8, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "reusing the scores" not in r.output
+    assert not np.array_equal(np.load(out / "influence.npz")["alpha"], old_alpha)
+
+
+def test_stage_files_that_are_missing_or_unreadable(tmp_path, monkeypatch):
+    """record() of a file not (yet) written raised FileNotFoundError; a file that could not
+    be read was reported as "changed ... another run's file copied in"."""
+    import pytest
+
+    from ntkcore.errors import CorruptDataError
+    from ntkcore.experiments import output
+    with output.RunFolder(tmp_path / "r", "t", {"a": 1}) as run:
+        run.record("s", ["absent.npz"])
+        assert not run.done("s")
+        (tmp_path / "r" / "x.bin").write_bytes(b"abc")
+        run.record("t", ["x.bin"])
+        assert run.done("t")
+        os.utime(tmp_path / "r" / "x.bin", ns=(1, 1))  # new time: the CRC is read again
+
+        def unreadable(path):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(output, "_crc32", unreadable)
+        with pytest.raises(CorruptDataError, match="cannot be read"):
+            run.done("t")

@@ -83,6 +83,7 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
         log(f"training: reusing the trained model from {out / 'model.pt'} (same training "
             f"settings{changed})")
     else:
+        run.forget("solve")  # its scores belong to the model trained before, if any
         model, train_res = train_network(ds, cfg.arch, cfg.width, epochs=epochs, lam=cfg.lam,
                                          seed=cfg.seed, progress=progress, device=be.name)
         _save_model(model, run.output("model.pt"))

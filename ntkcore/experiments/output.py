@@ -202,7 +202,13 @@ class RunFolder:
             path = self.path / f
             if not path.is_file():
                 return False
-            if not _unchanged(path, prints.get(f, ...)):
+            try:
+                same = _unchanged(path, prints.get(f, ...))
+            except OSError as exc:
+                raise CorruptDataError(f"{path}: a finished stage's file cannot be read "
+                                       f"({exc.strerror or exc}); make it readable, or pass "
+                                       f"--overwrite to start the run afresh") from None
+            if not same:
                 raise CorruptDataError(
                     f"{path}: a finished stage's file was changed since this run wrote it "
                     f"(its size or checksum differs: another run's file copied in, or damaged); "
@@ -248,7 +254,8 @@ class RunFolder:
             it. A stage without them depends on the identity alone.
         """
         files = [str(f) for f in files]
-        prints = {f: _fingerprint(self.path / f) for f in files}  # the files as written
+        prints = {f: _fingerprint(self.path / f) for f in files  # the files as written
+                  if (self.path / f).is_file()}  # (one missing: the stage is not done)
         before = (self.manifest["stages"].get(stage), list(self.manifest["files"]))
         self.manifest["stages"][stage] = {
             "files": files, "info": _jsonable(info),
@@ -267,6 +274,13 @@ class RunFolder:
                 self.manifest["stages"][stage] = before[0]
             self.manifest["files"] = before[1]
             raise
+
+    def forget(self, stage: str) -> None:
+        """Unrecord ``stage`` (its files stay listed and are written over when it runs again):
+        for a stage whose inputs are being computed afresh, so that a run stopped before it
+        finishes again cannot pair the new inputs with its old results."""
+        if self.manifest["stages"].pop(stage, None) is not None:
+            self._write()
 
     def finish(self, drop=()) -> None:
         """Mark the run complete (a later run into this folder needs ``overwrite``), then
@@ -421,15 +435,12 @@ def _unchanged(path: Path, recorded) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) for v in recorded)):
         return False  # a hand-edited fingerprint: the file cannot be vouched for
     size, mtime, crc = recorded
-    try:
-        st = path.stat()
-        if st.st_size != size:
-            return False
-        if st.st_mtime_ns == mtime:
-            return True
-        same = _crc32(path) == crc
-    except OSError:
+    st = path.stat()  # OSError: the caller names the file
+    if st.st_size != size:
         return False
+    if st.st_mtime_ns == mtime:
+        return True
+    same = _crc32(path) == crc
     if same:
         recorded[1] = st.st_mtime_ns  # the next manifest write keeps it: read once
     return same

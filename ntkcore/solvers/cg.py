@@ -138,6 +138,8 @@ def _colnorms(xp, R):
     if not R.shape[0]:
         return xp.zeros(R.shape[1:], dtype=R.dtype)
     work = xp.abs(R)  # the one (n, s) temporary
+    if work.dtype.kind != "f":  # an integer or bool B: divided in place below
+        work = work.astype(np.float64)
     top = work.max(axis=0)
     work /= xp.where(top > 0, top, 1)
     work *= work
@@ -477,7 +479,7 @@ def cg_fit(K, Y, lam: float, *, tol: float = DEFAULT_TOL, atol: float = 0.0,
                                                f"Nystrom diag(A_hat^-1) as control variate"),
                         "diag_inv_clipped": clipped})
     diagnostics.update(summarize_stderr(est, se, solver="cg", advice="raise rank (better "
-                                        "control variate) or probes"))
+                                        "control variate) or probes", stacklevel=3))
 
     def right_solve(K_test):
         """(T, n) K_test A^-1 by CG on A Z = K_test^T."""

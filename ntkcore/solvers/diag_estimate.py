@@ -79,9 +79,10 @@ def clip_to_bounds(estimate, lower, upper, *, what: str = "diag(A^-1) estimate")
 DIAG_SE_WARN = 0.05
 
 
-def summarize_stderr(estimate, stderr, *, solver: str, advice: str) -> dict:
+def summarize_stderr(estimate, stderr, *, solver: str, advice: str, stacklevel: int) -> dict:
     """Scalar summaries of the relative standard error (for diagnostics / summary.json); a
-    RuntimeWarning, from ``solver`` with ``advice``, when the median exceeds DIAG_SE_WARN."""
+    RuntimeWarning, from ``solver`` with ``advice``, when the median exceeds DIAG_SE_WARN,
+    attributed ``stacklevel`` frames up (the caller of the public function)."""
     rel = backend_for(stderr).to_host(stderr / estimate)
     summary = {"diag_inv_rel_stderr_median": float(np.median(rel)),
                "diag_inv_rel_stderr_max": float(np.max(rel))}
@@ -89,5 +90,5 @@ def summarize_stderr(estimate, stderr, *, solver: str, advice: str) -> dict:
         warnings.warn(f"{solver}: the diag(A^-1) estimate is noisy (median relative standard "
                       f"error {summary['diag_inv_rel_stderr_median']:.2g} > {DIAG_SE_WARN}; "
                       f"scores scale with 1 / diag(A^-1)^2, so about twice that in scores); "
-                      f"{advice}", RuntimeWarning, stacklevel=4)
+                      f"{advice}", RuntimeWarning, stacklevel=stacklevel + 1)
     return summary

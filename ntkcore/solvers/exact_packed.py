@@ -329,7 +329,7 @@ def packed_exact_fit(op, Y, lam: float, *, K_test=None, check: bool = True,
                 diag_inv, stderr, solver="exact (diag_probes)",
                 advice=f"raise diag_probes (the relative error is sqrt(2 / probes) per entry: "
                        f"{int(np.ceil(2 / DIAG_SE_WARN ** 2))} probes for {DIAG_SE_WARN}), or "
-                       f"leave it out for the exact diagonal"))
+                       f"leave it out for the exact diagonal", stacklevel=4))
     del P
 
     def right_solve(Kt):
@@ -386,7 +386,9 @@ def _checks(solve, probes, KV, abs_sums, lam, *, dtype=np.float64, block: int = 
     lam_min_A = 1.0 / float(np.linalg.eigvalsh((H + H.T) * 0.5)[-1])
     anorm = float(abs_sums.max()) + lam
     if np.dtype(dtype) == np.float64:  # as the dense path's LAPACK pocon: a PSD verdict
-        lower = 1.0 / _inverse_norm1(solve, n) - lam
+        # the Ritz value 1 / lam_min_A <= ||A^-1||_2 <= ||A^-1||_1 too: the larger of the two
+        # estimates keeps the bound at or below the subspace estimate
+        lower = 1.0 / max(_inverse_norm1(solve, n), 1.0 / lam_min_A) - lam
         extra = {"lambda_min_K_lower_bound": lower, "lambda_min_K_rel_lower_bound": lower / anorm,
                  "lower_bound_estimator": "1 / ||A^-1||_1 (Hager's estimate, as LAPACK pocon) "
                                           "- lam"}
@@ -405,12 +407,15 @@ def _inverse_norm1(solve, n: int, iters: int = 5) -> float:
     """||A^-1||_1 by Hager's estimator with Higham's extra test vector (the method of LAPACK's
     pocon, which the dense path calls), from solves with the factor: A^-1 is symmetric, so
     A^-T v = A^-1 v. It approaches the norm from below and is usually exact; 1 / it bounds
-    lambda_min(A) from below as pocon's does, since ||A^-1||_2 <= ||A^-1||_1. About
-    2 iters + 1 single-column solves."""
+    lambda_min(A) from below as pocon's does, since ||A^-1||_2 <= ||A^-1||_1 -- an estimate,
+    not a proof: it can fall below ||A^-1||_2 for an A built against it. Between 2 and
+    2 iters solves, the first with two columns."""
     x = np.full(n, 1.0 / n)
-    est, last = 0.0, -1
-    for _ in range(iters):
-        y = solve(x[:, None])[:, 0]
+    alt = (-1.0) ** np.arange(n) * (1.0 + np.arange(n) / max(n - 1, 1))
+    first = solve(np.stack([x, alt], axis=1))  # Higham's test vector rides the first pass
+    est, last = 2.0 * float(np.abs(first[:, 1]).sum()) / (3.0 * n), -1
+    for it in range(iters):
+        y = first[:, 0] if it == 0 else solve(x[:, None])[:, 0]
         est = max(est, float(np.abs(y).sum()))
         z = solve(np.where(y >= 0, 1.0, -1.0)[:, None])[:, 0]
         j = int(np.argmax(np.abs(z)))
@@ -418,5 +423,4 @@ def _inverse_norm1(solve, n: int, iters: int = 5) -> float:
             break
         x = np.zeros(n)
         x[j], last = 1.0, j
-    alt = (-1.0) ** np.arange(n) * (1.0 + np.arange(n) / max(n - 1, 1))
-    return max(est, 2.0 * float(np.abs(solve(alt[:, None])[:, 0]).sum()) / (3.0 * n))
+    return est
