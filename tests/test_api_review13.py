@@ -6,6 +6,28 @@ import numpy as np
 import pytest
 
 
+def _peak_bytes(fn):
+    """(fn(), the peak bytes traced while it ran, allocations before it excluded)."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def _imported_after(code: str, module: str) -> bool:
+    """Whether ``module`` is in sys.modules after ``code`` ran in a fresh interpreter."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\n"
+                           f"print({module!r} in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
+
+
 def _spd(n, seed=0):
     X = np.random.default_rng(seed).standard_normal((n, 40))
     return X @ X.T
@@ -30,12 +52,8 @@ def test_the_exact_solver_peaks_at_the_copies_its_plan_counts():
     n = 800
     K, Y = _spd(n), np.random.default_rng(1).standard_normal((n, 3))
     for overwrite, extra in ((False, EXACT_COPIES - 1), (True, EXACT_COPIES - 2)):
-        tracemalloc.start()
-        try:
-            fit = exact_fit(K.copy(), Y, 0.1, overwrite_k=overwrite, check=False)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        fit, peak = _peak_bytes(lambda: exact_fit(K.copy(), Y, 0.1, overwrite_k=overwrite,
+                                                  check=False))
         # the K passed in (one n x n) is counted in the peak too; slack: Y, alpha, probes
         assert peak <= (1 + extra + 0.1) * 8 * n * n, (overwrite, peak / (8 * n * n))
         assert np.all(fit.diag_inv > 0)
@@ -45,31 +63,20 @@ def test_a_machine_without_the_cuda_driver_does_not_import_cupy():
     """is_gpu_array(a NumPy array) and device="auto" imported CuPy (0.2 s, ~170 MB) on every
     CPU machine, only to find no GPU."""
     import ctypes
-    import subprocess
-    import sys
-
-    import pytest
     try:
         ctypes.CDLL("libcuda.so.1")
         pytest.skip("the CUDA driver is here: CuPy is rightly imported to count devices")
     except OSError:
         pass
-    code = ("import sys, numpy as np\n"
-            "from ntkcore.backend import is_gpu_array, resolve_device\n"
-            "assert not is_gpu_array(np.zeros(2)) and resolve_device('auto') == 'cpu'\n"
-            "print('cupy' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert not _imported_after("import numpy as np\n"
+                               "from ntkcore.backend import is_gpu_array, resolve_device\n"
+                               "assert not is_gpu_array(np.zeros(2))\n"
+                               "assert resolve_device('auto') == 'cpu'", "cupy")
 
 
 def test_digits_are_scikit_learns_without_importing_it():
     """load_dataset("digits") imported sklearn.datasets (0.75-0.94 s of the quickstart) to
     read a 1797-row file; it now reads that file itself, with the same values."""
-    import subprocess
-    import sys
-
     from sklearn.datasets import load_digits
 
     from ntkcore._formats import read_digits
@@ -78,12 +85,8 @@ def test_digits_are_scikit_learns_without_importing_it():
     np.testing.assert_array_equal(x, bunch.data)
     np.testing.assert_array_equal(y, bunch.target)
     assert x.dtype == np.uint8 and y.dtype == np.int64
-    code = ("import sys\nfrom ntkcore.data import load_dataset\nload_dataset('digits')\n"
-            "print('sklearn' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert not _imported_after("from ntkcore.data import load_dataset\n"
+                               "load_dataset('digits')", "sklearn")
 
 
 def _rbf_problem(n=300, d=4, seed=0):
@@ -179,13 +182,7 @@ def test_the_cg_right_solve_keeps_to_its_room_and_reports_the_worst_chunk():
         fit = cg_fit(DenseKernel(K), Y, 1e-3, rank=100, tol=1e-4, memory_budget=room,
                      progress=False)
     gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        Z = fit.right_solve(Kt)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    Z, peak = _peak_bytes(lambda: fit.right_solve(Kt))
     assert fit.diagnostics["cg_right_solve_chunks"] == 10
     assert peak - Z.nbytes <= room, (peak - Z.nbytes) / room
     A = K + 1e-3 * np.eye(600)
@@ -228,12 +225,7 @@ def test_the_cpu_right_solve_makes_no_copy_besides_its_result():
     K = X @ X.T
     Kt = rng.standard_normal((400, 30)) @ X.T
     fit = exact_fit(K.copy(), rng.standard_normal((500, 2)), 0.1, check=False)
-    tracemalloc.start()
-    try:
-        B = fit.right_solve(Kt)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    B, peak = _peak_bytes(lambda: fit.right_solve(Kt))
     assert peak <= 1.1 * Kt.nbytes, peak / Kt.nbytes
     assert B.flags.c_contiguous and B.shape == Kt.shape
     want = np.linalg.solve(K + 0.1 * np.eye(500), Kt.T).T
