@@ -339,7 +339,7 @@ def _psd_from_estimates(d: dict):
     disprove PSD: False when it lies below -tau and below the float32 rounding of the factor
     (``lambda_min_resolution``), where its sign means something; this is judged first. Else
     the lower bound 1 / ||A^-1||_1 - lam above -tau gives True: ||A^-1||_1 is LAPACK pocon's
-    (or the same Hager method's) estimate, usually exact but not a proof. Anything else:
+    (or the same Hager method's) estimate from below, not a proof. Anything else:
     "inconclusive".
     """
     scale = d.get("A_norm_1", 1.0) or 1.0

@@ -293,3 +293,24 @@ def test_the_cpu_cholesky_leaves_a_read_only_matrix_alone():
     L = get_backend("cpu").cholesky(A, overwrite=True)
     np.testing.assert_array_equal(A, before)
     np.testing.assert_allclose(L @ L.T, A, rtol=1e-12, atol=1e-12)
+
+
+def test_the_dense_paths_estimated_bound_is_capped_at_the_subspace_estimate(monkeypatch):
+    """Above EXACT_SPECTRUM_MAX_N the dense path reported pocon's "lower bound" 0.5 for a K
+    whose lambda_min is -0.1 (its subspace estimate said -0.0995; the verdict was right)."""
+    import ntkcore as nc
+    from ntkcore.solvers import exact
+    monkeypatch.setattr(exact, "EXACT_SPECTRUM_MAX_N", 0)
+    n = 64
+    one = np.ones(n) / np.sqrt(n)
+    v = np.zeros(n)
+    v[[0, 1]], v[[2, 3]] = 0.5, -0.5
+    K = 0.5 * np.outer(one, one) + (np.eye(n) - np.outer(one, one)) - 1.1 * np.outer(v, v)
+    rng = np.random.default_rng(0)
+    Y = np.eye(2)[rng.integers(0, 2, n)]
+    d = nc.loo_influence(K, Y, rng.standard_normal((3, n)), Y[:3], lam=1.0,
+                         solver="exact").diagnostics
+    assert d["checks"]["psd"] is False
+    assert d["lambda_min_K_lower_bound"] <= d["lambda_min_K_estimate"]
+    assert d["lambda_min_K_rel_lower_bound"] == pytest.approx(
+        d["lambda_min_K_lower_bound"] / d["A_norm_1"])

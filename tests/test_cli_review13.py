@@ -169,3 +169,13 @@ def test_stage_files_that_are_missing_or_unreadable(tmp_path, monkeypatch):
         monkeypatch.setattr(output, "_crc32", unreadable)
         with pytest.raises(CorruptDataError, match="cannot be read"):
             run.done("t")
+
+
+def test_a_file_missing_when_its_stage_was_recorded_is_not_vouched_for_later(tmp_path):
+    """A stage recorded with a file not yet written got no fingerprint, and the file
+    appearing later was then accepted by presence alone, like a stage of an old version."""
+    from ntkcore.experiments import output
+    with output.RunFolder(tmp_path / "r", "t", {"a": 1}) as run:
+        run.record("s", ["late.npz"])
+        (tmp_path / "r" / "late.npz").write_bytes(b"anything")
+        assert not run.done("s")

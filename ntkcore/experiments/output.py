@@ -200,7 +200,7 @@ class RunFolder:
         prints = prints if isinstance(prints, dict) else {}
         for f in info["files"]:
             path = self.path / f
-            if not path.is_file():
+            if not path.is_file() or prints.get(f, ...) is None:
                 return False
             try:
                 same = _unchanged(path, prints.get(f, ...))
@@ -254,8 +254,9 @@ class RunFolder:
             it. A stage without them depends on the identity alone.
         """
         files = [str(f) for f in files]
-        prints = {f: _fingerprint(self.path / f) for f in files  # the files as written
-                  if (self.path / f).is_file()}  # (one missing: the stage is not done)
+        # the files as written; one missing now has None: the stage stays not done
+        prints = {f: _fingerprint(self.path / f) if (self.path / f).is_file() else None
+                  for f in files}
         before = (self.manifest["stages"].get(stage), list(self.manifest["files"]))
         self.manifest["stages"][stage] = {
             "files": files, "info": _jsonable(info),

@@ -85,10 +85,21 @@ def exact_fit(K, Y, lam: float, *, overwrite_k: bool = False, check: bool = True
                 diagnostics.update(_condition_estimate(be, anorm, L, lam, Linv=Linv))
             diagnostics.update(_inverse_residual(probe, Linv))
             diagnostics.update(spectrum or _lambda_min_estimate(be, Linv, lam))
+            _cap_bound_at_estimate(diagnostics)
     if be.name == "cuda":
         del L  # only the checks read it; the right solves use L^-1
     return KRRFit(alpha=alpha, diag_inv=diag_inv, right_solve=right_solve, solver="exact",
                   diagnostics=diagnostics, timings=timer.seconds)
+
+
+def _cap_bound_at_estimate(d: dict) -> None:
+    """The estimated lower bound on lambda_min(K) (from ||A^-1||_1 estimated from below)
+    cannot honestly exceed the subspace estimate, which approaches lambda_min(K) from above:
+    where it does, the estimate of ||A^-1||_1 fell short, and the bound takes the estimate."""
+    est, low = d.get("lambda_min_K_estimate"), d.get("lambda_min_K_lower_bound")
+    if est is not None and low is not None and low > est:
+        d["lambda_min_K_lower_bound"] = est
+        d["lambda_min_K_rel_lower_bound"] = est / d["A_norm_1"]
 
 
 def _cholesky(be: Backend, A, lam):

@@ -406,10 +406,10 @@ def _checks(solve, probes, KV, abs_sums, lam, *, dtype=np.float64, block: int = 
 def _inverse_norm1(solve, n: int, iters: int = 5) -> float:
     """||A^-1||_1 by Hager's estimator with Higham's extra test vector (the method of LAPACK's
     pocon, which the dense path calls), from solves with the factor: A^-1 is symmetric, so
-    A^-T v = A^-1 v. It approaches the norm from below and is usually exact; 1 / it bounds
-    lambda_min(A) from below as pocon's does, since ||A^-1||_2 <= ||A^-1||_1 -- an estimate,
-    not a proof: it can fall below ||A^-1||_2 for an A built against it. Between 2 and
-    2 iters solves, the first with two columns."""
+    A^-T v = A^-1 v. It approaches the norm from below (equal to pocon's to 2e-15; 0.59-1.00
+    of the norm on kernels of n = 200-1000); 1 / it bounds lambda_min(A) from below as
+    pocon's does while it stays above ||A^-1||_2 (1.9-6.6x there) -- an estimate, not a
+    proof. Between 2 and 2 iters solves, the first with two columns."""
     x = np.full(n, 1.0 / n)
     alt = (-1.0) ** np.arange(n) * (1.0 + np.arange(n) / max(n - 1, 1))
     first = solve(np.stack([x, alt], axis=1))  # Higham's test vector rides the first pass
