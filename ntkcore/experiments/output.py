@@ -7,7 +7,8 @@ far and every file the run writes, registered *before* it is written.
 Resuming is decided by *identity*, the part of the settings that the recorded stages depend on
 (``identity=``; by default all the settings). Rerunning the command on a folder whose stored
 identity is equal reuses it: a finished stage whose files are all present is skipped, not
-redone. Settings outside the identity (for ``influence``: the solver and its options, the solve
+redone; a present file that is not as its stage wrote it (size, mtime and CRC-32 are recorded
+with the stage) is refused, naming it. Settings outside the identity (for ``influence``: the solver and its options, the solve
 device, ``show``, ``top_k``) may differ, on an unfinished or a finished run: ``run.json``
 then takes the new settings, and the previous outputs that belong to no finished stage are
 deleted before any work, to be computed again. A different identity, another command, or
@@ -199,11 +200,11 @@ class RunFolder:
         prints = info.get("fingerprints")
         prints = prints if isinstance(prints, dict) else {}
         for f in info["files"]:
-            path = self.path / f
-            if not path.is_file() or prints.get(f, ...) is None:
+            path, recorded = self.path / f, prints.get(f, ...)
+            if not path.is_file() or recorded is None:
                 return False
             try:
-                same = _unchanged(path, prints.get(f, ...))
+                same = _unchanged(path, recorded)
             except OSError as exc:
                 raise CorruptDataError(f"{path}: a finished stage's file cannot be read "
                                        f"({exc.strerror or exc}); make it readable, or pass "
@@ -412,7 +413,7 @@ def _differing(a: dict, b: dict) -> list:
 
 def _fingerprint(path: Path) -> list:
     """[size, mtime in ns, CRC-32 of the bytes] of a stage file, taken when it is recorded
-    (one read of a file just written, from the page cache: about 0.3 s a GB here)."""
+    (one read of a file just written, from the page cache: 0.45 s a GiB on the 2-core VM)."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, _crc32(path)]
 
