@@ -102,7 +102,7 @@ def _stages(run, cfg, ds, be, epochs, timings, stages, progress, log) -> dict:
     net_acc = accuracy_from_outputs(ds, net_out_test, ds.y_test)
 
     t0 = time.perf_counter()
-    solved = _solve(run, cfg, ds, model, be, net_out_test, log, reuse=resumed_training)
+    solved = _solve(run, cfg, ds, model, be, net_out_test, log)
     timings["influence"] = time.perf_counter() - t0
     stages.done()
     scores, preds = solved["scores"], solved["kernel_predictions"]
@@ -163,14 +163,13 @@ TRAINING_INFO = ("epochs", "final_objective", "train_accuracy", "training_device
 SOLVE_INFO = ("solver", "diagnostics", "influence_stages")
 
 
-def _solve(run, cfg, ds, model, be, net_out_test, log, *, reuse: bool) -> dict:
+def _solve(run, cfg, ds, model, be, net_out_test, log) -> dict:
     """The LOO influence of the trained model, written to influence.npz and recorded as the
     "solve" stage; reused from there when an earlier run of this folder finished it with the
-    same SOLVE_FIELDS (e.g. only ``--show`` changed) and ``reuse`` (the model was reused too:
-    scores of an earlier model are not paired with a retrained one, which on a GPU need not
-    be bit-identical). Host arrays and the solve's report."""
+    same SOLVE_FIELDS (e.g. only ``--show`` changed); a model trained again has had that
+    record forgotten first (:func:`_stages`). Host arrays and the solve's report."""
     path = run.file("influence.npz")
-    if reuse and run.done("solve"):
+    if run.done("solve"):
         keys = ("scores", "kernel_predictions", "alpha")
         stored = run.load_npz("influence.npz", keys)
         arrays = {k: stored[k] for k in keys}
